@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment and install mempool with its dev tools.
+# On a machine without CUDA, torch comes from torch==2.13.0 (a CPU wheel; any other spec pulls
+# several GB of CUDA packages). Where the system Python already has a CUDA torch, the venv sees
+# it (--system-site-packages) and keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-dev}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "bootstrap: keeping the system's CUDA torch"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  echo "bootstrap: installing torch==2.13.0 (CPU)"
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+fi
+echo "bootstrap: installing mempool[$EXTRAS]"
+"$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"

@@ -1,0 +1,155 @@
+"""Frozen, keyword-only configuration of a pool, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVLayout", "PoolConfig"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+}
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _resolve_dtype(value: object) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+        return value
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or the torch dtype, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVLayout:
+    """Shape of one KV block; two pools can exchange blocks only if their layouts are equal.
+
+    A block holds, for ``block_size`` consecutive tokens, every layer's K and V::
+
+        block = [num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]   (contiguous)
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype | str = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            _positive_int(name, getattr(self, name))
+        object.__setattr__(self, "dtype", _resolve_dtype(self.dtype))
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one block: ``(num_layers, 2, block_size, num_kv_heads, head_dim)``."""
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block occupies."""
+        n = self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        itemsize = torch.empty((), dtype=self.dtype).element_size()  # type: ignore[arg-type]
+        return n * itemsize
+
+    def describe(self) -> dict[str, object]:
+        """Plain-data form for handshakes and logs."""
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "block_size": self.block_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """Everything a :class:`~mempool.pool.MemPool` needs to know; immutable once built.
+
+    Args:
+        num_layers, num_kv_heads, head_dim, block_size, dtype: the KV block layout
+            (see :class:`KVLayout`).
+        device_blocks: capacity of the device tier in blocks (HBM, or a CPU tensor without CUDA).
+        host_blocks: capacity of the host tier in blocks (DRAM); 0 disables the host tier.
+        device: torch device of the device tier, ``"cpu"`` or ``"cuda[:i]"``.
+        pin_host: pin host-tier memory when CUDA is present (faster, asynchronous copies).
+        eviction: name of the eviction policy in :data:`mempool.index.eviction.POLICIES`.
+
+    Raises:
+        ValueError: naming the field and the value, for any invalid field.
+
+    >>> cfg = PoolConfig(num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, device_blocks=8)
+    >>> cfg.layout.block_bytes
+    256
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    device_blocks: int
+    dtype: torch.dtype | str = torch.float16
+    host_blocks: int = 0
+    device: str = "cpu"
+    pin_host: bool = True
+    eviction: str = "lru"
+
+    def __post_init__(self) -> None:
+        layout = KVLayout(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_size=self.block_size,
+            dtype=self.dtype,
+        )
+        object.__setattr__(self, "dtype", layout.dtype)
+        _positive_int("device_blocks", self.device_blocks)
+        if isinstance(self.host_blocks, bool) or not isinstance(self.host_blocks, int) or self.host_blocks < 0:
+            raise ValueError(f"host_blocks must be an int >= 0, got {self.host_blocks!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a str such as 'cpu' or 'cuda:0', got {self.device!r}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device, got {self.device!r}") from exc
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r} but CUDA is not available")
+        if not isinstance(self.pin_host, bool):
+            raise ValueError(f"pin_host must be a bool, got {self.pin_host!r}")
+        if not isinstance(self.eviction, str) or not self.eviction:
+            raise ValueError(f"eviction must be a policy name, got {self.eviction!r}")
+
+    @property
+    def layout(self) -> KVLayout:
+        """The KV block layout these fields describe."""
+        return KVLayout(
+            num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            block_size=self.block_size,
+            dtype=self.dtype,
+        )
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device tier's torch device."""
+        return torch.device(self.device)

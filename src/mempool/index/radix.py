@@ -1,0 +1,584 @@
+"""Token radix tree at block granularity, with locks, tier residency and eviction.
+
+Edges are whole blocks of ``block_size`` tokens (a partial last block is never cached); a
+node's edge may span many blocks and is split at a block boundary when a prefix diverges or
+part of it is evicted. See ``node.py`` for the residency rules and ``eviction.py`` for the
+candidate heaps. The index holds one allocator reference per block it indexes.
+
+Not thread-safe on its own: :class:`~mempool.pool.MemPool` serialises calls, and ``guard``
+(the pool's lock) is what a :class:`Match` takes when it is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+
+from mempool.alloc.allocator import BlockAllocator
+from mempool.errors import (
+    BlockInUseError,
+    BlockLockedError,
+    HandleReleasedError,
+    InvalidArgumentError,
+    LockUnderflowError,
+    TierUnavailableError,
+)
+from mempool.index.eviction import CandidateHeap, make_policy
+from mempool.index.keys import TOKEN_BYTES, common_prefix_tokens, decode_key, encode_tokens
+from mempool.index.match import Match
+from mempool.index.node import Node
+from mempool.types import Blocks, IdArray, Tier
+
+__all__ = ["Mover", "RadixIndex"]
+
+# copies KV of blocks ``src_ids`` of one tier into blocks ``dst_ids`` of another
+Mover = Callable[[Tier, IdArray, Tier, IdArray], None]
+_EMPTY = np.empty(0, dtype=np.int64)
+_EMPTY.flags.writeable = False
+
+
+class RadixIndex:
+    """Maps token prefixes to the KV blocks that hold them, on the device and host tiers.
+
+    Args:
+        block_size: tokens per block.
+        device: the device tier's allocator.
+        host: the host tier's allocator, or ``None`` (then eviction drops instead of demoting).
+        mover: copies blocks between tiers (needed for demotion and promotion).
+        policy: eviction policy name (``mempool.index.eviction.POLICIES``).
+        guard: lock taken by ``Match.release`` (the owning pool's lock).
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        device: BlockAllocator,
+        host: BlockAllocator | None = None,
+        mover: Mover | None = None,
+        policy: str = "lru",
+        guard: AbstractContextManager[Any] | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self._tb = block_size * TOKEN_BYTES
+        self._alloc: dict[Tier, BlockAllocator | None] = {Tier.DEVICE: device, Tier.HOST: host}
+        # uid of the node holding each block (0: not indexed), per tier
+        self._where = {t: np.zeros(a.capacity if a else 0, dtype=np.int64) for t, a in self._alloc.items()}
+        self._nodes: dict[int, Node] = {}
+        self._count = {Tier.DEVICE: 0, Tier.HOST: 0}  # blocks the index holds
+        self._locked = {Tier.DEVICE: 0, Tier.HOST: 0}  # of those, blocks in locked nodes
+        self._mover = mover
+        self._guard: AbstractContextManager[Any] = guard if guard is not None else nullcontext()
+        self._roots: dict[Hashable, Node] = {}
+        self._uid = 0
+        self._clock = 0
+        self.num_nodes = 0
+        policy_obj = make_policy(policy)
+        self._heaps = {
+            Tier.DEVICE: CandidateHeap(0, policy_obj, _device_candidate),
+            Tier.HOST: CandidateHeap(1, policy_obj, _host_candidate),
+        }
+        self.counters = {"inserted": 0, "demoted": 0, "promoted": 0, "dropped_device": 0, "dropped_host": 0}
+
+    # -- public API ------------------------------------------------------------------------
+    def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Index the first ``len(blocks)`` full blocks of ``tokens`` with ``blocks``.
+
+        Where a prefix is cached already on ``blocks.tier``, the caller's block for it is not
+        referenced (the caller frees its own blocks as usual); where it is cached on the other
+        tier only, the caller's block is attached as this tier's copy.
+
+        Returns:
+            how many blocks the index newly references.
+        Raises:
+            InvalidTokensError, InvalidArgumentError (more blocks than full token blocks),
+            BlockNotAllocatedError, ForeignBlockError, WrongTierError, TierUnavailableError,
+            BlockInUseError (a block held by the index for another prefix, or given twice).
+            On any error nothing changes.
+        Complexity: O(n) to encode tokens, O(depth) dict probes, O(log n) per heap update.
+        """
+        key = encode_tokens(tokens)
+        tier = self._tier(blocks)
+        ids = self._alloc_of(tier).validate(blocks, held=True)
+        nb = len(ids)
+        ntok = len(key) // TOKEN_BYTES
+        if nb * self.block_size > ntok:
+            raise InvalidArgumentError(f"{nb} blocks need {nb * self.block_size} tokens but only {ntok} were given")
+        _check_namespace(namespace)
+        if nb == 0:
+            return 0
+        key = key[: nb * self._tb]
+        segs, pos = self._walk(self._roots.get(namespace), key, nb)
+        attach_tier = "device" if tier is Tier.DEVICE else "host"
+        parts = [ids[p : p + m] for node, m, p in segs if getattr(node, attach_tier) is None]
+        parts.append(ids[pos:])
+        fresh = np.concatenate(parts)
+        if fresh.size:
+            if self._where[tier][fresh].any():
+                taken = fresh[self._where[tier][fresh] != 0]
+                raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
+            if np.unique(fresh).size != fresh.size:
+                raise BlockInUseError("the same block is given for two positions")
+        # -- validated: mutations below cannot fail --
+        self._clock += 1
+        root = self._roots.get(namespace)
+        if root is None:
+            root = self._roots[namespace] = Node(self._next_uid(), None, b"", 0, self._clock)
+        if segs:
+            node, m, p = segs[-1]
+            if m < node.nblocks and (pos < nb or getattr(node, attach_tier) is None):
+                segs[-1] = (self._split(node, m), m, p)
+        added = 0
+        for node, m, p in segs:
+            if getattr(node, attach_tier) is None:
+                self._attach(node, tier, ids[p : p + m], adopt=False)
+                added += m
+        parent = segs[-1][0] if segs else root
+        touched = [node for node, _, _ in segs]
+        if pos < nb:
+            leaf = self._new_node(parent, key[pos * self._tb :], nb - pos)
+            parent.children[key[pos * self._tb : (pos + 1) * self._tb]] = leaf
+            self._attach(leaf, tier, ids[pos:], adopt=False)
+            added += nb - pos
+            touched.append(leaf)
+        for node in touched:
+            node.stamp = self._clock
+            self._offer(node)
+        self._offer(parent)
+        self.counters["inserted"] += added
+        return added
+
+    def match(self, tokens: Any, namespace: Hashable = None) -> Match:
+        """Longest cached whole-block prefix of ``tokens``; its blocks stay locked until released.
+
+        The device-resident part comes first (``Match.blocks``), then the host-only part
+        (``Match.host_blocks``). Raises ``InvalidTokensError`` for bad tokens.
+        Complexity: O(n) to encode tokens, O(depth) dict probes and lock updates.
+        """
+        key = encode_tokens(tokens)
+        _check_namespace(namespace)
+        nb = len(key) // self._tb
+        segs, total = self._walk(self._roots.get(namespace), key[: nb * self._tb], nb)
+        if not segs:
+            return Match(self, None, 0, self._blocks(Tier.DEVICE, []), self._blocks(Tier.HOST, []), self._guard)
+        self._clock += 1
+        last = segs[-1][0]
+        self._lock(last, self._clock)
+        dev, host = self._collect(last, total)
+        return Match(self, last, total, dev, host, self._guard)
+
+    def delete(self, tokens: Any, namespace: Hashable = None) -> int:
+        """Remove the cached prefix of ``tokens`` and every cached continuation of it.
+
+        Nodes the prefix shares with other cached sequences stay. Returns the number of
+        blocks (positions) removed from the index; 0 if nothing of ``tokens`` is cached.
+        Raises:
+            BlockLockedError: part of it is locked by a live match; nothing changes.
+        """
+        key = encode_tokens(tokens)
+        _check_namespace(namespace)
+        nb = len(key) // self._tb
+        segs, _ = self._walk(self._roots.get(namespace), key[: nb * self._tb], nb)
+        if not segs:
+            return 0
+        top = segs[-1][0]
+        for node, _, _ in reversed(segs[:-1]):
+            if len(node.children) != 1:
+                break
+            top = node
+        if top.lock:
+            raise BlockLockedError(f"the prefix is locked by {top.lock} live match(es)")
+        removed = sum(n.nblocks for n in _subtree(top))
+        self._remove_subtree(top)
+        return removed
+
+    def promote(self, match: Match) -> bool:
+        """Copy the host-only part of ``match`` to the device and attach it; keep it locked.
+
+        Returns:
+            ``True`` when ``match.blocks`` now covers the whole match; ``False`` when the device
+            tier has no room (back-pressure; nothing changes).
+        Raises:
+            HandleReleasedError: the match was released.
+        """
+        if match.released:
+            raise HandleReleasedError("cannot promote a released Match")
+        if match._index is not self:
+            raise InvalidArgumentError("the Match belongs to another index")
+        need = len(match.host_blocks)
+        if need == 0:
+            return True
+        if self._mover is None:
+            raise TierUnavailableError("promotion needs a mover between tiers")
+        got = self.allocate(Tier.DEVICE, need)
+        if got is None:
+            return False
+        last = match._last
+        assert last is not None
+        path = last.path()
+        covered = sum(n.nblocks for n in path[:-1])
+        if match._num_blocks - covered < last.nblocks and last.device is None:
+            head = self._split(last, match._num_blocks - covered)
+            path[-1] = head
+        todo = [n for n in path if n.device is None]
+        src = np.concatenate([n.host for n in todo if n.host is not None])
+        assert src.size == need, (src.size, need)
+        self._mover(Tier.HOST, src, Tier.DEVICE, got.ids)
+        off = 0
+        for node in todo:  # top first, so device residency stays prefix-closed
+            self._attach(node, Tier.DEVICE, got.ids[off : off + node.nblocks], adopt=True)
+            off += node.nblocks
+            self._offer(node)
+        self.counters["promoted"] += need
+        match.blocks, match.host_blocks = self._collect(last, match._num_blocks)
+        return True
+
+    def allocate(self, tier: Tier, n: int) -> Blocks | None:
+        """Allocate ``n`` blocks of ``tier``, evicting unlocked cached blocks if needed.
+
+        Returns ``None`` (after evicting nothing) when even evicting every unlocked cached
+        block could not make room. The caller owns one reference to each block returned.
+        """
+        alloc = self._alloc_of(tier)
+        short = n - alloc.num_free if isinstance(n, int) else 0
+        if short > 0:
+            if short > self._count[tier] - self._locked[tier]:
+                return None
+            self.evict(tier, short)
+        return alloc.allocate(n)
+
+    def evict(self, tier: Tier, n: int) -> int:
+        """Free at least ``n`` blocks of ``tier`` from unlocked cached prefixes, by policy.
+
+        Device blocks are demoted to the host tier when it has (or can make) room, else
+        dropped; host blocks are dropped. Returns how many blocks became free (may be fewer
+        than ``n`` when too little is evictable). O(log n) amortised per evicted node.
+        """
+        heap = self._heaps[tier]
+        freed = 0
+        while freed < n:
+            node = heap.pop()
+            if node is None:
+                break
+            need = n - freed
+            if node.nblocks > need:
+                self._split(node, node.nblocks - need)
+            parent = node.parent
+            freed += self._evict_device(node) if tier is Tier.DEVICE else self._evict_host(node)
+            for n_ in (node, parent):
+                if n_ is not None:
+                    self._offer(n_)
+        return freed
+
+    # -- statistics and checks -------------------------------------------------------------
+    def cached_blocks(self, tier: Tier) -> int:
+        """Blocks of ``tier`` the index references. O(1)."""
+        return self._count[tier]
+
+    def evictable_blocks(self, tier: Tier) -> int:
+        """Cached blocks of ``tier`` in unlocked nodes (they may still be shared with requests). O(1)."""
+        return self._count[tier] - self._locked[tier]
+
+    def stats(self) -> dict[str, int]:
+        """Counts of nodes, cached, locked and evictable blocks per tier, and event counters."""
+        out = {"nodes": self.num_nodes, **self.counters}
+        for tier in Tier:
+            out[f"{tier.value}_cached"] = self._count[tier]
+            out[f"{tier.value}_locked"] = self._locked[tier]
+            out[f"{tier.value}_evictable"] = self._count[tier] - self._locked[tier]
+        return out
+
+    def check_invariants(self) -> None:
+        """Assert the tree's structure, residency rules and references against the allocators."""
+        from mempool.index.checks import check_index
+
+        check_index(self)
+
+    def format_tree(self, namespace: Hashable = None, max_tokens: int = 8) -> str:
+        """A printable picture of one namespace's tree."""
+        root = self._roots.get(namespace)
+        lines = [f"<root ns={namespace!r}>"]
+        if root is None:
+            return lines[0]
+
+        def walk(node: Node, indent: str) -> None:
+            kids = sorted(node.children.values(), key=lambda c: c.key)
+            for i, child in enumerate(kids):
+                toks = decode_key(child.key)
+                shown = toks if len(toks) <= max_tokens else [*toks[:max_tokens], "..."]
+                where = []
+                if child.device is not None:
+                    where.append(f"device={child.device.tolist()}")
+                if child.host is not None:
+                    where.append(f"host={child.host.tolist()}")
+                elbow = "└─" if i == len(kids) - 1 else "├─"
+                lines.append(f"{indent}{elbow} {shown} {' '.join(where)} lock={child.lock}")
+                walk(child, indent + ("   " if i == len(kids) - 1 else "│  "))
+
+        walk(root, "")
+        return "\n".join(lines)
+
+    # -- internals -------------------------------------------------------------------------
+    def _tier(self, blocks: Blocks) -> Tier:
+        if not isinstance(blocks, Blocks):
+            raise InvalidArgumentError(f"expected a Blocks handle, got {type(blocks).__name__}")
+        return blocks.tier
+
+    def _alloc_of(self, tier: Tier) -> BlockAllocator:
+        alloc = self._alloc[tier]
+        if alloc is None:
+            raise TierUnavailableError(f"this pool has no {tier.value} tier")
+        return alloc
+
+    def _next_uid(self) -> int:
+        self._uid += 1
+        return self._uid
+
+    def _new_node(self, parent: Node, key: bytes, nblocks: int) -> Node:
+        node = Node(self._next_uid(), parent, key, nblocks, self._clock)
+        self._nodes[node.uid] = node
+        self.num_nodes += 1
+        return node
+
+    def locked_among(self, tier: Tier, ids: IdArray) -> bool:
+        """Whether any of the blocks ``ids`` of ``tier`` is indexed in a locked node."""
+        where = self._where[tier]
+        if not where.size or not len(ids):
+            return False
+        uids = np.unique(where[ids])
+        return any(self._nodes[u].lock for u in uids.tolist() if u)
+
+    def _blocks(self, tier: Tier, parts: list[IdArray]) -> Blocks:
+        ids = np.concatenate(parts) if parts else _EMPTY
+        alloc = self._alloc[tier]
+        return Blocks._trusted(tier, ids, alloc._owner if alloc is not None else None)
+
+    def _walk(self, root: Node | None, key: bytes, nb: int) -> tuple[list[tuple[Node, int, int]], int]:
+        """Follow ``key`` (``nb`` whole blocks) from ``root``: ``([(node, blocks matched, start)], end)``."""
+        segs: list[tuple[Node, int, int]] = []
+        pos = 0
+        node = root
+        tb, bs = self._tb, self.block_size
+        while node is not None and pos < nb:
+            child = node.children.get(key[pos * tb : (pos + 1) * tb])
+            if child is None:
+                break
+            edge = child.key
+            seg = key[pos * tb : pos * tb + len(edge)]
+            m = child.nblocks if seg == edge else common_prefix_tokens(edge, seg) // bs
+            segs.append((child, m, pos))
+            pos += m
+            if m < child.nblocks:
+                break
+            node = child
+        return segs, pos
+
+    def _collect(self, last: Node, total: int) -> tuple[Blocks, Blocks]:
+        """Device prefix and host continuation of the first ``total`` blocks of ``last``'s path."""
+        dev: list[IdArray] = []
+        host: list[IdArray] = []
+        left = total
+        for node in last.path():
+            m = min(node.nblocks, left)
+            left -= m
+            if node.device is not None and not host:
+                dev.append(node.device[:m])
+            else:
+                assert node.host is not None, node
+                host.append(node.host[:m])
+        return self._blocks(Tier.DEVICE, dev), self._blocks(Tier.HOST, host)
+
+    def _lock(self, last: Node, stamp: int) -> None:
+        node: Node | None = last
+        while node is not None and node.parent is not None:
+            if node.lock == 0:
+                self._lock_delta(node, +1)
+            node.lock += 1
+            node.stamp = stamp
+            node.hits += 1
+            node = node.parent
+
+    def _unlock(self, last: Node) -> None:
+        node: Node | None = last
+        while node is not None and node.parent is not None:
+            if node.lock <= 0:
+                raise LockUnderflowError(f"lock of {node!r} would go below zero")
+            node.lock -= 1
+            if node.lock == 0:
+                self._lock_delta(node, -1)
+                self._offer(node)
+            node = node.parent
+
+    def _lock_delta(self, node: Node, sign: int) -> None:
+        if node.device is not None:
+            self._locked[Tier.DEVICE] += sign * node.nblocks
+        if node.host is not None:
+            self._locked[Tier.HOST] += sign * node.nblocks
+
+    def _offer(self, node: Node) -> None:
+        if node.parent is not None:
+            self._heaps[Tier.DEVICE].offer(node)
+            self._heaps[Tier.HOST].offer(node)
+
+    def _attach(self, node: Node, tier: Tier, ids: IdArray, *, adopt: bool) -> None:
+        """Make ``ids`` the node's copy on ``tier``; ``adopt`` takes over the caller's reference."""
+        alloc = self._alloc_of(tier)
+        if not adopt:
+            alloc.incref(Blocks._trusted(tier, ids, None))
+        if tier is Tier.DEVICE:
+            assert node.device is None, node
+            node.device = ids
+            if node.parent is not None:
+                node.parent.dev_children += 1
+        else:
+            assert node.host is None, node
+            node.host = ids
+        self._where[tier][ids] = node.uid
+        self._count[tier] += len(ids)
+        if node.lock:
+            self._locked[tier] += len(ids)
+
+    def _detach(self, node: Node, tier: Tier) -> int:
+        """Drop the node's copy on ``tier``; returns how many blocks became free."""
+        if tier is Tier.DEVICE:
+            ids, node.device = node.device, None
+            if node.parent is not None and ids is not None:
+                node.parent.dev_children -= 1
+        else:
+            ids, node.host = node.host, None
+        assert ids is not None, node
+        self._where[tier][ids] = 0
+        self._count[tier] -= len(ids)
+        if node.lock:
+            self._locked[tier] -= len(ids)
+        return self._alloc_of(tier).free(Blocks._trusted(tier, ids, None))
+
+    def _split(self, node: Node, k: int) -> Node:
+        """Move the first ``k`` blocks of ``node``'s edge into a new parent; return that parent.
+
+        ``node`` keeps its identity (and the tail), so matches that locked it stay valid.
+        """
+        assert 0 < k < node.nblocks, (k, node)
+        parent = node.parent
+        assert parent is not None
+        tb = self._tb
+        head = self._new_node(parent, node.key[: k * tb], k)
+        head.lock, head.hits, head.stamp = node.lock, node.hits, node.stamp
+        parent.children[node.key[:tb]] = head
+        node.key, node.nblocks, node.parent = node.key[k * tb :], node.nblocks - k, head
+        head.children[node.key[:tb]] = node
+        if node.device is not None:
+            head.device, node.device = node.device[:k], node.device[k:]
+            head.dev_children = 1
+            self._where[Tier.DEVICE][head.device] = head.uid
+        if node.host is not None:
+            head.host, node.host = node.host[:k], node.host[k:]
+            self._where[Tier.HOST][head.host] = head.uid
+        self._offer(head)
+        return head
+
+    def _evict_device(self, node: Node) -> int:
+        host = self._alloc[Tier.HOST]
+        k = node.nblocks
+        if node.host is None and host is not None and self._mover is not None:
+            if host.num_free < k:
+                self.evict(Tier.HOST, k - host.num_free)
+            got = host.allocate(k)
+            if got is not None:
+                assert node.device is not None
+                self._mover(Tier.DEVICE, node.device, Tier.HOST, got.ids)
+                self._attach(node, Tier.HOST, got.ids, adopt=True)
+        if node.host is not None:
+            self.counters["demoted"] += k
+            return self._detach(node, Tier.DEVICE)
+        self.counters["dropped_device"] += k
+        return self._remove_subtree(node)[0]
+
+    def _evict_host(self, node: Node) -> int:
+        self.counters["dropped_host"] += node.nblocks
+        if node.device is not None:
+            return self._detach(node, Tier.HOST)
+        return self._remove_subtree(node)[1]
+
+    def _remove_subtree(self, top: Node) -> tuple[int, int]:
+        """Unlink ``top`` and free everything below it; returns blocks freed (device, host)."""
+        parent = top.parent
+        assert parent is not None and top.lock == 0, top
+        freed = [0, 0]
+        for node in _subtree(top):
+            if node.device is not None:
+                freed[0] += self._detach(node, Tier.DEVICE)
+            if node.host is not None:
+                freed[1] += self._detach(node, Tier.HOST)
+            node.removed = True
+            del self._nodes[node.uid]
+            self.num_nodes -= 1
+        del parent.children[top.key[: self._tb]]
+        self._offer(parent)
+        return freed[0], freed[1]
+
+
+def _subtree(top: Node) -> list[Node]:
+    out, stack = [], [top]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children.values())
+    return out
+
+
+def _device_candidate(node: Node) -> bool:
+    return node.device is not None and node.lock == 0 and node.dev_children == 0
+
+
+def _host_candidate(node: Node) -> bool:
+    return node.host is not None and node.lock == 0 and (node.device is not None or not node.children)
+
+
+def _check_namespace(namespace: Hashable) -> None:
+    try:
+        hash(namespace)
+    except TypeError:
+        raise InvalidArgumentError(f"namespace must be hashable, got {type(namespace).__name__}") from None
+
+
+def _demo() -> None:
+    """Build a small two-tier index and print it (``python -m mempool.index.radix``)."""
+    import torch
+
+    from mempool.alloc.storage import KVStorage, copy_blocks
+    from mempool.config import KVLayout
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, block_size=2, dtype="float32")
+    dev_alloc, host_alloc = BlockAllocator(Tier.DEVICE, 8, None), BlockAllocator(Tier.HOST, 8, None)
+    stores = {
+        Tier.DEVICE: KVStorage(layout, 8, torch.device("cpu")),
+        Tier.HOST: KVStorage(layout, 8, torch.device("cpu")),
+    }
+
+    def mover(st: Tier, s: IdArray, dt: Tier, d: IdArray) -> None:
+        copy_blocks(stores[st], s, stores[dt], d)
+
+    index = RadixIndex(block_size=2, device=dev_alloc, host=host_alloc, mover=mover)
+    for prompt in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 7], [1, 2, 8, 8]):
+        nb = len(prompt) // 2
+        with index.match(prompt) as m:
+            own = dev_alloc.allocate(nb - len(m.blocks))
+            assert own is not None
+            index.insert(prompt, m.blocks.concat(own))
+            dev_alloc.free(own)
+    print("three prompts sharing [1, 2]:")
+    print(index.format_tree())
+    index.evict(Tier.DEVICE, 2)
+    print("\nafter evicting 2 device blocks (least recently used demoted to host):")
+    print(index.format_tree())
+    with index.match([1, 2, 3, 4, 5, 6]) as m:
+        print(f"\nmatch([1..6]) -> {m}")
+    index.check_invariants()
+
+
+if __name__ == "__main__":
+    _demo()

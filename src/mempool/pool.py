@@ -1,0 +1,252 @@
+"""The :class:`MemPool` facade: wires storage, allocators, index and swap; holds no algorithms."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+
+from mempool.alloc.allocator import BlockAllocator
+from mempool.alloc.storage import KVStorage
+from mempool.config import PoolConfig
+from mempool.errors import BlockLockedError, InvalidArgumentError, TierUnavailableError, WrongTierError
+from mempool.index.match import Match
+from mempool.index.radix import RadixIndex
+from mempool.transport.handles import SwapHandle
+from mempool.transport.swap import SwapEngine
+from mempool.types import Blocks, Tier
+
+__all__ = ["MemPool"]
+
+
+def _as_tier(tier: Tier | str) -> Tier:
+    if isinstance(tier, Tier):
+        return tier
+    try:
+        return Tier(tier)
+    except ValueError:
+        raise InvalidArgumentError(f"tier must be Tier.DEVICE, Tier.HOST, 'device' or 'host', got {tier!r}") from None
+
+
+class MemPool:
+    """An elastic KV-cache memory pool: blocks on device and host tiers, a prefix index over them.
+
+    Every public method is thread-safe (one re-entrant lock per pool) and either succeeds or
+    changes nothing. Shortage is not an error: ``alloc``, ``swap_out`` and ``swap_in`` return
+    ``None`` when the target tier cannot supply the blocks even after evicting unlocked
+    cached prefixes.
+
+    >>> from mempool import MemPool, PoolConfig
+    >>> pool = MemPool(PoolConfig(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
+    ...                           device_blocks=16, host_blocks=16, dtype="float32"))
+    >>> blocks = pool.alloc(2)
+    >>> pool.insert(list(range(10)), blocks)      # 10 tokens: 2 full blocks of 4
+    2
+    >>> pool.free(blocks)                          # the index keeps its own reference
+    0
+    >>> with pool.match(list(range(9))) as m:
+    ...     m.num_tokens, m.blocks.tolist()
+    (8, [0, 1])
+    >>> pool.check_invariants()
+    """
+
+    def __init__(self, config: PoolConfig) -> None:
+        if not isinstance(config, PoolConfig):
+            raise InvalidArgumentError(f"config must be a PoolConfig, got {type(config).__name__}")
+        self.config = config
+        self._lock = threading.RLock()
+        layout = config.layout
+        self._storage: dict[Tier, KVStorage] = {
+            Tier.DEVICE: KVStorage(layout, config.device_blocks, config.torch_device)
+        }
+        self._alloc: dict[Tier, BlockAllocator] = {
+            Tier.DEVICE: BlockAllocator(Tier.DEVICE, config.device_blocks, owner=self)
+        }
+        if config.host_blocks:
+            self._storage[Tier.HOST] = KVStorage(layout, config.host_blocks, torch.device("cpu"), pin=config.pin_host)
+            self._alloc[Tier.HOST] = BlockAllocator(Tier.HOST, config.host_blocks, owner=self)
+        self._swap = SwapEngine(self._storage)
+        self.index = RadixIndex(
+            block_size=config.block_size,
+            device=self._alloc[Tier.DEVICE],
+            host=self._alloc.get(Tier.HOST),
+            mover=self._swap.copy,
+            policy=config.eviction,
+            guard=self._lock,
+        )
+
+    # -- memory ----------------------------------------------------------------------------
+    def alloc(self, n: int, tier: Tier | str = Tier.DEVICE) -> Blocks | None:
+        """Allocate ``n`` blocks of ``tier``, evicting unlocked cached prefixes if needed.
+
+        Returns:
+            ``Blocks`` (as few adjacent runs as possible), each with one reference owned by the
+            caller; ``None`` when the tier cannot supply ``n`` blocks (back-pressure).
+        Raises:
+            InvalidArgumentError: ``n`` is not an int >= 0 or ``tier`` is not a tier.
+            TierUnavailableError: the pool has no such tier.
+        """
+        tier = _as_tier(tier)
+        with self._lock:
+            self._alloc_of(tier)
+            return self.index.allocate(tier, n)
+
+    def free(self, blocks: Blocks) -> int:
+        """Drop the caller's reference to each block; returns how many blocks became free.
+
+        Raises:
+            DoubleFreeError, ForeignBlockError, InvalidBlockError, TierUnavailableError.
+        """
+        with self._lock:
+            return self._alloc_of(self._tier_of(blocks)).free(blocks)
+
+    def share(self, blocks: Blocks) -> None:
+        """Add one reference to each block (for a second owner, who must ``free`` it too)."""
+        with self._lock:
+            self._alloc_of(self._tier_of(blocks)).incref(blocks)
+
+    # -- index -----------------------------------------------------------------------------
+    def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Cache ``blocks`` as the KV of the first ``len(blocks)`` full blocks of ``tokens``.
+
+        See :meth:`RadixIndex.insert`. The index takes its own references; the caller keeps
+        (and later frees) theirs. Returns the number of newly indexed blocks.
+        """
+        with self._lock:
+            return self.index.insert(tokens, blocks, namespace)
+
+    def match(self, tokens: Any, namespace: Hashable = None, *, promote: bool = False) -> Match:
+        """Longest cached whole-block prefix of ``tokens``, locked until the match is released.
+
+        With ``promote=True`` host-only parts are copied to the device first when room can be
+        made (otherwise they stay reported as ``host_blocks``).
+        """
+        with self._lock:
+            m = self.index.match(tokens, namespace)
+            if promote and len(m.host_blocks):
+                self.index.promote(m)
+            return m
+
+    def promote(self, match: Match) -> bool:
+        """Bring the host-only part of ``match`` to the device, keeping it locked.
+
+        Returns ``False`` (nothing changes) when the device tier has no room.
+        """
+        with self._lock:
+            return self.index.promote(match)
+
+    def delete(self, tokens: Any, namespace: Hashable = None) -> int:
+        """Remove the cached prefix of ``tokens`` and its continuations; see :meth:`RadixIndex.delete`."""
+        with self._lock:
+            return self.index.delete(tokens, namespace)
+
+    def evict(self, n: int, tier: Tier | str = Tier.DEVICE) -> int:
+        """Free up to ``n`` blocks of ``tier`` from unlocked cached prefixes; returns how many."""
+        tier = _as_tier(tier)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(f"n must be an int >= 0, got {n!r}")
+        with self._lock:
+            self._alloc_of(tier)
+            return self.index.evict(tier, n)
+
+    # -- tiers -----------------------------------------------------------------------------
+    def swap_out(self, blocks: Blocks) -> Blocks | None:
+        """Move the caller's device blocks to new host blocks; see :meth:`swap_out_async`."""
+        handle = self.swap_out_async(blocks)
+        return None if handle is None else handle.wait()
+
+    def swap_in(self, blocks: Blocks) -> Blocks | None:
+        """Move the caller's host blocks to new device blocks; see :meth:`swap_in_async`."""
+        handle = self.swap_in_async(blocks)
+        return None if handle is None else handle.wait()
+
+    def swap_out_async(self, blocks: Blocks) -> SwapHandle | None:
+        """Start moving device ``blocks`` to the host tier.
+
+        The caller's references to ``blocks`` pass to the handle, which drops them once the
+        copy has landed; ``handle.wait()`` returns the new host blocks (one reference each,
+        owned by the caller). Returns ``None`` when the host tier has no room (nothing changes).
+
+        Raises:
+            WrongTierError, BlockNotAllocatedError, ForeignBlockError, InvalidBlockError,
+            BlockLockedError (a block is part of a locked cached prefix), TierUnavailableError.
+        """
+        return self._swap_async(blocks, Tier.DEVICE, Tier.HOST)
+
+    def swap_in_async(self, blocks: Blocks) -> SwapHandle | None:
+        """Start moving host ``blocks`` to the device tier; the mirror of :meth:`swap_out_async`."""
+        return self._swap_async(blocks, Tier.HOST, Tier.DEVICE)
+
+    def _swap_async(self, blocks: Blocks, src: Tier, dst: Tier) -> SwapHandle | None:
+        with self._lock:
+            if self._tier_of(blocks) is not src:
+                raise WrongTierError(f"expected {src.value} blocks, got {blocks.tier.value} blocks")
+            ids = self._alloc_of(src).validate(blocks, held=True)
+            self._alloc_of(dst)
+            if self.index.locked_among(src, ids):
+                raise BlockLockedError(f"{src.value} blocks of a locked cached prefix cannot be swapped")
+            got = self.index.allocate(dst, len(ids))
+            if got is None:
+                return None
+            job = self._swap.copy_async(src, ids, dst, got.ids)
+            return SwapHandle(job, blocks, got, self._release)
+
+    def _release(self, blocks: Blocks) -> None:
+        with self._lock:
+            self._alloc[blocks.tier].free(blocks)
+
+    # -- storage for engines ---------------------------------------------------------------
+    def kv(self, tier: Tier | str = Tier.DEVICE) -> torch.Tensor:
+        """The tier's KV tensor ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` (shared, not a copy)."""
+        return self._storage_of(_as_tier(tier)).tensor
+
+    def storage(self, tier: Tier | str = Tier.DEVICE) -> KVStorage:
+        """The tier's :class:`KVStorage` (layer views, gather and scatter of blocks)."""
+        return self._storage_of(_as_tier(tier))
+
+    # -- stats and checks ------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per tier: ``capacity``, ``free``, ``used``, ``free_runs``, ``cached`` (by the index),
+        ``evictable`` (cached in unlocked prefixes); plus ``index`` counters."""
+        with self._lock:
+            out: dict[str, dict[str, int]] = {}
+            for tier, alloc in self._alloc.items():
+                s = alloc.stats()
+                s["cached"] = self.index.cached_blocks(tier)
+                s["evictable"] = self.index.evictable_blocks(tier)
+                out[tier.value] = s
+            out["index"] = self.index.stats()
+            return out
+
+    def check_invariants(self) -> None:
+        """Assert every allocator and index invariant (tests call this after every step)."""
+        with self._lock:
+            for alloc in self._alloc.values():
+                alloc.check_invariants()
+            self.index.check_invariants()
+
+    def close(self) -> None:
+        """Stop background copy workers (the pool stays usable; they restart on demand)."""
+        self._swap.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _tier_of(self, blocks: Blocks) -> Tier:
+        if not isinstance(blocks, Blocks):
+            raise InvalidArgumentError(f"expected a Blocks handle, got {type(blocks).__name__}")
+        return blocks.tier
+
+    def _alloc_of(self, tier: Tier) -> BlockAllocator:
+        alloc = self._alloc.get(tier)
+        if alloc is None:
+            raise TierUnavailableError(f"this pool has no {tier.value} tier (host_blocks=0)")
+        return alloc
+
+    def _storage_of(self, tier: Tier) -> KVStorage:
+        self._alloc_of(tier)
+        return self._storage[tier]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"MemPool(device_blocks={c.device_blocks}, host_blocks={c.host_blocks}, device={c.device!r})"

@@ -1,0 +1,55 @@
+"""Handles of in-flight tier copies."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from mempool.transport.swap import CopyJob
+from mempool.types import Blocks
+
+__all__ = ["SwapHandle"]
+
+
+class SwapHandle:
+    """An asynchronous ``swap_out`` / ``swap_in``.
+
+    Owns the caller's references to the source blocks until the copy has landed, then drops
+    them. ``wait()`` returns the destination blocks, whose references belong to the caller;
+    they must not be read before ``wait()`` returns (or ``done()`` is true).
+    """
+
+    def __init__(self, job: CopyJob, src: Blocks, dst: Blocks, release: Callable[[Blocks], None]) -> None:
+        self._job = job
+        self._src = src
+        self.blocks = dst
+        self._release = release
+        self._finished = False
+        self._mutex = threading.Lock()
+
+    def done(self) -> bool:
+        """Whether the copy has landed (finishes the handle if so). Never blocks on the copy."""
+        if self._finished:
+            return True
+        if self._job.done():
+            self._finish()
+            return True
+        return False
+
+    def wait(self) -> Blocks:
+        """Block until the copy has landed; return the destination blocks."""
+        if not self._finished:
+            self._job.wait()
+            self._finish()
+        return self.blocks
+
+    def _finish(self) -> None:
+        with self._mutex:
+            if self._finished:
+                return
+            self._job.wait()  # already complete; surfaces a copy error, if any
+            self._release(self._src)
+            self._finished = True
+
+    def __repr__(self) -> str:
+        return f"SwapHandle({self._src!r} -> {self.blocks!r}, done={self._finished})"

@@ -1,0 +1,93 @@
+"""KVStorage: block-major layout, layer views, gather / scatter and copies of runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mempool.alloc import storage as storage_mod
+from mempool.alloc.storage import KVStorage, copy_blocks
+from mempool.config import KVLayout
+
+LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32")
+
+
+def make(n: int = 16) -> KVStorage:
+    s = KVStorage(LAYOUT, n, torch.device("cpu"))
+    s.tensor.copy_(torch.arange(s.tensor.numel(), dtype=torch.float32).view_as(s.tensor))
+    return s
+
+
+def test_layout_is_block_major_and_contiguous_per_block() -> None:
+    s = make()
+    assert tuple(s.tensor.shape) == (16, 3, 2, 2, 2, 4)
+    assert s.tensor.is_contiguous()
+    assert s.nbytes == 16 * LAYOUT.block_bytes
+    block = s.tensor[5]
+    assert block.is_contiguous() and block.data_ptr() == s.tensor.data_ptr() + 5 * LAYOUT.block_bytes
+
+
+def test_layer_views_share_storage() -> None:
+    s = make()
+    k, v = s.keys(1), s.values(1)
+    assert tuple(k.shape) == (16, 2, 2, 4)
+    k[3, 0, 0, 0] = -7.0
+    v[3, 1, 1, 3] = -9.0
+    assert s.tensor[3, 1, 0, 0, 0, 0] == -7.0 and s.tensor[3, 1, 1, 1, 1, 3] == -9.0
+    assert s.layer(2).data_ptr() == s.tensor[:, 2].data_ptr()
+
+
+def test_new_storage_is_zeroed() -> None:
+    s = KVStorage(LAYOUT, 4, torch.device("cpu"))
+    assert not s.tensor.any()
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[3], [4, 5, 6], [9, 2, 3, 4, 11], list(range(15, -1, -1)), [1, 3, 5, 7, 9, 11, 13, 15, 0, 2]],
+)
+def test_gather_scatter_roundtrip(ids: list[int]) -> None:
+    s = make()
+    arr = np.array(ids, dtype=np.int64)
+    got = s.gather(arr)
+    assert torch.equal(got, s.tensor[torch.tensor(ids)])
+    t = make()
+    t.tensor.zero_()
+    t.scatter(arr, got)
+    assert torch.equal(t.tensor[torch.tensor(ids)], got)
+    untouched = sorted(set(range(16)) - set(ids))
+    assert not t.tensor[torch.tensor(untouched, dtype=torch.long)].any() if untouched else True
+
+
+@pytest.mark.parametrize("max_runs", [0, 1000])  # vectorised path and per-run path
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ([0, 1, 2, 3], [8, 9, 10, 11]),  # run to run
+        ([0, 1, 2, 3], [9, 4, 12, 1]),  # run to scattered
+        ([7, 2, 13, 5], [8, 9, 10, 11]),  # scattered to run
+        ([7, 2, 13, 5, 0, 15, 3, 11, 10, 1], [9, 4, 12, 1, 0, 2, 3, 5, 6, 7]),  # scattered to scattered
+    ],
+)
+def test_copy_blocks_pairs_ids(monkeypatch: pytest.MonkeyPatch, max_runs: int, src: list[int], dst: list[int]) -> None:
+    monkeypatch.setattr(storage_mod, "RUN_COPY_MAX", max_runs)
+    a, b = make(), make()
+    b.tensor.mul_(-1)
+    expected = b.tensor.clone()
+    expected[torch.tensor(dst)] = a.tensor[torch.tensor(src)]
+    copy_blocks(a, np.array(src), b, np.array(dst))
+    assert torch.equal(b.tensor, expected)
+
+
+def test_copy_blocks_rejects_mismatch() -> None:
+    a = make()
+    with pytest.raises(ValueError, match="source blocks"):
+        copy_blocks(a, np.array([1, 2]), a, np.array([3]))
+    other = KVStorage(
+        KVLayout(num_layers=1, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32"), 4, torch.device("cpu")
+    )
+    with pytest.raises(ValueError, match="layouts differ"):
+        copy_blocks(a, np.array([1]), other, np.array([0]))
+    with pytest.raises(ValueError, match="shape"):
+        a.scatter(np.array([1]), torch.zeros(2, *LAYOUT.block_shape))

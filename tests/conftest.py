@@ -1,0 +1,66 @@
+"""Shared factories and hypothesis profiles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from mempool import MemPool, PoolConfig
+
+# CI runs the property tests at 200 examples each; locally a quicker default.
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+BLOCK_SIZE = 4
+
+
+def make_config(**overrides: object) -> PoolConfig:
+    """A tiny float32 layout; any field can be overridden."""
+    fields: dict[str, object] = dict(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=4,
+        block_size=BLOCK_SIZE,
+        dtype="float32",
+        device_blocks=16,
+        host_blocks=16,
+    )
+    fields.update(overrides)
+    return PoolConfig(**fields)  # type: ignore[arg-type]
+
+
+def make_pool(**overrides: object) -> MemPool:
+    """A small CPU pool with both tiers."""
+    return MemPool(make_config(**overrides))
+
+
+def make_tokens(n: int, seed: int = 0, vocab: int = 32000) -> list[int]:
+    """``n`` seeded random token ids."""
+    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+
+
+def fill_random(pool: MemPool, blocks: object, seed: int = 0) -> torch.Tensor:
+    """Write seeded random (never zero) KV into ``blocks``; return what was written."""
+    from mempool.types import Blocks
+
+    assert isinstance(blocks, Blocks)
+    storage = pool.storage(blocks.tier)
+    g = torch.Generator().manual_seed(seed)
+    data = torch.rand((len(blocks), *storage.layout.block_shape), generator=g) + 0.5
+    data = data.to(storage.tensor.dtype)
+    storage.scatter(blocks.ids, data.to(storage.device))
+    return data
+
+
+@pytest.fixture
+def pool() -> Iterator[MemPool]:
+    p = make_pool()
+    yield p
+    p.check_invariants()
+    p.close()

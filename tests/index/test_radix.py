@@ -1,0 +1,355 @@
+"""Radix index through the MemPool facade: exact ids, eviction order, locks, tiers, misuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mempool import Blocks, MemPool, Tier
+from mempool.errors import (
+    BlockInUseError,
+    BlockLockedError,
+    BlockNotAllocatedError,
+    ForeignBlockError,
+    HandleReleasedError,
+    InvalidArgumentError,
+    InvalidTokensError,
+    LockUnderflowError,
+    TierUnavailableError,
+)
+from tests.conftest import fill_random, make_pool
+
+B = 4  # block size of make_pool
+
+
+def toks(*blocks: int) -> list[int]:
+    """Tokens of whole blocks, block i being [i*10, i*10+1, i*10+2, i*10+3]."""
+    return [b * 10 + j for b in blocks for j in range(B)]
+
+
+def cache(pool: MemPool, tokens: list[int], namespace: object = None) -> Blocks:
+    """What an engine does: match, allocate the rest, insert, free its own, release."""
+    with pool.match(tokens, namespace) as m:
+        own = pool.alloc(len(tokens) // B - len(m.blocks) - len(m.host_blocks))
+        assert own is not None
+        if len(m.host_blocks):
+            assert pool.promote(m)
+        full = m.blocks.concat(own)
+        pool.insert(tokens, full, namespace)
+        pool.free(own)
+        return full
+
+
+def snapshot(pool: MemPool) -> tuple[object, ...]:
+    return (
+        pool.stats(),
+        pool.index.format_tree(),
+        pool._alloc[Tier.DEVICE]._refs.tolist(),
+        pool._alloc[Tier.HOST]._refs.tolist(),
+    )
+
+
+def test_insert_then_match_exact_ids(pool: MemPool) -> None:
+    blocks = pool.alloc(3)
+    assert blocks.tolist() == [0, 1, 2]
+    assert pool.insert(toks(1, 2, 3) + [99], blocks) == 3
+    assert pool.free(blocks) == 0  # the index holds its own reference
+    with pool.match(toks(1, 2, 3, 4)) as m:
+        assert m.blocks.tolist() == [0, 1, 2] and m.num_tokens == 12 and len(m.host_blocks) == 0
+    with pool.match(toks(1, 2) + [5, 5]) as m:  # partial block never matches
+        assert m.blocks.tolist() == [0, 1] and m.num_tokens == 8
+    with pool.match(toks(1, 7)) as m:
+        assert m.blocks.tolist() == [0]
+    with pool.match(toks(9)) as m:
+        assert m.blocks.tolist() == [] and m.total_tokens == 0
+    with pool.match(toks(1)[:3]) as m:
+        assert m.num_tokens == 0
+
+
+def test_match_accepts_arrays_and_tensors(pool: MemPool) -> None:
+    cache(pool, toks(1, 2))
+    for form in (np.array(toks(1, 2), dtype=np.int32), torch.tensor(toks(1, 2)), tuple(toks(1, 2))):
+        with pool.match(form) as m:
+            assert m.blocks.tolist() == [0, 1]
+
+
+def test_diverging_prefixes_split_at_block_boundary(pool: MemPool) -> None:
+    cache(pool, toks(1, 2, 3))  # blocks 0 1 2
+    cache(pool, toks(1, 2, 5, 6))  # shares 0 1, new 3 4
+    with pool.match(toks(1, 2, 5, 6)) as m:
+        assert m.blocks.tolist() == [0, 1, 3, 4]
+    with pool.match(toks(1, 2, 3)) as m:
+        assert m.blocks.tolist() == [0, 1, 2]
+    assert pool.index.num_nodes == 3
+    assert pool.stats()["device"]["cached"] == 5
+
+
+def test_duplicate_prefix_is_not_referenced_twice(pool: MemPool) -> None:
+    first = pool.alloc(2)
+    pool.insert(toks(1, 2), first)
+    dup = pool.alloc(3)  # caller recomputed blocks 1, 2 and has a new third one
+    assert pool.insert(toks(1, 2, 3), dup) == 1
+    assert pool._alloc[Tier.DEVICE].refcounts(dup) == [1, 1, 2]
+    pool.free(first)
+    assert pool.free(dup) == 2  # the duplicates go back; the new block stays cached
+    with pool.match(toks(1, 2, 3)) as m:
+        assert m.blocks.tolist() == [0, 1, 4]
+
+
+def test_namespaces_never_share(pool: MemPool) -> None:
+    cache(pool, toks(1, 2), namespace="tenant-a")
+    with pool.match(toks(1, 2), namespace="tenant-b") as m:
+        assert m.total_tokens == 0
+    with pool.match(toks(1, 2)) as m:
+        assert m.total_tokens == 0
+    with pool.match(toks(1, 2), namespace="tenant-a") as m:
+        assert m.blocks.tolist() == [0, 1]
+    cache(pool, toks(1, 2), namespace=("model", 7))
+    with pool.match(toks(1, 2), namespace=("model", 7)) as m:
+        assert m.blocks.tolist() == [2, 3]
+
+
+def test_lru_eviction_order_without_host() -> None:
+    pool = make_pool(device_blocks=6, host_blocks=0)
+    cache(pool, toks(1, 2))  # 0 1
+    cache(pool, toks(3, 4))  # 2 3
+    cache(pool, toks(5, 6))  # 4 5
+    with pool.match(toks(1, 2)):
+        pass  # touch: (1, 2) becomes most recent
+    got = pool.alloc(3)  # evicts all of (3, 4), then the tail of (5, 6)
+    assert got.tolist() == [2, 3, 5]
+    with pool.match(toks(5, 6)) as m:
+        assert m.blocks.tolist() == [4]
+    with pool.match(toks(1, 2)) as m:
+        assert m.blocks.tolist() == [0, 1]
+    with pool.match(toks(3)) as m:
+        assert m.total_tokens == 0
+    assert pool.stats()["index"]["dropped_device"] == 3
+    pool.check_invariants()
+
+
+def test_eviction_takes_leaves_before_their_parents() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=0)
+    cache(pool, toks(1, 2))  # 0 1
+    cache(pool, toks(1, 2, 3, 4))  # 2 3 under it; (1, 2) is touched by this call too
+    got = pool.alloc(1)
+    assert got.tolist() == [3]  # the tail block of the leaf goes first
+    with pool.match(toks(1, 2, 3, 4)) as m:
+        assert m.blocks.tolist() == [0, 1, 2]
+
+
+def test_locked_blocks_survive_pressure() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=0)
+    cache(pool, toks(1, 2))
+    cache(pool, toks(3, 4))
+    with pool.match(toks(1, 2)) as held:
+        assert pool.stats()["device"]["evictable"] == 2
+        assert pool.alloc(3) is None  # only 2 are evictable: refuse without evicting
+        assert pool.index.format_tree().count("device=") == 2
+        got = pool.alloc(2)
+        assert got.tolist() == [2, 3]
+        assert pool.alloc(1) is None
+        assert held.blocks.tolist() == [0, 1]
+        with pool.match(toks(1, 2)) as again:
+            assert again.blocks.tolist() == [0, 1]
+        pool.free(got)
+    pool.check_invariants()
+
+
+def test_demotion_to_host_keeps_prefix_matchable_and_bits_exact() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=8)
+    full = cache(pool, toks(1, 2, 3))
+    written = fill_random(pool, full, seed=3)
+    cache(pool, toks(8))  # block 3
+    assert pool.evict(2) == 2  # LRU: the tail of (1, 2, 3), then ... by stamp
+    stats = pool.stats()
+    assert stats["index"]["demoted"] == 2 and stats["host"]["cached"] == 2
+    with pool.match(toks(1, 2, 3)) as m:
+        assert m.blocks.tolist() == [0] and m.host_blocks.tolist() == [0, 1]
+        assert m.num_tokens == 4 and m.num_host_tokens == 8
+        host = pool.kv(Tier.HOST)[torch.from_numpy(m.host_blocks.ids.copy())]
+        assert torch.equal(host, written[1:])
+        assert pool.promote(m)
+        assert m.num_tokens == 12 and len(m.host_blocks) == 0
+        dev = pool.kv()[torch.from_numpy(m.blocks.ids.copy())]
+        assert torch.equal(dev, written)
+    assert pool.stats()["index"]["promoted"] == 2
+    pool.check_invariants()
+
+
+def test_node_on_both_tiers_keeps_both_until_space_is_needed() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=4)
+    cache(pool, toks(1, 2))
+    pool.evict(2)  # both demoted
+    with pool.match(toks(1, 2), promote=True) as m:
+        assert m.blocks.tolist() == [0, 1]
+    s = pool.stats()
+    assert s["device"]["cached"] == 2 and s["host"]["cached"] == 2
+    pool.evict(2)  # already on host: device copy dropped, no copy needed
+    assert pool.stats()["index"]["demoted"] == 4 and pool.stats()["host"]["cached"] == 2
+    pool.check_invariants()
+
+
+def test_host_full_drops_least_recent_host_blocks() -> None:
+    pool = make_pool(device_blocks=2, host_blocks=2)
+    cache(pool, toks(1, 2))
+    pool.evict(2)  # (1, 2) to host: host full
+    cache(pool, toks(3, 4))
+    pool.evict(2)  # (3, 4) must go to host: (1, 2) is dropped from host first
+    with pool.match(toks(1, 2)) as m:
+        assert m.total_tokens == 0
+    with pool.match(toks(3, 4)) as m:
+        assert m.host_blocks.tolist() == [0, 1]
+    pool.check_invariants()
+
+
+def test_promote_without_room_is_back_pressure() -> None:
+    pool = make_pool(device_blocks=2, host_blocks=4)
+    cache(pool, toks(1, 2))
+    pool.evict(2)
+    own = pool.alloc(2)
+    with pool.match(toks(1, 2)) as m:
+        before = snapshot(pool)
+        assert not pool.promote(m)
+        assert snapshot(pool) == before
+    pool.free(own)
+    with pool.match(toks(1, 2)) as m:
+        assert pool.promote(m) and m.blocks.tolist() == [0, 1]
+
+
+def test_promote_partial_node_splits_it() -> None:
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    cache(pool, toks(1, 2, 3, 4))
+    pool.evict(4)
+    with pool.match(toks(1, 2)) as m:
+        assert pool.promote(m) and len(m.blocks) == 2
+    with pool.match(toks(1, 2, 3, 4)) as m:
+        assert len(m.blocks) == 2 and len(m.host_blocks) == 2
+    pool.check_invariants()
+
+
+def test_insert_device_blocks_under_host_only_prefix_attaches_them() -> None:
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    cache(pool, toks(1, 2))
+    pool.evict(2)
+    fresh = pool.alloc(3)
+    assert pool.insert(toks(1, 2, 3), fresh) == 3  # device copies of (1, 2) attached, 3 new
+    pool.free(fresh)
+    with pool.match(toks(1, 2, 3)) as m:
+        assert m.blocks.tolist() == fresh.tolist() and len(m.host_blocks) == 0
+    pool.check_invariants()
+
+
+def test_delete_removes_prefix_and_continuations_but_keeps_shared() -> None:
+    pool = make_pool()
+    cache(pool, toks(1, 2, 3))
+    cache(pool, toks(1, 2, 3, 4))
+    cache(pool, toks(1, 5))
+    assert pool.delete(toks(1, 2)) == 3  # (2, 3) and (4) go; (1) is shared with (1, 5)
+    with pool.match(toks(1, 2)) as m:
+        assert m.blocks.tolist() == [0]
+    with pool.match(toks(1, 5)) as m:
+        assert len(m.blocks) == 2
+    assert pool.delete(toks(9)) == 0
+    assert pool.delete(toks(1)) == 2
+    assert pool.stats()["device"]["used"] == 0
+    pool.check_invariants()
+
+
+def test_delete_of_locked_prefix_raises_and_changes_nothing(pool: MemPool) -> None:
+    cache(pool, toks(1, 2, 3))
+    with pool.match(toks(1, 2, 3)):
+        before = snapshot(pool)
+        with pytest.raises(BlockLockedError):
+            pool.delete(toks(1, 2))
+        assert snapshot(pool) == before
+    assert pool.delete(toks(1, 2)) == 3
+
+
+def test_release_twice_is_a_lock_underflow(pool: MemPool) -> None:
+    cache(pool, toks(1))
+    m = pool.match(toks(1))
+    m.release()
+    with pytest.raises(LockUnderflowError):
+        m.release()
+    with pytest.raises(HandleReleasedError):
+        pool.promote(m)
+    assert pool.stats()["device"]["evictable"] == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1.5, 2.0, 3.0, 4.0],
+        [-1, 2, 3, 4],
+        [2**31, 1, 2, 3],
+        [[1, 2, 3, 4]],
+        "abcd",
+        None,
+        [1, "a", 3, 4],
+        torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        np.array([True, False, True, False]),
+    ],
+)
+def test_bad_tokens_raise_and_change_nothing(pool: MemPool, bad: object) -> None:
+    cache(pool, toks(1))
+    own = pool.alloc(1)
+    before = snapshot(pool)
+    for call in (lambda: pool.insert(bad, own), lambda: pool.match(bad), lambda: pool.delete(bad)):
+        with pytest.raises(InvalidTokensError):
+            call()
+        assert snapshot(pool) == before
+    pool.free(own)
+
+
+def test_bad_blocks_raise_and_change_nothing(pool: MemPool) -> None:
+    cache(pool, toks(1, 2))  # blocks 0 1
+    own = pool.alloc(2)  # 2 3
+    freed = pool.alloc(1)
+    pool.free(freed)
+    other = make_pool().alloc(2)
+    before = snapshot(pool)
+    cases = [
+        (lambda: pool.insert(toks(3), own), InvalidArgumentError),  # 2 blocks, 1 block of tokens
+        (lambda: pool.insert(toks(3, 4), freed.concat(own[:1])), BlockNotAllocatedError),
+        (lambda: pool.insert(toks(3, 4), other), ForeignBlockError),
+        (lambda: pool.insert(toks(3, 4), Blocks(Tier.DEVICE, [0, 2])), BlockInUseError),  # 0 is cached for (1)
+        (lambda: pool.insert(toks(3, 4), Blocks(Tier.DEVICE, [2, 2])), BlockInUseError),
+        (lambda: pool.insert(toks(3, 4), Blocks(Tier.DEVICE, [2, 99])), InvalidArgumentError),
+        (lambda: pool.insert(toks(3, 4), [2, 3]), InvalidArgumentError),
+        (lambda: pool.match(toks(1), namespace=["unhashable"]), InvalidArgumentError),
+    ]
+    for call, error in cases:
+        with pytest.raises(error):
+            call()
+        assert snapshot(pool) == before
+    pool.free(own)
+
+
+def test_host_insert_without_host_tier_raises() -> None:
+    pool = make_pool(host_blocks=0)
+    with pytest.raises(TierUnavailableError):
+        pool.insert(toks(1), Blocks(Tier.HOST, [0]))
+    with pytest.raises(TierUnavailableError):
+        pool.alloc(1, Tier.HOST)
+
+
+def test_lfu_policy_keeps_frequently_matched_prefixes() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=0, eviction="lfu")
+    cache(pool, toks(1, 2))
+    for _ in range(3):
+        with pool.match(toks(1, 2)):
+            pass
+    cache(pool, toks(3, 4))  # most recent, but matched fewer times
+    pool.alloc(2)
+    with pool.match(toks(1, 2)) as m:
+        assert m.blocks.tolist() == [0, 1]
+
+
+def test_demo_prints_a_tree() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mempool.index.radix"], check=True, capture_output=True, text=True)
+    assert "host=" in out.stdout and "device=" in out.stdout and out.stderr == ""
