@@ -155,7 +155,8 @@ class RadixIndex:
         """Longest cached whole-block prefix of ``tokens``; its blocks stay locked until released.
 
         The device-resident part comes first (``Match.blocks``), then the host-only part
-        (``Match.host_blocks``). Raises ``InvalidTokensError`` for bad tokens.
+        (``Match.host_blocks``). A match ending inside an edge splits it there, so the lock
+        covers exactly the matched blocks. Raises ``InvalidTokensError`` for bad tokens.
         Complexity: O(n) to encode tokens, O(depth) dict probes and lock updates.
         """
         key = encode_tokens(tokens)
@@ -165,7 +166,9 @@ class RadixIndex:
         if not segs:
             return Match(self, None, 0, self._blocks(Tier.DEVICE, []), self._blocks(Tier.HOST, []), self._guard)
         self._clock += 1
-        last = segs[-1][0]
+        last, m, _ = segs[-1]
+        if m < last.nblocks:  # lock exactly what matched, not the rest of the edge
+            last = self._split(last, m)
         self._lock(last, self._clock)
         dev, host = self._collect(last, total)
         return Match(self, last, total, dev, host, self._guard)
@@ -218,12 +221,7 @@ class RadixIndex:
             return False
         last = match._last
         assert last is not None
-        path = last.path()
-        covered = sum(n.nblocks for n in path[:-1])
-        if match._num_blocks - covered < last.nblocks and last.device is None:
-            head = self._split(last, match._num_blocks - covered)
-            path[-1] = head
-        todo = [n for n in path if n.device is None]
+        todo = [n for n in last.path() if n.device is None]  # a match ends at a node's end
         src = np.concatenate([n.host for n in todo if n.host is not None])
         assert src.size == need, (src.size, need)
         self._mover(Tier.HOST, src, Tier.DEVICE, got.ids)
