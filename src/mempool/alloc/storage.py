@@ -17,6 +17,8 @@ layer through a strided view without copying.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -28,6 +30,9 @@ __all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks"]
 # At most this many runs are copied one slice at a time; more go through one vectorised
 # index_select / index_copy_ (a slice copy costs a few microseconds of dispatch each).
 RUN_COPY_MAX = 8
+# Scattered-to-scattered copies stage through a reusable buffer of about this size: a fresh
+# large allocation costs page faults that run far below memcpy speed.
+STAGING_BYTES = 8 << 20
 
 
 class KVStorage:
@@ -40,6 +45,9 @@ class KVStorage:
         pin: allocate pinned (page-locked) host memory; only honoured on CPU when CUDA exists.
 
     The tensor is zero-initialised, so a partially written block never holds NaN garbage.
+    ``flat`` views the same memory as ``[num_blocks, words]`` of the widest integer type that
+    divides a block: copies go through it, since torch's CPU gather kernels reach memcpy
+    speed on 8-byte elements but not on 1- or 2-byte ones.
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, *, pin: bool = False) -> None:
@@ -49,6 +57,9 @@ class KVStorage:
         shape = (num_blocks, *layout.block_shape)
         self.pinned = bool(pin and device.type == "cpu" and torch.cuda.is_available())
         self.tensor = torch.zeros(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
+        self.flat = flat_view(self.tensor)
+        self._staging: torch.Tensor | None = None
+        self._staging_lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
@@ -67,17 +78,37 @@ class KVStorage:
         """Strided view ``[num_blocks, block_size, kv_heads, head_dim]`` of one layer's V."""
         return self.tensor[:, layer, 1]
 
+    def staged(self) -> tuple[threading.Lock, torch.Tensor]:
+        """The lock and reusable staging rows (``[rows, words]``, ~STAGING_BYTES) of this tier."""
+        if self._staging is None:
+            rows = max(1, STAGING_BYTES // max(1, self.layout.block_bytes))
+            self._staging = torch.empty((rows, self.flat.shape[1]), dtype=self.flat.dtype, device=self.device)
+        return self._staging_lock, self._staging
+
     def gather(self, ids: IdArray) -> torch.Tensor:
         """Copy of the blocks ``ids`` in order, ``[len(ids), *block_shape]``, contiguous."""
         out = torch.empty((len(ids), *self.layout.block_shape), dtype=self.tensor.dtype, device=self.device)
-        _copy_runs(self.tensor, ids, out, np.arange(len(ids), dtype=np.int64))
+        _copy_runs(self.flat, ids, flat_view(out), np.arange(len(ids), dtype=np.int64))
         return out
 
     def scatter(self, ids: IdArray, src: torch.Tensor) -> None:
         """Write ``src[i]`` into block ``ids[i]``; ``src`` is ``[len(ids), *block_shape]``."""
-        if tuple(src.shape) != (len(ids), *self.layout.block_shape):
-            raise ValueError(f"src has shape {tuple(src.shape)}, expected {(len(ids), *self.layout.block_shape)}")
-        _copy_runs(src, np.arange(len(ids), dtype=np.int64), self.tensor, ids)
+        if tuple(src.shape) != (len(ids), *self.layout.block_shape) or src.dtype != self.tensor.dtype:
+            raise ValueError(
+                f"src is {tuple(src.shape)} {src.dtype}, expected {(len(ids), *self.layout.block_shape)} "
+                f"{self.tensor.dtype}"
+            )
+        _copy_runs(flat_view(src.contiguous()), np.arange(len(ids), dtype=np.int64), self.flat, ids)
+
+
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous, blocks first) as ``[blocks, words]`` of the widest int dtype dividing a block."""
+    rows = t.reshape(t.shape[0], -1).view(torch.uint8)
+    width = rows.shape[1]
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if width % size == 0:
+            return rows.view(dtype)
+    return rows
 
 
 def copy_blocks(
@@ -85,63 +116,82 @@ def copy_blocks(
 ) -> None:
     """Copy blocks ``src_ids`` of ``src`` into blocks ``dst_ids`` of ``dst``, pairwise.
 
-    Runs adjacent in both source and destination move as one slice copy; many scattered
-    blocks move through one vectorised gather and one scatter. Never a copy per layer.
+    Runs adjacent in both tiers move as one slice copy each; otherwise a scattered source is
+    gathered straight into each run of the destination (the allocator keeps those few), and
+    only a destination in many small runs takes a gather plus a scatter. Never per layer.
     """
     if len(src_ids) != len(dst_ids):
         raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
     if src.layout != dst.layout:
         raise ValueError("source and destination layouts differ")
-    _copy_runs(src.tensor, src_ids, dst.tensor, dst_ids, non_blocking=non_blocking)
+    _copy_runs(src.flat, src_ids, dst.flat, dst_ids, non_blocking=non_blocking, staging=dst)
 
 
-def _joint_runs(src_ids: IdArray, dst_ids: IdArray) -> tuple[np.ndarray, np.ndarray]:
-    """Break points where either id sequence stops being consecutive: (run starts, run ends)."""
-    n = len(src_ids)
-    brk = np.flatnonzero((np.diff(src_ids) != 1) | (np.diff(dst_ids) != 1)) + 1
-    return np.concatenate(([0], brk)), np.concatenate((brk, [n]))
+def _run_bounds(*seqs: IdArray) -> tuple[list[int], list[int]]:
+    """Positions where any of the id sequences stops being consecutive: (run starts, run ends)."""
+    n = len(seqs[0])
+    cut = np.zeros(max(n - 1, 0), dtype=bool)
+    for ids in seqs:
+        cut |= np.diff(ids) != 1
+    brk = np.flatnonzero(cut) + 1
+    return [0, *brk.tolist()], [*brk.tolist(), n]
 
 
-def _is_run(ids: IdArray) -> bool:
-    return len(ids) > 0 and int(ids[-1]) - int(ids[0]) == len(ids) - 1 and bool((np.diff(ids) == 1).all())
+def _index(ids: IdArray, device: torch.device) -> torch.Tensor:
+    """An int64 index tensor of ``ids`` on ``device`` (a copy: handles' id arrays are read-only)."""
+    return torch.from_numpy(np.array(ids, dtype=np.int64)).to(device)
 
 
 def _copy_runs(
-    src: torch.Tensor, src_ids: IdArray, dst: torch.Tensor, dst_ids: IdArray, *, non_blocking: bool = False
+    src: torch.Tensor,
+    src_ids: IdArray,
+    dst: torch.Tensor,
+    dst_ids: IdArray,
+    *,
+    non_blocking: bool = False,
+    staging: KVStorage | None = None,
 ) -> None:
+    """Pairwise block copy between two flat ``[blocks, words]`` tensors."""
     n = len(src_ids)
     if n == 0:
         return
-    firsts, ends = _joint_runs(src_ids, dst_ids)
+    firsts, ends = _run_bounds(src_ids, dst_ids)
     if len(firsts) <= RUN_COPY_MAX:
-        for a, b in zip(firsts.tolist(), ends.tolist()):
+        for a, b in zip(firsts, ends):
             s0, d0 = int(src_ids[a]), int(dst_ids[a])
             dst[d0 : d0 + b - a].copy_(src[s0 : s0 + b - a], non_blocking=non_blocking)
         return
-    src_run, dst_run = _is_run(src_ids), _is_run(dst_ids)
-    if src.device == dst.device:
-        if dst_run:
+    if src.device != dst.device:
+        # Across devices: gather on the source device, one transfer, scatter on the destination.
+        staged = src.index_select(0, _index(src_ids, src.device))
+        dfirst, _ = _run_bounds(dst_ids)
+        if len(dfirst) == 1:
             d0 = int(dst_ids[0])
-            sidx = torch.from_numpy(np.ascontiguousarray(src_ids)).to(src.device)
-            torch.index_select(src, 0, sidx, out=dst[d0 : d0 + n])
-            return
-        didx = torch.from_numpy(np.ascontiguousarray(dst_ids)).to(dst.device)
-        if src_run:
-            s0 = int(src_ids[0])
-            dst.index_copy_(0, didx, src[s0 : s0 + n])
+            dst[d0 : d0 + n].copy_(staged, non_blocking=non_blocking)
         else:
-            sidx = torch.from_numpy(np.ascontiguousarray(src_ids)).to(src.device)
-            dst.index_copy_(0, didx, src.index_select(0, sidx))
+            moved = staged.to(dst.device, non_blocking=non_blocking)
+            dst.index_copy_(0, _index(dst_ids, dst.device), moved)
         return
-    # Across devices: gather on the source device, one transfer, scatter on the destination.
-    if src_run:
+    sidx = _index(src_ids, src.device)
+    dfirst, dend = _run_bounds(dst_ids)
+    if len(dfirst) <= max(RUN_COPY_MAX, n // 8):
+        for a, b in zip(dfirst, dend):  # few destination runs: gather straight into each
+            d0 = int(dst_ids[a])
+            torch.index_select(src, 0, sidx[a:b], out=dst[d0 : d0 + b - a])
+        return
+    didx = _index(dst_ids, dst.device)
+    sfirst, _ = _run_bounds(src_ids)
+    if len(sfirst) == 1:
         s0 = int(src_ids[0])
-        staged = src[s0 : s0 + n]
-    else:
-        staged = src.index_select(0, torch.from_numpy(np.ascontiguousarray(src_ids)).to(src.device))
-    if dst_run:
-        d0 = int(dst_ids[0])
-        dst[d0 : d0 + n].copy_(staged, non_blocking=non_blocking)
-    else:
-        moved = staged.to(dst.device, non_blocking=non_blocking)
-        dst.index_copy_(0, torch.from_numpy(np.ascontiguousarray(dst_ids)).to(dst.device), moved)
+        dst.index_copy_(0, didx, src[s0 : s0 + n])
+        return
+    if staging is None:
+        dst.index_copy_(0, didx, src.index_select(0, sidx))
+        return
+    lock, buf = staging.staged()
+    rows = buf.shape[0]
+    with lock:  # both sides scattered: gather a chunk into staging, scatter it out
+        for a in range(0, n, rows):
+            b = min(a + rows, n)
+            torch.index_select(src, 0, sidx[a:b], out=buf[: b - a])
+            dst.index_copy_(0, didx[a:b], buf[: b - a])

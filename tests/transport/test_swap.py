@@ -1,0 +1,152 @@
+"""swap_out / swap_in: bit-exact round trips, async handles, misuse that changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mempool import Blocks, MemPool, Tier
+from mempool.errors import (
+    BlockLockedError,
+    BlockNotAllocatedError,
+    ForeignBlockError,
+    TierUnavailableError,
+    WrongTierError,
+)
+from tests.conftest import fill_random, make_pool
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def read(pool: MemPool, blocks: Blocks) -> torch.Tensor:
+    return pool.storage(blocks.tier).gather(blocks.ids).cpu()
+
+
+def snapshot(pool: MemPool) -> tuple[object, ...]:
+    return (pool.stats(), pool._alloc[Tier.DEVICE]._refs.tolist(), pool._alloc[Tier.HOST]._refs.tolist())
+
+
+def scattered(pool: MemPool, n: int) -> Blocks:
+    """``n`` device blocks that are not adjacent (every other block of a larger run)."""
+    run = pool.alloc(2 * n)
+    keep = run.ids[::2]
+    pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
+    return Blocks(Tier.DEVICE, keep, owner=pool)
+
+
+@pytest.mark.parametrize("layout", ["run", "scattered"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_round_trip_is_bit_exact(layout: str, dtype: str) -> None:
+    pool = make_pool(device_blocks=64, host_blocks=64, dtype=dtype)
+    blocks = pool.alloc(12) if layout == "run" else scattered(pool, 12)
+    written = fill_random(pool, blocks, seed=7)
+    host = pool.swap_out(blocks)
+    assert host is not None and host.tier is Tier.HOST and len(host) == 12
+    assert pool.stats()["device"]["used"] == 0  # the device blocks went back
+    assert torch.equal(read(pool, host), written)
+    back = pool.swap_in(host)
+    assert back is not None and back.tier is Tier.DEVICE
+    assert torch.equal(read(pool, back), written)
+    assert pool.stats()["host"]["used"] == 0
+    pool.free(back)
+    pool.check_invariants()
+    assert pool.stats()["device"]["used"] == 0
+
+
+def test_many_scattered_blocks_use_the_vectorised_path() -> None:
+    pool = make_pool(device_blocks=256, host_blocks=256)
+    blocks = scattered(pool, 100)  # 100 runs: more than RUN_COPY_MAX
+    written = fill_random(pool, blocks, seed=1)
+    host = pool.swap_out(blocks)
+    assert torch.equal(read(pool, host), written)
+    back = pool.swap_in(host)
+    assert torch.equal(read(pool, back), written)
+    pool.free(back)
+    pool.check_invariants()
+
+
+def test_async_swap_hands_back_source_only_when_done() -> None:
+    pool = make_pool(device_blocks=32, host_blocks=32)
+    blocks = pool.alloc(8)
+    written = fill_random(pool, blocks, seed=2)
+    handle = pool.swap_out_async(blocks)
+    assert handle is not None
+    host = handle.wait()
+    assert handle.done() and host is handle.blocks
+    assert torch.equal(read(pool, host), written)
+    assert pool.stats()["device"]["used"] == 0
+    assert handle.wait() is host  # idempotent: the source is freed once
+    assert pool.stats()["device"]["used"] == 0
+    h2 = pool.swap_in_async(host)
+    while not h2.done():
+        pass
+    assert torch.equal(read(pool, h2.blocks), written)
+    pool.free(h2.blocks)
+    pool.check_invariants()
+
+
+def test_swap_of_locked_cached_block_raises_and_changes_nothing(pool: MemPool) -> None:
+    blocks = pool.alloc(2)
+    pool.insert(list(range(8)), blocks)
+    with pool.match(list(range(8))) as m:
+        before = snapshot(pool)
+        with pytest.raises(BlockLockedError):
+            pool.swap_out(m.blocks)
+        with pytest.raises(BlockLockedError):
+            pool.swap_out(blocks)  # the caller's own reference, but the prefix is locked
+        assert snapshot(pool) == before
+    host = pool.swap_out(blocks)  # unlocked: allowed; the index keeps its device copy
+    assert host is not None
+    with pool.match(list(range(8))) as m:
+        assert m.blocks.tolist() == blocks.tolist()
+    pool.free(host)
+
+
+def test_swap_misuse_raises_and_changes_nothing(pool: MemPool) -> None:
+    own = pool.alloc(2)
+    gone = pool.alloc(1)
+    pool.free(gone)
+    foreign = make_pool().alloc(1)
+    before = snapshot(pool)
+    for call, error in [
+        (lambda: pool.swap_out(Blocks(Tier.HOST, [0])), WrongTierError),
+        (lambda: pool.swap_in(own), WrongTierError),
+        (lambda: pool.swap_out(gone), BlockNotAllocatedError),
+        (lambda: pool.swap_out(foreign), ForeignBlockError),
+        (lambda: pool.swap_in(Blocks(Tier.HOST, [3])), BlockNotAllocatedError),
+    ]:
+        with pytest.raises(error):
+            call()
+        assert snapshot(pool) == before
+    pool.free(own)
+
+
+def test_full_host_tier_is_back_pressure() -> None:
+    pool = make_pool(device_blocks=8, host_blocks=4)
+    host_own = pool.alloc(3, "host")
+    blocks = pool.alloc(2)
+    before = snapshot(pool)
+    assert pool.swap_out(blocks) is None
+    assert snapshot(pool) == before
+    assert pool.swap_out(pool.alloc(0)) == Blocks(Tier.HOST, [])
+    pool.free(host_own)
+    assert pool.swap_out(blocks) is not None
+
+
+def test_swap_without_host_tier_raises() -> None:
+    pool = make_pool(host_blocks=0)
+    blocks = pool.alloc(1)
+    with pytest.raises(TierUnavailableError):
+        pool.swap_out(blocks)
+
+
+@needs_cuda
+def test_cuda_round_trip_through_pinned_host() -> None:  # pragma: no cover - needs a GPU
+    pool = make_pool(device="cuda", device_blocks=64, host_blocks=64, dtype="bfloat16")
+    assert pool.storage(Tier.HOST).pinned
+    blocks = scattered(pool, 20)
+    written = fill_random(pool, blocks, seed=3)
+    host = pool.swap_out(blocks)
+    assert torch.equal(read(pool, host), written)
+    back = pool.swap_in(host)
+    assert torch.equal(read(pool, back), written)
