@@ -33,8 +33,8 @@ def check(pool: MemPool, tokens: list[int], blocks: Blocks) -> None:
         assert torch.all(pool.kv()[b] == want), f"block {b} holds KV of other tokens"
 
 
-def serve(pool: MemPool, prompt: list[int], answer_len: int, rng: np.random.Generator) -> tuple[int, int]:
-    """One request; returns (prompt tokens found cached, prompt tokens computed)."""
+def serve(pool: MemPool, prompt: list[int], answer_len: int, rng: np.random.Generator) -> tuple[list[int], int]:
+    """One request; returns (the answer, prompt tokens found cached on the device)."""
     with pool.match(prompt, promote=True) as m:
         check(pool, prompt, m.blocks)
         answer = rng.integers(0, 32000, answer_len).tolist()
@@ -46,7 +46,7 @@ def serve(pool: MemPool, prompt: list[int], answer_len: int, rng: np.random.Gene
         kv_for(pool, full, len(m.blocks), own)
         pool.insert(full, m.blocks.concat(own))
         pool.free(own)
-        return m.num_tokens, len(prompt) - m.num_tokens
+        return answer, m.num_tokens
 
 
 def main() -> None:
@@ -71,10 +71,11 @@ def main() -> None:
     hit = computed = 0
     t0 = time.perf_counter()
     for turn in range(4):
-        for c, history in enumerate(convs):
+        for history in convs:
             history += rng.integers(0, 32000, 85).tolist()  # the user's new message
-            h, comp = serve(pool, history, answer_len=290, rng=rng)
-            hit, computed = hit + h, computed + comp
+            answer, cached = serve(pool, history, answer_len=290, rng=rng)
+            hit, computed = hit + cached, computed + len(history) - cached
+            history += answer  # the next turn's prompt holds the whole conversation
         s = pool.stats()
         print(
             f"turn {turn + 1}: prompt tokens cached {hit:6d} / computed {computed:6d}   "

@@ -15,7 +15,7 @@ from mempool.errors import BlockLockedError, InvalidArgumentError, TierUnavailab
 from mempool.index.match import Match
 from mempool.index.radix import RadixIndex
 from mempool.transport.handles import SwapHandle
-from mempool.transport.swap import SwapEngine
+from mempool.transport.swap import CopyJob, DoneJob, SwapEngine
 from mempool.types import Blocks, Tier
 
 __all__ = ["MemPool"]
@@ -154,12 +154,12 @@ class MemPool:
     # -- tiers -----------------------------------------------------------------------------
     def swap_out(self, blocks: Blocks) -> Blocks | None:
         """Move the caller's device blocks to new host blocks; see :meth:`swap_out_async`."""
-        handle = self.swap_out_async(blocks)
+        handle = self._swap_blocks(blocks, Tier.DEVICE, Tier.HOST, wait=True)
         return None if handle is None else handle.wait()
 
     def swap_in(self, blocks: Blocks) -> Blocks | None:
         """Move the caller's host blocks to new device blocks; see :meth:`swap_in_async`."""
-        handle = self.swap_in_async(blocks)
+        handle = self._swap_blocks(blocks, Tier.HOST, Tier.DEVICE, wait=True)
         return None if handle is None else handle.wait()
 
     def swap_out_async(self, blocks: Blocks) -> SwapHandle | None:
@@ -173,13 +173,13 @@ class MemPool:
             WrongTierError, BlockNotAllocatedError, ForeignBlockError, InvalidBlockError,
             BlockLockedError (a block is part of a locked cached prefix), TierUnavailableError.
         """
-        return self._swap_async(blocks, Tier.DEVICE, Tier.HOST)
+        return self._swap_blocks(blocks, Tier.DEVICE, Tier.HOST, wait=False)
 
     def swap_in_async(self, blocks: Blocks) -> SwapHandle | None:
         """Start moving host ``blocks`` to the device tier; the mirror of :meth:`swap_out_async`."""
-        return self._swap_async(blocks, Tier.HOST, Tier.DEVICE)
+        return self._swap_blocks(blocks, Tier.HOST, Tier.DEVICE, wait=False)
 
-    def _swap_async(self, blocks: Blocks, src: Tier, dst: Tier) -> SwapHandle | None:
+    def _swap_blocks(self, blocks: Blocks, src: Tier, dst: Tier, *, wait: bool) -> SwapHandle | None:
         with self._lock:
             if self._tier_of(blocks) is not src:
                 raise WrongTierError(f"expected {src.value} blocks, got {blocks.tier.value} blocks")
@@ -190,7 +190,11 @@ class MemPool:
             got = self.index.allocate(dst, len(ids))
             if got is None:
                 return None
-            job = self._swap.copy_async(src, ids, dst, got.ids)
+            if wait:
+                self._swap.copy(src, ids, dst, got.ids)
+                job: CopyJob = DoneJob()
+            else:
+                job = self._swap.copy_async(src, ids, dst, got.ids)
             return SwapHandle(job, blocks, got, self._release)
 
     def _release(self, blocks: Blocks) -> None:

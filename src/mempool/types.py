@@ -25,6 +25,9 @@ class Tier(enum.Enum):
     def __repr__(self) -> str:
         return f"Tier.{self.name}"
 
+    # Members are singletons: identity hashing runs in C, Enum's default hashes the name in Python.
+    __hash__ = object.__hash__
+
 
 def as_block_ids(ids: Iterable[int] | npt.ArrayLike) -> IdArray:
     """Return a read-only 1-D int64 copy of ``ids``.

@@ -1,8 +1,9 @@
 """Block allocator of one tier: free extents, reference counts, contiguous runs.
 
-Free space is kept as maximal runs of adjacent free blocks (extents), indexed twice::
+Free space is kept as maximal runs of adjacent free blocks (extents), indexed three ways::
 
-    by_start: SortedDict  start -> length      (find neighbours to coalesce on free)
+    by_start: dict        start -> length      (the right neighbour of a freed run)
+    by_end:   dict        end   -> start       (the left neighbour of a freed run)
     by_len:   SortedList  (length, start)      (best fit on alloc)
 
     ids:    0   1   2   3   4   5   6   7   8   9
@@ -12,15 +13,16 @@ Free space is kept as maximal runs of adjacent free blocks (extents), indexed tw
 ``alloc(n)`` takes the smallest free run that holds ``n`` blocks (lowest start on ties), so a
 request gets one contiguous run whenever one exists; otherwise it takes the largest runs
 first, which yields the fewest runs. ``free`` coalesces released blocks with their neighbours.
-Per call the cost is O(r log R) for r runs touched out of R free runs, plus vectorised O(n)
-work on the ids: no operation scans the pool.
+Per call the cost is O(r log R) for r runs touched out of R free runs, plus O(n) work on the
+ids, vectorised above ``SMALL`` blocks and plain Python below it (numpy's per-call overhead
+dominates tiny arrays): no operation scans the pool.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from sortedcontainers import SortedDict, SortedList
+from sortedcontainers import SortedList
 
 from mempool.errors import (
     BlockNotAllocatedError,
@@ -35,6 +37,7 @@ from mempool.types import Blocks, IdArray, Tier, find_runs
 __all__ = ["AllocatorStats", "BlockAllocator"]
 
 AllocatorStats = dict[str, int]
+SMALL = 32  # calls on at most this many blocks take the plain-Python path
 
 
 class BlockAllocator:
@@ -54,7 +57,8 @@ class BlockAllocator:
         self.capacity = capacity
         self._owner = owner
         self._refs: npt.NDArray[np.int32] = np.zeros(capacity, dtype=np.int32)
-        self._by_start: SortedDict = SortedDict()
+        self._by_start: dict[int, int] = {}
+        self._by_end: dict[int, int] = {}
         self._by_len: SortedList = SortedList()
         self._num_free = capacity
         if capacity:
@@ -107,15 +111,19 @@ class BlockAllocator:
         if blocks.owner is not None and blocks.owner is not self._owner:
             raise ForeignBlockError(f"{blocks!r} was issued by another pool")
         ids = blocks.ids
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max())
+        n = ids.size
+        if n:
+            if n <= SMALL:
+                lst = ids.tolist()
+                lo, hi = min(lst), max(lst)
+            else:
+                lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.capacity:
                 bad = lo if lo < 0 else hi
                 raise InvalidBlockError(f"block id {bad} is outside {self.tier.value} tier [0, {self.capacity})")
-            if held:
+            if held and not self._refs[ids].all():
                 free = ids[self._refs[ids] == 0]
-                if free.size:
-                    raise BlockNotAllocatedError(f"{self.tier.value} blocks {free[:8].tolist()} are not allocated")
+                raise BlockNotAllocatedError(f"{self.tier.value} blocks {free[:8].tolist()} are not allocated")
         return ids
 
     # -- mutation --------------------------------------------------------------------------
@@ -141,6 +149,7 @@ class BlockAllocator:
             length, start = self._by_len[i]
             self._take(start, length, n)
             ids = np.arange(start, start + n, dtype=np.int64)
+            self._refs[start : start + n] = 1
         else:
             pieces: list[tuple[int, int]] = []
             need = n
@@ -152,7 +161,8 @@ class BlockAllocator:
                 need -= k
             pieces.sort()
             ids = np.concatenate([np.arange(s, s + k, dtype=np.int64) for s, k in pieces])
-        self._refs[ids] = 1
+            for s0, k in pieces:
+                self._refs[s0 : s0 + k] = 1
         self._num_free -= n
         return Blocks._trusted(self.tier, ids, self._owner)
 
@@ -165,6 +175,10 @@ class BlockAllocator:
         ids = self.validate(blocks, held=True)
         np.add.at(self._refs, ids, 1)
 
+    def _retain(self, ids: IdArray) -> None:
+        """``incref`` for ids the caller validated as held and distinct (the index's hot path)."""
+        self._refs[ids] += 1
+
     def free(self, blocks: Blocks) -> int:
         """Drop one reference to each block; blocks left with none become free.
 
@@ -176,16 +190,38 @@ class BlockAllocator:
         Complexity: O(n log n) vectorised, plus O(r log R) for r released runs.
         """
         ids = self.validate(blocks, held=False)
-        if ids.size == 0:
+        n = ids.size
+        if n == 0:
             return 0
-        uniq, counts = np.unique(ids, return_counts=True)
+        if n <= SMALL:
+            return self._free_small(ids)
+        step = np.diff(ids)
+        if (step == 1).all():  # one run, as alloc hands them out: slice arithmetic only
+            start = int(ids[0])
+            view = self._refs[start : start + n]
+            if not view.all():
+                raise DoubleFreeError(f"{self.tier.value} blocks {ids[view == 0][:8].tolist()} are not allocated")
+            view -= 1
+            zero = view == 0
+            if zero.all():
+                self._release_run(start, n)
+                self._num_free += n
+                return n
+            return self._release_sorted(ids[zero])
+        if (step > 0).all():
+            uniq, counts = ids, np.ones(1, dtype=np.int32)
+        else:
+            uniq, counts = np.unique(ids, return_counts=True)
         refs = self._refs[uniq]
         short = uniq[refs < counts]
         if short.size:
             raise DoubleFreeError(f"{self.tier.value} blocks {short[:8].tolist()} are freed more often than referenced")
         refs = refs - counts
         self._refs[uniq] = refs
-        released = uniq[refs == 0]
+        return self._release_sorted(uniq[refs == 0])
+
+    def _release_sorted(self, released: IdArray) -> int:
+        """Return ascending, already dereferenced ``released`` blocks to the free runs."""
         if released.size:
             starts, lengths = find_runs(released)
             for s, k in zip(starts.tolist(), lengths.tolist()):
@@ -193,13 +229,42 @@ class BlockAllocator:
             self._num_free += int(released.size)
         return int(released.size)
 
+    def _free_small(self, ids: IdArray) -> int:
+        lst = ids.tolist()
+        counts: dict[int, int] = {}
+        for b in lst:
+            counts[b] = counts.get(b, 0) + 1
+        uniq = sorted(counts)
+        refs = self._refs[uniq].tolist()
+        short = [b for b, r in zip(uniq, refs) if r < counts[b]]
+        if short:
+            raise DoubleFreeError(f"{self.tier.value} blocks {short[:8]} are freed more often than referenced")
+        released = []
+        for b, r in zip(uniq, refs):
+            left = r - counts[b]
+            self._refs[b] = left
+            if left == 0:
+                released.append(b)
+        if released:
+            start = prev = released[0]
+            for b in released[1:]:
+                if b != prev + 1:
+                    self._release_run(start, prev + 1 - start)
+                    start = b
+                prev = b
+            self._release_run(start, prev + 1 - start)
+            self._num_free += len(released)
+        return len(released)
+
     # -- extents ---------------------------------------------------------------------------
     def _add_run(self, start: int, length: int) -> None:
         self._by_start[start] = length
+        self._by_end[start + length] = start
         self._by_len.add((length, start))
 
     def _drop_run(self, start: int, length: int) -> None:
         del self._by_start[start]
+        del self._by_end[start + length]
         self._by_len.remove((length, start))
 
     def _take(self, start: int, length: int, k: int) -> None:
@@ -215,13 +280,11 @@ class BlockAllocator:
         if right is not None:
             self._drop_run(end, right)
             length += right
-        i = self._by_start.bisect_left(start) - 1
-        if i >= 0:
-            lstart = self._by_start.peekitem(i)[0]
-            llen = self._by_start[lstart]
-            if lstart + llen == start:
-                self._drop_run(lstart, llen)
-                start, length = lstart, llen + length
+        lstart = self._by_end.get(start)
+        if lstart is not None:
+            llen = start - lstart
+            self._drop_run(lstart, llen)
+            start, length = lstart, llen + length
         self._add_run(start, length)
 
     # -- invariants ------------------------------------------------------------------------
@@ -233,7 +296,7 @@ class BlockAllocator:
         free_mask = np.zeros(self.capacity, dtype=bool)
         prev_end = -1
         total = 0
-        for start, length in self._by_start.items():
+        for start, length in sorted(self._by_start.items()):
             assert length > 0, (start, length)
             assert start > prev_end, f"run {start} overlaps or touches the previous run ending {prev_end}"
             free_mask[start : start + length] = True
@@ -241,6 +304,7 @@ class BlockAllocator:
             total += length
         assert prev_end <= self.capacity, prev_end
         assert sorted(self._by_len) == sorted((v, k) for k, v in self._by_start.items())
+        assert self._by_end == {k + v: k for k, v in self._by_start.items()}
         assert total == self._num_free, (total, self._num_free)
         assert np.array_equal(free_mask, refs == 0), "free runs disagree with refcounts"
         assert self._num_free + int((refs > 0).sum()) == self.capacity

@@ -1,6 +1,6 @@
 """Token validation and the byte keys the radix tree compares.
 
-Tokens become one ``bytes`` object of little-endian int32 values: a block of ``block_size``
+Tokens become one ``bytes`` object of native int32 values: a block of ``block_size``
 tokens is a slice of ``4 * block_size`` bytes. Python hashes and compares bytes in C (hash
 cached, equality is memcmp), so lookups are exact (no hash-collision risk) and cost one dict
 probe per edge, not per token.
@@ -8,6 +8,7 @@ probe per edge, not per token.
 
 from __future__ import annotations
 
+import array
 from typing import Any
 
 import numpy as np
@@ -29,19 +30,23 @@ def encode_tokens(tokens: Any) -> bytes:
 
     Raises:
         InvalidTokensError: with the reason.
-    Complexity: O(n), vectorised (the conversion of a Python list costs ~12 ns per token).
+    Complexity: O(n) in C (a Python list converts at ~13 ns per token, an array at ~1 ns).
     """
+    if isinstance(tokens, (list, tuple, range)):
+        # array('i') converts in C and refuses floats, strings and ints beyond int32 by itself.
+        try:
+            packed = array.array("i", tokens)
+        except (TypeError, OverflowError) as exc:
+            raise InvalidTokensError(f"tokens must be a flat sequence of ints in [0, 2**31): {exc}") from exc
+        if packed and min(np.frombuffer(packed, dtype=np.int32).min(), 0) < 0:
+            raise InvalidTokensError("token ids must be in [0, 2**31), got a negative id")
+        return packed.tobytes()
     if isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise InvalidTokensError(f"tokens must be integers, got a {tokens.dtype} tensor")
         arr = tokens.detach().to("cpu").numpy()
     elif isinstance(tokens, np.ndarray):
         arr = tokens
-    elif isinstance(tokens, (list, tuple, range)):
-        try:
-            arr = np.asarray(tokens)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidTokensError(f"tokens must be a flat sequence of ints: {exc}") from exc
     else:
         raise InvalidTokensError(f"tokens must be a list, tuple, array or tensor of ints, got {type(tokens).__name__}")
     if arr.ndim != 1:
@@ -53,14 +58,12 @@ def encode_tokens(tokens: Any) -> bytes:
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi > MAX_TOKEN:
         raise InvalidTokensError(f"token ids must be in [0, 2**31), got {lo if lo < 0 else hi}")
-    if arr.dtype != np.int32:
-        arr = arr.astype(np.int32)
-    return arr.astype("<i4", copy=False).tobytes()
+    return arr.astype(np.int32, copy=False).tobytes()
 
 
 def decode_key(key: bytes) -> list[int]:
     """The token ids a key holds (for display and tests)."""
-    return np.frombuffer(key, dtype="<i4").tolist()
+    return np.frombuffer(key, dtype=np.int32).tolist()
 
 
 def common_prefix_tokens(a: bytes, b: bytes) -> int:
@@ -68,6 +71,6 @@ def common_prefix_tokens(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n // TOKEN_BYTES
-    x = np.frombuffer(a, dtype="<i4", count=n // TOKEN_BYTES)
-    y = np.frombuffer(b, dtype="<i4", count=n // TOKEN_BYTES)
+    x = np.frombuffer(a, dtype=np.int32, count=n // TOKEN_BYTES)
+    y = np.frombuffer(b, dtype=np.int32, count=n // TOKEN_BYTES)
     return int(np.flatnonzero(x != y)[0])

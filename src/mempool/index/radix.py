@@ -120,7 +120,7 @@ class RadixIndex:
             if self._where[tier][fresh].any():
                 taken = fresh[self._where[tier][fresh] != 0]
                 raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
-            if np.unique(fresh).size != fresh.size:
+            if not (np.diff(fresh) > 0).all() and np.unique(fresh).size != fresh.size:
                 raise BlockInUseError("the same block is given for two positions")
         # -- validated: mutations below cannot fail --
         self._clock += 1
@@ -423,9 +423,8 @@ class RadixIndex:
 
     def _attach(self, node: Node, tier: Tier, ids: IdArray, *, adopt: bool) -> None:
         """Make ``ids`` the node's copy on ``tier``; ``adopt`` takes over the caller's reference."""
-        alloc = self._alloc_of(tier)
-        if not adopt:
-            alloc.incref(Blocks._trusted(tier, ids, None))
+        if not adopt:  # ids were validated as held and distinct by the caller
+            self._alloc_of(tier)._retain(ids)
         if tier is Tier.DEVICE:
             assert node.device is None, node
             node.device = ids

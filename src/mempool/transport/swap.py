@@ -35,7 +35,9 @@ class CopyJob(Protocol):
         ...
 
 
-class _DoneJob:
+class DoneJob:
+    """A copy that has already landed."""
+
     def done(self) -> bool:
         return True
 
@@ -82,7 +84,10 @@ class SwapEngine:
 
     def copy(self, src_tier: Tier, src_ids: IdArray, dst_tier: Tier, dst_ids: IdArray) -> None:
         """Copy blocks pairwise and return when the data has landed."""
-        self.copy_async(src_tier, src_ids, dst_tier, dst_ids).wait()
+        if self._stream is None:  # on CPU the calling thread copies: no hand-off to the worker
+            copy_blocks(self._storages[src_tier], src_ids, self._storages[dst_tier], dst_ids)
+        else:
+            self.copy_async(src_tier, src_ids, dst_tier, dst_ids).wait()
 
     def copy_async(self, src_tier: Tier, src_ids: IdArray, dst_tier: Tier, dst_ids: IdArray) -> CopyJob:
         """Start copying blocks pairwise; the returned job says when the data has landed.
@@ -92,7 +97,7 @@ class SwapEngine:
         """
         src, dst = self._storages[src_tier], self._storages[dst_tier]
         if len(src_ids) == 0:
-            return _DoneJob()
+            return DoneJob()
         if self._stream is not None:
             stream = self._stream
             stream.wait_stream(torch.cuda.current_stream(src.device if src.device.type == "cuda" else dst.device))
