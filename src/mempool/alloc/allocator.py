@@ -59,7 +59,7 @@ class BlockAllocator:
         self._refs: npt.NDArray[np.int32] = np.zeros(capacity, dtype=np.int32)
         self._by_start: dict[int, int] = {}
         self._by_end: dict[int, int] = {}
-        self._by_len: SortedList = SortedList()
+        self._by_len: SortedList[tuple[int, int]] = SortedList()
         self._num_free = capacity
         if capacity:
             self._add_run(0, capacity)
@@ -209,7 +209,7 @@ class BlockAllocator:
                 return n
             return self._release_sorted(ids[zero])
         if (step > 0).all():
-            uniq, counts = ids, np.ones(1, dtype=np.int32)
+            uniq, counts = ids, np.ones(1, dtype=np.int64)
         else:
             uniq, counts = np.unique(ids, return_counts=True)
         refs = self._refs[uniq]

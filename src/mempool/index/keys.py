@@ -63,7 +63,7 @@ def encode_tokens(tokens: Any) -> bytes:
 
 def decode_key(key: bytes) -> list[int]:
     """The token ids a key holds (for display and tests)."""
-    return np.frombuffer(key, dtype=np.int32).tolist()
+    return [int(t) for t in np.frombuffer(key, dtype=np.int32)]
 
 
 def common_prefix_tokens(a: bytes, b: bytes) -> int:

@@ -81,6 +81,9 @@ class RadixIndex:
             Tier.DEVICE: CandidateHeap(0, policy_obj, _device_candidate),
             Tier.HOST: CandidateHeap(1, policy_obj, _host_candidate),
         }
+        self._empty = {
+            t: Blocks._trusted(t, _EMPTY, a._owner if a is not None else None) for t, a in self._alloc.items()
+        }
         self.counters = {"inserted": 0, "demoted": 0, "promoted": 0, "dropped_device": 0, "dropped_host": 0}
 
     # -- public API ------------------------------------------------------------------------
@@ -350,8 +353,10 @@ class RadixIndex:
         return any(self._nodes[u].lock for u in uids.tolist() if u)
 
     def _blocks(self, tier: Tier, parts: list[IdArray]) -> Blocks:
-        ids = np.concatenate(parts) if parts else _EMPTY
+        if not parts:
+            return self._empty[tier]
         alloc = self._alloc[tier]
+        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return Blocks._trusted(tier, ids, alloc._owner if alloc is not None else None)
 
     def _walk(self, root: Node | None, key: bytes, nb: int) -> tuple[list[tuple[Node, int, int]], int]:

@@ -61,7 +61,7 @@ class _EventJob:
         self._event = event
 
     def done(self) -> bool:
-        return bool(self._event.query())
+        return bool(self._event.query())  # type: ignore[no-untyped-call]
 
     def wait(self) -> None:
         self._event.synchronize()
@@ -78,7 +78,7 @@ class SwapEngine:
         self._storages = storages
         device = storages[Tier.DEVICE].device
         self._cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device=device) if self._cuda else None
+        self._stream = torch.cuda.Stream(device=device) if self._cuda else None  # type: ignore[no-untyped-call]
         self._executor: ThreadPoolExecutor | None = None
         self._executor_lock = threading.Lock()
 
@@ -103,7 +103,7 @@ class SwapEngine:
             stream.wait_stream(torch.cuda.current_stream(src.device if src.device.type == "cuda" else dst.device))
             with torch.cuda.stream(stream):
                 copy_blocks(src, src_ids, dst, dst_ids, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 event.record(stream)
             return _EventJob(event)
         return _FutureJob(self._pool().submit(copy_blocks, src, src_ids, dst, dst_ids))
