@@ -9,6 +9,7 @@ import torch
 from mempool.alloc import storage as storage_mod
 from mempool.alloc.storage import KVStorage, copy_blocks
 from mempool.config import KVLayout
+from mempool.errors import LayoutMismatchError
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32")
 
@@ -87,7 +88,7 @@ def test_copy_blocks_rejects_mismatch() -> None:
     other = KVStorage(
         KVLayout(num_layers=1, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32"), 4, torch.device("cpu")
     )
-    with pytest.raises(ValueError, match="layouts differ"):
+    with pytest.raises(LayoutMismatchError, match="layouts differ"):
         copy_blocks(a, np.array([1]), other, np.array([0]))
     with pytest.raises(ValueError, match="expected"):
         a.scatter(np.array([1]), torch.zeros(2, *LAYOUT.block_shape))

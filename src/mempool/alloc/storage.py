@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mempool.config import KVLayout
+from mempool.errors import LayoutMismatchError
 from mempool.types import IdArray
 
 __all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks"]
@@ -123,7 +124,7 @@ def copy_blocks(
     if len(src_ids) != len(dst_ids):
         raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
     if src.layout != dst.layout:
-        raise ValueError("source and destination layouts differ")
+        raise LayoutMismatchError(f"layouts differ: {src.layout.describe()} vs {dst.layout.describe()}")
     _copy_runs(src.flat, src_ids, dst.flat, dst_ids, non_blocking=non_blocking, staging=dst)
 
 

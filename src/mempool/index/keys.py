@@ -55,7 +55,8 @@ def encode_tokens(tokens: Any) -> bytes:
         return b""
     if arr.dtype.kind not in "iu":
         raise InvalidTokensError(f"tokens must be integers, got dtype {arr.dtype}")
-    lo, hi = int(arr.min()), int(arr.max())
+    lo = int(arr.min())
+    hi = int(arr.max()) if arr.dtype.itemsize > 4 or arr.dtype.kind == "u" else 0  # int32 cannot exceed
     if lo < 0 or hi > MAX_TOKEN:
         raise InvalidTokensError(f"token ids must be in [0, 2**31), got {lo if lo < 0 else hi}")
     return arr.astype(np.int32, copy=False).tobytes()

@@ -123,7 +123,7 @@ class RadixIndex:
             if self._where[tier][fresh].any():
                 taken = fresh[self._where[tier][fresh] != 0]
                 raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
-            if not (np.diff(fresh) > 0).all() and np.unique(fresh).size != fresh.size:
+            if not (fresh[1:] > fresh[:-1]).all() and np.unique(fresh).size != fresh.size:
                 raise BlockInUseError("the same block is given for two positions")
         # -- validated: mutations below cannot fail --
         self._clock += 1
@@ -149,7 +149,8 @@ class RadixIndex:
             touched.append(leaf)
         for node in touched:
             node.stamp = self._clock
-            self._offer(node)
+            if node.dev_children == 0 or node.host is not None:  # else it cannot be a candidate
+                self._offer(node)
         self._offer(parent)
         self.counters["inserted"] += added
         return added
