@@ -17,7 +17,7 @@ test: $(STAMP)  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## API benchmarks against baselines, with ratio tables
-	$(BIN)/python -m pytest benchmarks --benchmark-enable -q -s -p no:doctest
+	$(BIN)/python -m pytest benchmarks --benchmark-enable -q -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

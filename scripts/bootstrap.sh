@@ -2,12 +2,13 @@
 # Create the project's virtual environment and install mempool with its dev tools.
 # On a machine without CUDA, torch comes from torch==2.13.0 (a CPU wheel; any other spec pulls
 # several GB of CUDA packages). Where the system Python already has a CUDA torch, the venv sees
-# it (--system-site-packages) and keeps it.
+# it (--system-site-packages) and keeps it. The ucx extra is installed too, so both transport
+# backends are tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,ucx}
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KVLayout", "PoolConfig"]
+__all__ = ["KVLayout", "PoolConfig", "TransportConfig"]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -153,3 +153,61 @@ class PoolConfig:
     def torch_device(self) -> torch.device:
         """The device tier's torch device."""
         return torch.device(self.device)
+
+
+_BACKENDS = ("ucx", "torch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportConfig:
+    """How a pool talks to other pools (see ``docs/transport.md``).
+
+    Args:
+        name: this pool's peer name (what other pools call it).
+        secret: shared secret of the deployment (at least 16 bytes); only its HMAC ever travels.
+        backend: data plane: ``"ucx"`` (ucxx; the ``ucx`` extra) or ``"torch"`` (torch.distributed:
+            gloo on CPU, NCCL for CUDA tiers).
+        host: address the control listener binds (loopback unless told otherwise).
+        port: control port; 0 picks a free one.
+        deadline_s: the longest any single wait of a transfer may take.
+        receipt_ttl_s: received blocks nobody claimed are freed after this long.
+        chunk_bytes: largest data message; larger runs are split (and pipelined).
+        heartbeat_s: interval of liveness probes on idle connections.
+        ucx_shared_memory: let UCX use shared memory with peer-failure detection kept on
+            (UCX ``MM_ERROR_HANDLING``); off means TCP only.
+    """
+
+    name: str
+    secret: bytes | str
+    backend: str = "ucx"
+    host: str = "127.0.0.1"
+    port: int = 0
+    deadline_s: float = 30.0
+    receipt_ttl_s: float = 60.0
+    chunk_bytes: int = 8 << 20
+    heartbeat_s: float = 1.0
+    ucx_shared_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 128:
+            raise ValueError(f"name must be a non-empty str of at most 128 chars, got {self.name!r}")
+        secret = self.secret.encode() if isinstance(self.secret, str) else self.secret
+        if not isinstance(secret, bytes) or len(secret) < 16:
+            raise ValueError("secret must be bytes or str of at least 16 bytes")
+        object.__setattr__(self, "secret", secret)
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be an address, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
+            raise ValueError(f"port must be an int in [0, 65536), got {self.port!r}")
+        for name in ("deadline_s", "receipt_ttl_s", "heartbeat_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        _positive_int("chunk_bytes", self.chunk_bytes)
+        if not isinstance(self.ucx_shared_memory, bool):
+            raise ValueError(f"ucx_shared_memory must be a bool, got {self.ucx_shared_memory!r}")
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"TransportConfig(name={self.name!r}, backend={self.backend!r}, host={self.host!r}, port={self.port})"

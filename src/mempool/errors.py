@@ -85,3 +85,31 @@ class HandleReleasedError(MemPoolError):
 
 class LayoutMismatchError(InvalidArgumentError):
     """Two KV layouts (layers, heads, head_dim, dtype, block_size) differ where they must agree."""
+
+
+class UnknownPeerError(InvalidArgumentError):
+    """No connected peer has that name."""
+
+
+class TransferError(MemPoolError):
+    """A transfer between pools failed; on both sides nothing of it remains (no blocks, no index entries)."""
+
+
+class PeerLostError(TransferError):
+    """The peer closed, crashed or stopped answering heartbeats."""
+
+
+class TransferTimeoutError(TransferError):
+    """A wait of the transfer ran past its deadline (the link to the peer is torn down)."""
+
+
+class HandshakeError(TransferError):
+    """The peers could not agree to connect (protocol, backend or layout)."""
+
+
+class AuthenticationError(HandshakeError):
+    """The peer does not know the shared secret (or we do not know its)."""
+
+
+class BackendUnavailableError(MemPoolError, ImportError):
+    """The transport backend's optional dependency is missing; the message names the extra to install."""

@@ -10,10 +10,12 @@ import torch
 
 from mempool.alloc.allocator import BlockAllocator
 from mempool.alloc.storage import KVStorage
-from mempool.config import PoolConfig
+from mempool.config import PoolConfig, TransportConfig
 from mempool.errors import BlockLockedError, InvalidArgumentError, TierUnavailableError, WrongTierError
+from mempool.index.keys import encode_tokens
 from mempool.index.match import Match
 from mempool.index.radix import RadixIndex
+from mempool.transport.agent import TransferAgent, TransferResult, check_namespace
 from mempool.transport.handles import SwapHandle
 from mempool.transport.swap import CopyJob, DoneJob, SwapEngine
 from mempool.types import Blocks, Tier
@@ -76,6 +78,7 @@ class MemPool:
             policy=config.eviction,
             guard=self._lock,
         )
+        self._agent: TransferAgent | None = None
 
     # -- memory ----------------------------------------------------------------------------
     def alloc(self, n: int, tier: Tier | str = Tier.DEVICE) -> Blocks | None:
@@ -201,6 +204,111 @@ class MemPool:
         with self._lock:
             self._alloc[blocks.tier].free(blocks)
 
+    # -- transfer between pools ------------------------------------------------------------
+    def serve(self, transport: TransportConfig) -> tuple[str, int]:
+        """Start this pool's transfer agent; returns the control address ``(host, port)``.
+
+        Raises:
+            InvalidArgumentError: already serving. BackendUnavailableError: the backend's extra
+            is not installed.
+        """
+        if not isinstance(transport, TransportConfig):
+            raise InvalidArgumentError(f"transport must be a TransportConfig, got {type(transport).__name__}")
+        with self._lock:
+            if self._agent is not None:
+                raise InvalidArgumentError("this pool is serving already")
+            agent = TransferAgent(self, transport)
+            self._agent = agent
+        try:
+            return agent.start()
+        except BaseException:
+            with self._lock:
+                self._agent = None
+            raise
+
+    def connect(self, name: str, host: str, port: int) -> None:
+        """Connect to the pool called ``name`` listening at ``host:port`` (mutual authentication).
+
+        Raises:
+            AuthenticationError (secret), LayoutMismatchError (KV layout), HandshakeError,
+            PeerLostError (unreachable).
+        """
+        self._transport().connect(name, host, port)
+
+    def disconnect(self, name: str) -> None:
+        """Close the connection to peer ``name`` (its in-flight transfers fail cleanly)."""
+        self._transport().disconnect(name)
+
+    def peers(self) -> dict[str, str]:
+        """Connected peers: name -> incarnation (a restarted peer has a new one)."""
+        return {} if self._agent is None else self._agent.peers()
+
+    def transfer(self, peer: str, blocks: Blocks, *, key: str) -> TransferResult | None:
+        """Copy ``blocks`` into ``peer``'s device tier, held there under ``key`` until claimed.
+
+        The receiver allocates, the bytes land in its KV storage, it confirms; then ``peer``'s
+        ``claim(key)`` hands them over (unclaimed, they are freed after the receipt TTL). The
+        blocks stay referenced (locked) here until this returns, either way.
+
+        Returns:
+            what moved; ``None`` when the receiver has no room (back-pressure).
+        Raises:
+            UnknownPeerError, InvalidArgumentError (bad key), BlockNotAllocatedError and the
+            other block errors, TransferError (peer lost, deadline passed, refused).
+        """
+        if not isinstance(key, str) or not key or len(key) > 256:
+            raise InvalidArgumentError(f"key must be a non-empty str of at most 256 chars, got {key!r}")
+        agent = self._transport()
+        self.share(blocks)  # validates, and locks the blocks for the transfer
+        try:
+            return agent.transfer(peer, blocks.ids, blocks.tier, key, None, None)
+        finally:
+            self.free(blocks)
+
+    def transfer_with_insert(
+        self, peer: str, tokens: Any, blocks: Blocks, namespace: Hashable = None
+    ) -> TransferResult | None:
+        """Send the KV of ``tokens``' first ``len(blocks)`` blocks to ``peer`` and cache it there.
+
+        The receiver first matches the prefix it already caches (``skipped_blocks``), so only
+        the missing blocks travel; it inserts them only after every byte has landed.
+
+        Returns:
+            what moved; ``None`` when the receiver has no room (back-pressure).
+        Raises:
+            InvalidTokensError, InvalidArgumentError (more blocks than full token blocks, or a
+            namespace that is not None/str/int), the block errors, UnknownPeerError, TransferError.
+        """
+        key = encode_tokens(tokens)
+        check_namespace(namespace)
+        n = len(blocks) if isinstance(blocks, Blocks) else 0
+        if n * self.config.block_size * 4 > len(key):
+            raise InvalidArgumentError(f"{n} blocks need {n * self.config.block_size} tokens, got {len(key) // 4}")
+        agent = self._transport()
+        self.share(blocks)
+        try:
+            return agent.transfer(peer, blocks.ids, blocks.tier, None, key[: n * self.config.block_size * 4], namespace)
+        finally:
+            self.free(blocks)
+
+    def claim(self, key: str) -> Blocks | None:
+        """Take the blocks a peer transferred under ``key`` (``None`` if none or expired).
+
+        The caller then owns one reference to each block and frees them as usual.
+        """
+        agent = self._transport()
+        return agent.claim(key)
+
+    def transport_stats(self) -> dict[str, int]:
+        """Transfers, blocks, bytes and messages sent and received, failures, refusals, expiries."""
+        return {} if self._agent is None else dict(self._agent.stats)
+
+    def _transport(self) -> TransferAgent:
+        agent = self._agent
+        if agent is None:
+            raise InvalidArgumentError("this pool is not serving: call serve(TransportConfig(...)) first")
+        return agent
+
     # -- storage for engines ---------------------------------------------------------------
     def kv(self, tier: Tier | str = Tier.DEVICE) -> torch.Tensor:
         """The tier's KV tensor ``[blocks, layers, 2, block_size, kv_heads, head_dim]`` (shared, not a copy)."""
@@ -232,7 +340,10 @@ class MemPool:
             self.index.check_invariants()
 
     def close(self) -> None:
-        """Stop background copy workers (the pool stays usable; they restart on demand)."""
+        """Stop the transfer agent (if serving) and background copy workers."""
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
         self._swap.close()
 
     # -- helpers ---------------------------------------------------------------------------

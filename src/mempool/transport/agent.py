@@ -1,0 +1,643 @@
+"""The transfer agent: a pool's connection to other pools.
+
+One asyncio loop on a daemon thread runs the control listener, one reader per peer, heartbeats,
+receipt expiry and both halves of every transfer. A transfer of ``n`` blocks::
+
+    sender                                   receiver
+    share(blocks)  (the transfer's lock)
+    begin {xid, n, key | tokens}      --->   match(tokens) -> k cached; alloc(n - k)
+                                      <---   ready {skip: k, segments}   (or fail {no_space})
+    per segment: storage view, or a          per segment: receive into its KV storage
+      gather into staging; one message  ==>    (or staging, then one scatter)
+                                             insert(tokens, cached + new) | receipt[key]
+                                      <---   done {skipped, received}
+    free(shared reference)
+
+Any failure (peer closed, crashed, stalled past the deadline, protocol error) tears the whole
+link down first, so no late byte can land in a block that is then freed, and the receiver frees
+what it allocated for unfinished transfers and indexes nothing. A peer that comes back is a new
+incarnation and must connect again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Coroutine, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from mempool.alloc.storage import KVStorage
+from mempool.config import PoolConfig, TransportConfig
+from mempool.errors import (
+    AuthenticationError,
+    HandshakeError,
+    InvalidArgumentError,
+    LayoutMismatchError,
+    MemPoolError,
+    PeerLostError,
+    TransferError,
+    TransferTimeoutError,
+    UnknownPeerError,
+)
+from mempool.index.match import Match
+from mempool.transport import auth
+from mempool.transport.links import DataBackend, Link, make_backend
+from mempool.transport.plan import plan_segments, segment_tag
+from mempool.transport.wire import Channel, ChannelClosed, pack_bytes, unpack_bytes
+from mempool.types import Blocks, IdArray, Tier
+
+__all__ = ["PoolOps", "TransferAgent", "TransferResult"]
+
+log = logging.getLogger("mempool.transport")
+T = TypeVar("T")
+PROTOCOL = 1
+
+
+class PoolOps(Protocol):
+    """What the agent needs of its pool (``MemPool`` provides it)."""
+
+    config: PoolConfig
+
+    def alloc(self, n: int, tier: Tier = ...) -> Blocks | None: ...
+    def free(self, blocks: Blocks) -> int: ...
+    def match(self, tokens: Any, namespace: Hashable = ..., *, promote: bool = ...) -> Match: ...
+    def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> int: ...
+    def storage(self, tier: Tier = ...) -> KVStorage: ...
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a finished transfer did."""
+
+    peer: str
+    sent_blocks: int  # blocks whose bytes travelled
+    skipped_blocks: int  # blocks the receiver had cached already (transfer_with_insert)
+    bytes: int
+    messages: int  # data-plane sends (one per run or staged chunk; never per block or layer)
+    seconds: float
+
+
+@dataclass(eq=False)
+class _Peer:
+    name: str
+    incarnation: str
+    channel: Channel
+    link: Link
+    waiting: dict[int, asyncio.Queue[dict[str, Any]]] = field(default_factory=dict)
+    serving: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    alive: bool = True
+
+
+class TransferAgent:
+    """Connects a pool to named peers and moves KV blocks to and from them."""
+
+    def __init__(self, pool: PoolOps, config: TransportConfig) -> None:
+        self._pool = pool
+        self.config = config
+        self.name = config.name
+        self.incarnation = secrets.token_hex(8)
+        self._secret = config.secret if isinstance(config.secret, bytes) else config.secret.encode()
+        self._layout = pool.config.layout.describe()
+        self._block_size = pool.config.block_size
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"mempool-agent-{self.name}", daemon=True)
+        self._peers: dict[str, _Peer] = {}
+        self._receipts: dict[str, tuple[Blocks, float]] = {}
+        self._receipts_lock = threading.Lock()
+        self._xid = itertools.count(1)
+        self._staging: list[torch.Tensor] = []
+        self._backend: DataBackend | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.address: tuple[str, int] | None = None
+        #: fault-injection hook for tests: pause after each data message this agent sends
+        self.segment_delay_s = 0.0
+        self.refusals: list[str] = []
+        self.stats = dict.fromkeys(
+            (
+                "sent",
+                "received",
+                "blocks_sent",
+                "blocks_received",
+                "blocks_skipped",
+                "bytes_sent",
+                "bytes_received",
+                "messages_sent",
+                "failed",
+                "refused",
+                "receipts_expired",
+            ),
+            0,
+        )
+
+    # -- life cycle (any thread) ------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Start listening; returns the control address ``(host, port)``."""
+        self._thread.start()
+        self.address = self._call(self._start(), 30.0)
+        return self.address
+
+    def close(self) -> None:
+        """Say goodbye to every peer, free unclaimed receipts and stop the loop thread."""
+        if not self._thread.is_alive():
+            return
+        try:
+            self._call(self._close(), 10.0)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10.0)
+        with self._receipts_lock:
+            receipts, self._receipts = self._receipts, {}
+        for blocks, _ in receipts.values():
+            self._pool.free(blocks)
+
+    def peers(self) -> dict[str, str]:
+        """Connected peers: name -> incarnation."""
+        return {p.name: p.incarnation for p in list(self._peers.values()) if p.alive}
+
+    def connect(self, name: str, host: str, port: int) -> None:
+        """Handshake with the pool listening at ``host:port``, which must call itself ``name``.
+
+        Raises:
+            AuthenticationError, LayoutMismatchError, HandshakeError, TransferError (unreachable).
+        """
+        self._call(self._connect(name, host, port), self.config.deadline_s + 5)
+
+    def disconnect(self, name: str) -> None:
+        peer = self._peer(name)
+        self._call(self._drop(peer, PeerLostError(f"disconnected from {name}"), goodbye=True), 10.0)
+
+    def transfer(
+        self, peer: str, ids: IdArray, tier: Tier, key: str | None, tokens: bytes | None, namespace: Hashable
+    ) -> TransferResult | None:
+        """Send blocks ``ids`` of ``tier`` (the caller holds a reference on each until this returns)."""
+        target = self._peer(peer)
+        budget = self.config.deadline_s * (3 + len(ids) // 256)
+        return self._call(self._send(target, ids, tier, key, tokens, namespace), budget)
+
+    def claim(self, key: str) -> Blocks | None:
+        """Take the blocks received under ``key``; the caller then owns one reference to each."""
+        with self._receipts_lock:
+            entry = self._receipts.pop(key, None)
+        return None if entry is None else entry[0]
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("agent calls must not come from the agent's own thread")
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise TransferTimeoutError(f"no answer within {timeout:.0f} s") from None
+
+    def _peer(self, name: str) -> _Peer:
+        peer = self._peers.get(name)
+        if peer is None or not peer.alive:
+            raise UnknownPeerError(f"no connected peer named {name!r} (connected: {sorted(self.peers())})")
+        return peer
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _take_staging(self, rows: int, like: KVStorage) -> torch.Tensor:
+        for i, buf in enumerate(self._staging):
+            if buf.shape[0] >= rows and buf.device == like.device and buf.shape[1] == like.flat.shape[1]:
+                return self._staging.pop(i)
+        return torch.empty((rows, like.flat.shape[1]), dtype=like.flat.dtype, device=like.device)
+
+    def _give_staging(self, buf: torch.Tensor) -> None:
+        if len(self._staging) < 4:
+            self._staging.append(buf)
+
+    def _chunk_blocks(self) -> int:
+        return max(1, self.config.chunk_bytes // self._pool.config.layout.block_bytes)
+
+    # -- start / stop (agent thread) ---------------------------------------------------------
+    async def _start(self) -> tuple[str, int]:
+        cfg = self.config
+        self._backend = make_backend(
+            cfg.backend, device=self._pool.storage(Tier.DEVICE).device, shared_memory=cfg.ucx_shared_memory
+        )
+        self._data_info = await self._backend.start(cfg.host)
+        self._server = await asyncio.start_server(self._accept, cfg.host, cfg.port)
+        port = int(self._server.sockets[0].getsockname()[1])
+        self._spawn(self._housekeeping())
+        log.info("agent %s listening on %s:%d (%s)", self.name, cfg.host, port, cfg.backend)
+        return cfg.host, port
+
+    async def _close(self) -> None:
+        for peer in list(self._peers.values()):
+            await self._drop(peer, PeerLostError(f"{self.name} is shutting down"), goodbye=True)
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._backend is not None:
+            await self._backend.close()
+
+    # -- handshake ---------------------------------------------------------------------------
+    def _refuse_reason(self, hello: dict[str, Any]) -> tuple[str, str] | None:
+        if hello.get("type") != "hello" or hello.get("version") != PROTOCOL:
+            return "protocol", f"unsupported protocol {hello.get('version')!r}"
+        if hello.get("backend") != self.config.backend:
+            return "backend", f"backend {hello.get('backend')!r} != {self.config.backend!r}"
+        if hello.get("layout") != self._layout:
+            return "layout", f"KV layout {hello.get('layout')} != {self._layout}"
+        if not isinstance(hello.get("name"), str) or not isinstance(hello.get("nonce"), str):
+            return "protocol", "hello without name or nonce"
+        return None
+
+    def _record_refusal(self, who: str, why: str) -> None:
+        self.stats["refused"] += 1
+        self.refusals = [*self.refusals[-31:], f"{who}: {why}"]
+        log.warning("agent %s refused %s: %s", self.name, who, why)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        channel = Channel(reader, writer)
+        timeout = self.config.deadline_s
+        try:
+            hello = await asyncio.wait_for(channel.recv(), timeout)
+            refused = self._refuse_reason(hello)
+            if refused is not None:
+                await channel.send({"type": "refuse", "code": refused[0], "reason": refused[1]})
+                self._record_refusal(channel.peer_address, refused[1])
+                return await channel.close()
+            client, client_nonce = hello["name"], hello["nonce"]
+            nonce, conn_id = auth.new_nonce(), secrets.token_hex(16)
+            mac = auth.proof(self._secret, "server", client_nonce, nonce, client, self.name)
+            await channel.send(
+                {
+                    "type": "challenge",
+                    "name": self.name,
+                    "incarnation": self.incarnation,
+                    "nonce": nonce,
+                    "proof": mac,
+                    "conn_id": conn_id,
+                    "data": self._data_info,
+                }
+            )
+            answer = await asyncio.wait_for(channel.recv(), timeout)
+            if answer.get("type") != "auth" or not auth.verify(
+                self._secret, answer.get("proof"), "client", client_nonce, nonce, client, self.name
+            ):
+                why = (
+                    answer.get("reason", "wrong shared secret")
+                    if answer.get("type") == "refuse"
+                    else "wrong shared secret"
+                )
+                if answer.get("type") != "refuse":
+                    await channel.send({"type": "refuse", "code": "auth", "reason": "authentication failed"})
+                self._record_refusal(f"{client}@{channel.peer_address}", str(why))
+                return await channel.close()
+            assert self._backend is not None
+            accepting = asyncio.ensure_future(self._backend.accept(conn_id, timeout))
+            await channel.send({"type": "welcome"})
+            link = await accepting
+            await self._register(client, str(hello.get("incarnation")), channel, link)
+        except (ChannelClosed, asyncio.TimeoutError, MemPoolError, OSError) as exc:
+            log.info("agent %s: handshake from %s failed: %s", self.name, channel.peer_address, exc)
+            await channel.close()
+
+    async def _connect(self, name: str, host: str, port: int) -> None:
+        timeout = self.config.deadline_s
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PeerLostError(f"cannot reach {name} at {host}:{port}: {exc}") from exc
+        channel = Channel(reader, writer)
+        try:
+            nonce = auth.new_nonce()
+            await channel.send(
+                {
+                    "type": "hello",
+                    "version": PROTOCOL,
+                    "name": self.name,
+                    "incarnation": self.incarnation,
+                    "backend": self.config.backend,
+                    "layout": self._layout,
+                    "nonce": nonce,
+                }
+            )
+            challenge = await asyncio.wait_for(channel.recv(), timeout)
+            if challenge.get("type") == "refuse":
+                code, reason = challenge.get("code"), str(challenge.get("reason"))
+                error = (
+                    LayoutMismatchError
+                    if code == "layout"
+                    else AuthenticationError
+                    if code == "auth"
+                    else HandshakeError
+                )
+                raise error(f"{name} at {host}:{port} refused: {reason}")
+            server = challenge.get("name")
+            if challenge.get("type") != "challenge" or server != name:
+                raise HandshakeError(f"{host}:{port} is {server!r}, not {name!r}")
+            if not auth.verify(
+                self._secret,
+                challenge.get("proof"),
+                "server",
+                nonce,
+                str(challenge.get("nonce")),
+                self.name,
+                name,
+            ):
+                await channel.send({"type": "refuse", "code": "auth", "reason": "server failed authentication"})
+                self._record_refusal(f"{name}@{host}:{port}", "server failed authentication")
+                raise AuthenticationError(f"{name} at {host}:{port} does not know the shared secret")
+            mac = auth.proof(self._secret, "client", nonce, str(challenge["nonce"]), self.name, name)
+            await channel.send({"type": "auth", "proof": mac})
+            welcome = await asyncio.wait_for(channel.recv(), timeout)
+            if welcome.get("type") != "welcome":
+                raise AuthenticationError(f"{name} at {host}:{port} refused: {welcome.get('reason')}")
+            assert self._backend is not None
+            link = await self._backend.connect(challenge["data"], str(challenge["conn_id"]), timeout)
+            await self._register(name, str(challenge.get("incarnation")), channel, link)
+        except BaseException as exc:
+            await channel.close()
+            if isinstance(exc, (ChannelClosed, asyncio.TimeoutError)):
+                raise HandshakeError(f"handshake with {name} at {host}:{port} failed: {exc!r}") from exc
+            raise
+
+    async def _register(self, name: str, incarnation: str, channel: Channel, link: Link) -> None:
+        old = self._peers.get(name)
+        if old is not None:  # a restarted peer (new incarnation) replaces the old connection
+            await self._drop(old, PeerLostError(f"{name} reconnected as a new incarnation"))
+        peer = _Peer(name, incarnation, channel, link)
+        self._peers[name] = peer
+        peer.reader = self._spawn(self._read(peer))
+        log.info("agent %s connected to %s (incarnation %s)", self.name, name, incarnation)
+
+    # -- per-peer reader, heartbeats, receipts --------------------------------------------------
+    async def _read(self, peer: _Peer) -> None:
+        try:
+            while True:
+                msg = await peer.channel.recv()
+                peer.last_seen = time.monotonic()
+                kind = msg["type"]
+                if kind == "begin":
+                    xid = msg.get("xid")
+                    if not isinstance(xid, int) or xid in peer.serving:
+                        raise ChannelClosed(f"bad transfer id {xid!r}")
+                    peer.serving[xid] = self._spawn(self._serve(peer, msg))
+                elif kind in ("ready", "done", "fail"):
+                    queue = peer.waiting.get(msg.get("xid"))  # type: ignore[arg-type]
+                    if queue is not None:
+                        queue.put_nowait(msg)
+                elif kind == "ping":
+                    await peer.channel.send({"type": "pong"})
+                elif kind == "bye":
+                    raise ChannelClosed(f"{peer.name} said goodbye")
+                elif kind != "pong":
+                    raise ChannelClosed(f"unexpected frame {kind!r}")
+        except ChannelClosed as exc:
+            await self._drop(peer, PeerLostError(f"lost {peer.name}: {exc}"))
+
+    async def _housekeeping(self) -> None:
+        cfg = self.config
+        period = min(cfg.heartbeat_s, cfg.receipt_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            with self._receipts_lock:
+                expired = [k for k, (_, until) in self._receipts.items() if until <= now]
+                gone = [self._receipts.pop(k)[0] for k in expired]
+            for blocks in gone:
+                self._pool.free(blocks)
+                self.stats["receipts_expired"] += 1
+            for peer in list(self._peers.values()):
+                if now - peer.last_seen > cfg.deadline_s:
+                    await self._drop(peer, PeerLostError(f"{peer.name} stopped answering for {cfg.deadline_s:.0f} s"))
+                elif now - peer.last_seen > cfg.heartbeat_s:
+                    try:
+                        await peer.channel.send({"type": "ping"})
+                    except ChannelClosed:
+                        await self._drop(peer, PeerLostError(f"lost {peer.name}"))
+
+    async def _drop(self, peer: _Peer, error: TransferError, *, goodbye: bool = False) -> None:
+        """Tear down a peer: link first (no late writes), then fail and clean up its transfers."""
+        if not peer.alive:
+            return
+        peer.alive = False
+        if self._peers.get(peer.name) is peer:
+            del self._peers[peer.name]
+        if goodbye:
+            try:
+                await peer.channel.send({"type": "bye"})
+            except ChannelClosed:
+                pass
+        await peer.link.abort()
+        for queue in peer.waiting.values():
+            queue.put_nowait({"type": "lost", "error": error})
+        me = asyncio.current_task()
+        for task in list(peer.serving.values()):
+            if task is not me:
+                task.cancel()
+        await peer.channel.close()
+        if peer.reader is not None and peer.reader is not me:
+            peer.reader.cancel()
+        log.info("agent %s dropped %s: %s", self.name, peer.name, error)
+
+    # -- sender ----------------------------------------------------------------------------------
+    async def _expect(self, peer: _Peer, queue: asyncio.Queue[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+        try:
+            msg = await asyncio.wait_for(queue.get(), self.config.deadline_s)
+        except asyncio.TimeoutError:
+            error = TransferTimeoutError(f"{peer.name} did not answer within {self.config.deadline_s:.0f} s")
+            await self._drop(peer, error)
+            raise error from None
+        if msg["type"] == "lost":
+            raise msg["error"]
+        if msg["type"] == "fail":
+            if msg.get("code") == "no_space":
+                return None
+            raise TransferError(f"{peer.name} refused the transfer: {msg.get('reason')}")
+        if msg["type"] != kind:
+            raise TransferError(f"{peer.name} answered {msg['type']!r}, expected {kind!r}")
+        return msg
+
+    async def _send(
+        self, peer: _Peer, ids: IdArray, tier: Tier, key: str | None, tokens: bytes | None, namespace: Hashable
+    ) -> TransferResult | None:
+        started = time.perf_counter()
+        xid = next(self._xid)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        peer.waiting[xid] = queue
+        storage = self._pool.storage(tier)
+        staging: torch.Tensor | None = None
+        sent = messages = 0
+        try:
+            begin: dict[str, Any] = {
+                "type": "begin",
+                "xid": xid,
+                "n": len(ids),
+                "key": key,
+                "chunk": self._chunk_blocks(),
+            }
+            if tokens is not None:
+                begin["tokens"] = pack_bytes(tokens)
+                begin["ns"] = namespace
+            await peer.channel.send(begin)
+            ready = await self._expect(peer, queue, "ready")
+            if ready is None:
+                return None
+            skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
+            if skip < 0 or skip + sum(segments) != len(ids):
+                raise TransferError(f"{peer.name} planned {skip} + {sum(segments)} blocks of {len(ids)}")
+            pos = skip
+            for i, length in enumerate(segments):
+                src = ids[pos : pos + length]
+                s0 = int(src[0])
+                if int(src[-1]) - s0 == length - 1 and (length == 1 or bool((np.diff(src) == 1).all())):
+                    buf = storage.flat[s0 : s0 + length]  # a run: straight from KV storage
+                else:
+                    if staging is None:
+                        staging = self._take_staging(self._chunk_blocks(), storage)
+                    buf = staging[:length]
+                    torch.index_select(storage.flat, 0, torch.from_numpy(np.array(src, dtype=np.int64)), out=buf)
+                await self._timed(peer, peer.link.send(buf, segment_tag(xid, i)))
+                messages += 1
+                pos += length
+                if self.segment_delay_s:
+                    await asyncio.sleep(self.segment_delay_s)
+            sent = len(ids) - skip
+            done = await self._expect(peer, queue, "done")
+            assert done is not None
+            nbytes = sent * self._pool.config.layout.block_bytes
+            self.stats["sent"] += 1
+            self.stats["blocks_sent"] += sent
+            self.stats["blocks_skipped"] += skip
+            self.stats["bytes_sent"] += nbytes
+            self.stats["messages_sent"] += messages
+            return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started)
+        except BaseException:
+            self.stats["failed"] += 1
+            raise
+        finally:
+            peer.waiting.pop(xid, None)
+            if staging is not None:
+                self._give_staging(staging)
+
+    async def _timed(self, peer: _Peer, op: Coroutine[Any, Any, None]) -> None:
+        try:
+            await asyncio.wait_for(op, self.config.deadline_s)
+        except asyncio.TimeoutError:
+            error = TransferTimeoutError(f"data to/from {peer.name} stalled past {self.config.deadline_s:.0f} s")
+            await self._drop(peer, error)
+            raise error from None
+        except PeerLostError as exc:
+            await self._drop(peer, exc)
+            raise
+
+    # -- receiver --------------------------------------------------------------------------------
+    async def _serve(self, peer: _Peer, msg: dict[str, Any]) -> None:
+        xid = int(msg["xid"])
+        dst: Blocks | None = None
+        match: Match | None = None
+        staging: torch.Tensor | None = None
+        try:
+            n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
+            if not isinstance(n, int) or n <= 0 or (key is not None and not isinstance(key, str)):
+                return await self._fail(peer, xid, "bad_request", "n must be a positive int and key a str")
+            if ns is not None and not isinstance(ns, (str, int)):
+                return await self._fail(peer, xid, "bad_request", "namespace must be a str or int")
+            skip = 0
+            tokens = None
+            if "tokens" in msg:
+                tokens = np.frombuffer(unpack_bytes(msg["tokens"]), dtype=np.int32)
+                if len(tokens) < n * self._block_size:
+                    return await self._fail(peer, xid, "bad_request", f"{n} blocks need {n * self._block_size} tokens")
+                tokens = tokens[: n * self._block_size]
+                match = self._pool.match(tokens, ns, promote=True)
+                skip = len(match.blocks)
+            elif key is None:
+                return await self._fail(peer, xid, "bad_request", "a transfer needs a key or tokens")
+            else:
+                with self._receipts_lock:
+                    taken = key in self._receipts
+                if taken:
+                    return await self._fail(peer, xid, "bad_request", f"key {key!r} holds unclaimed blocks")
+            need = n - skip
+            if need:
+                dst = self._pool.alloc(need)
+                if dst is None:
+                    return await self._fail(peer, xid, "no_space", "no room on the device tier")
+            storage = self._pool.storage(Tier.DEVICE)
+            ids = dst.ids if dst is not None else np.empty(0, dtype=np.int64)
+            chunk = self._chunk_blocks()
+            if isinstance(msg.get("chunk"), int) and msg["chunk"] > 0:
+                chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
+            segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
+            await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
+            pos = 0
+            for i, length in enumerate(segments):
+                part = ids[pos : pos + length]
+                d0 = int(part[0])
+                run = int(part[-1]) - d0 == length - 1 and (length == 1 or bool((np.diff(part) == 1).all()))
+                if run and not peer.link.receive_via_staging:
+                    await self._timed(peer, peer.link.recv(storage.flat[d0 : d0 + length], segment_tag(xid, i)))
+                else:
+                    if staging is None:
+                        staging = self._take_staging(self._chunk_blocks(), storage)
+                    await self._timed(peer, peer.link.recv(staging[:length], segment_tag(xid, i)))
+                    if run:
+                        storage.flat[d0 : d0 + length].copy_(staging[:length])
+                    else:
+                        storage.flat.index_copy_(0, torch.from_numpy(np.array(part, dtype=np.int64)), staging[:length])
+                pos += length
+            # every byte has landed: only now does anything become visible
+            if tokens is not None:
+                assert match is not None
+                full = match.blocks if dst is None else match.blocks.concat(dst)
+                self._pool.insert(tokens, full, ns)
+            else:
+                assert dst is not None and key is not None
+                with self._receipts_lock:
+                    self._receipts[key] = (dst, time.monotonic() + self.config.receipt_ttl_s)
+                dst = None  # the receipt owns the references now
+            self.stats["received"] += 1
+            self.stats["blocks_received"] += need
+            self.stats["bytes_received"] += need * self._pool.config.layout.block_bytes
+            await peer.channel.send({"type": "done", "xid": xid, "skipped": skip, "received": need})
+        except (TransferError, ChannelClosed) as exc:
+            if peer.alive:
+                await self._drop(peer, exc if isinstance(exc, TransferError) else PeerLostError(str(exc)))
+        except asyncio.CancelledError:
+            pass  # the peer was dropped: its link is aborted already
+        except MemPoolError as exc:  # e.g. bad tokens from the peer
+            if peer.alive:
+                await self._fail(peer, xid, "bad_request", str(exc))
+        finally:
+            if dst is not None:
+                self._pool.free(dst)
+            if match is not None:
+                match.release()
+            if staging is not None:
+                self._give_staging(staging)
+            peer.serving.pop(xid, None)
+
+    async def _fail(self, peer: _Peer, xid: int, code: str, reason: str) -> None:
+        try:
+            await peer.channel.send({"type": "fail", "xid": xid, "code": code, "reason": reason})
+        except ChannelClosed:
+            await self._drop(peer, PeerLostError(f"lost {peer.name}"))
+
+
+def check_namespace(namespace: Hashable) -> None:
+    """Namespaces cross the wire as JSON: only ``None``, ``str`` and ``int`` are allowed."""
+    if namespace is not None and (isinstance(namespace, bool) or not isinstance(namespace, (str, int))):
+        raise InvalidArgumentError(f"a transferred namespace must be None, a str or an int, got {namespace!r}")

@@ -1,0 +1,122 @@
+"""Two-process transport tests: each peer is a real process on 127.0.0.1, driven over pipes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("peer_proc.py")
+SECRET = "test-secret-0123456789abcdef"
+HAS_UCX = importlib.util.find_spec("ucxx") is not None
+BACKENDS = [
+    pytest.param("ucx", marks=[pytest.mark.ucx, pytest.mark.skipif(not HAS_UCX, reason="needs the ucx extra (ucxx)")]),
+    "torch",
+]
+
+
+class PeerProcess:
+    def __init__(self, name: str, **cfg: Any) -> None:
+        self.name = name
+        conf = {"name": name, "secret": SECRET, "backend": "torch", "deadline_s": 10.0, **cfg}
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+            UCX_WARN_UNUSED_ENV_VARS="n",
+            PYTHONUNBUFFERED="1",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), json.dumps(conf)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+        ready = self._read(60)
+        assert ready.get("ready"), ready
+        self.host, self.port = ready["host"], ready["port"]
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self._lines.put(line)
+        self._lines.put(None)
+
+    def _pump_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"{self.name} did not answer in {timeout} s; stderr:\n{''.join(self._stderr[-30:])}"
+            ) from None
+        if line is None:
+            raise AssertionError(f"{self.name} exited; stderr:\n{''.join(self._stderr[-30:])}")
+        return json.loads(line)
+
+    def call(self, op: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def ok(self, op: str, timeout: float = 60, **args: Any) -> dict[str, Any]:
+        out = self.call(op, timeout, **args)
+        assert "error" not in out, out
+        return out
+
+    def connect_to(self, other: PeerProcess) -> None:
+        self.ok("connect", name=other.name, host=other.host, port=other.port)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.call("exit", timeout=15)
+            except (AssertionError, BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., PeerProcess]]:
+    started: list[PeerProcess] = []
+
+    def make(name: str, **cfg: Any) -> PeerProcess:
+        p = PeerProcess(name, **cfg)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+        p.kill()

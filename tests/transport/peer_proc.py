@@ -1,0 +1,170 @@
+"""A MemPool in its own process, driven by JSON commands on stdin, answering on stdout.
+
+Started by tests/transport/conftest.py: ``python peer_proc.py '<json config>'``. Prints one
+``{"ready": ...}`` line with its control address, then answers each command line with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import traceback
+from typing import Any
+
+import numpy as np
+import torch
+
+from mempool import Blocks, MemPool, PoolConfig, Tier
+from mempool.config import TransportConfig
+
+
+def digest(pool: MemPool, blocks: Blocks) -> str:
+    data = pool.storage(blocks.tier).gather(blocks.ids).cpu().contiguous()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+class Peer:
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        layout = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4, "dtype": "float16"}
+        layout.update(cfg.get("layout", {}))
+        self.pool = MemPool(
+            PoolConfig(**layout, device_blocks=cfg.get("device_blocks", 256), host_blocks=cfg.get("host_blocks", 0))
+        )
+        tcfg = {
+            k: cfg[k]
+            for k in (
+                "name",
+                "secret",
+                "backend",
+                "deadline_s",
+                "receipt_ttl_s",
+                "chunk_bytes",
+                "heartbeat_s",
+                "ucx_shared_memory",
+            )
+            if k in cfg
+        }
+        self.address = self.pool.serve(TransportConfig(**tcfg))
+        self.handles: dict[str, Blocks] = {}
+        self.jobs: dict[str, threading.Thread] = {}
+        self.results: dict[str, Any] = {}
+
+    def alloc_fill(self, name: str, n: int, layout: str = "run", seed: int = 0) -> dict[str, Any]:
+        if layout == "run":
+            blocks = self.pool.alloc(n)
+        else:
+            run = self.pool.alloc(2 * n)
+            assert run is not None
+            self.pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
+            blocks = Blocks(Tier.DEVICE, run.ids[::2], owner=self.pool)
+        assert blocks is not None
+        storage = self.pool.storage()
+        g = torch.Generator().manual_seed(seed)
+        data = (torch.rand((n, *storage.layout.block_shape), generator=g) + 0.5).to(storage.tensor.dtype)
+        storage.scatter(blocks.ids, data)
+        self.handles[name] = blocks
+        return {"ids": blocks.tolist(), "digest": digest(self.pool, blocks)}
+
+    def handle(self, cmd: dict[str, Any]) -> Any:
+        op = cmd.pop("op")
+        pool = self.pool
+        if op == "connect":
+            pool.connect(cmd["name"], cmd["host"], cmd["port"])
+            return {"peers": pool.peers()}
+        if op == "alloc_fill":
+            return self.alloc_fill(**cmd)
+        if op == "send":
+            return self._result(pool.transfer(cmd["peer"], self.handles[cmd["handle"]], key=cmd["key"]))
+        if op == "send_insert":
+            blocks = self.handles[cmd["handle"]]
+            return self._result(pool.transfer_with_insert(cmd["peer"], cmd["tokens"], blocks, cmd.get("ns")))
+        if op == "send_async":
+            job = cmd.pop("job")
+
+            def run() -> None:
+                try:
+                    self.results[job] = self.handle(dict(cmd, op=cmd.pop("then")))
+                except Exception as exc:
+                    self.results[job] = {"error": type(exc).__name__, "message": str(exc)}
+
+            self.jobs[job] = threading.Thread(target=run)
+            self.jobs[job].start()
+            return {"started": job}
+        if op == "wait":
+            self.jobs[cmd["job"]].join(cmd.get("timeout", 60))
+            return self.results.get(cmd["job"], {"error": "Timeout", "message": "job still running"})
+        if op == "insert_own":
+            blocks = self.handles[cmd["handle"]]
+            return {"inserted": pool.insert(cmd["tokens"], blocks, cmd.get("ns"))}
+        if op == "claim":
+            blocks = pool.claim(cmd["key"])
+            if blocks is None:
+                return {"claimed": None}
+            out = {"claimed": len(blocks), "digest": digest(pool, blocks)}
+            pool.free(blocks)
+            return out
+        if op == "match":
+            with pool.match(cmd["tokens"], cmd.get("ns")) as m:
+                return {"num_tokens": m.num_tokens, "digest": digest(pool, m.blocks) if len(m.blocks) else None}
+        if op == "digest":
+            return {"digest": digest(pool, self.handles[cmd["handle"]])}
+        if op == "free":
+            return {"released": pool.free(self.handles.pop(cmd["handle"]))}
+        if op == "set_delay":
+            assert pool._agent is not None
+            pool._agent.segment_delay_s = float(cmd["seconds"])
+            return {}
+        if op == "state":
+            pool.check_invariants()
+            s = pool.stats()
+            return {
+                "device_used": s["device"]["used"],
+                "device_cached": s["device"]["cached"],
+                "transport": pool.transport_stats(),
+                "peers": pool.peers(),
+                "refusals": pool._agent.refusals if pool._agent else [],
+            }
+        if op == "exit":
+            pool.close()
+            return {"bye": True}
+        raise ValueError(f"unknown op {op!r}")
+
+    @staticmethod
+    def _result(res: Any) -> dict[str, Any]:
+        if res is None:
+            return {"result": None}
+        return {
+            "result": {
+                "sent": res.sent_blocks,
+                "skipped": res.skipped_blocks,
+                "bytes": res.bytes,
+                "messages": res.messages,
+                "seconds": res.seconds,
+            }
+        }
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    peer = Peer(cfg)
+    out = sys.stdout
+    out.write(json.dumps({"ready": True, "host": peer.address[0], "port": peer.address[1]}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            reply = peer.handle(json.loads(line))
+        except Exception as exc:
+            reply = {"error": type(exc).__name__, "message": str(exc), "trace": traceback.format_exc()[-2000:]}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+        if reply.get("bye"):
+            break
+
+
+if __name__ == "__main__":
+    np.seterr(all="raise")
+    main()

@@ -1,0 +1,178 @@
+"""transfer / transfer_with_insert between two real processes on 127.0.0.1 (both backends)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.transport.conftest import BACKENDS
+
+B = 4  # block size of peer_proc's layout
+
+
+def toks(n_blocks: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n_blocks * B))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["run", "scattered"])
+def test_transfer_round_trips_bit_exact(spawn, backend: str, layout: str) -> None:
+    a = spawn("a", backend=backend, chunk_bytes=16 * 1024)
+    b = spawn("b", backend=backend)
+    a.connect_to(b)
+    sent = a.ok("alloc_fill", name="kv", n=40, layout=layout, seed=5)
+    res = a.ok("send", peer="b", handle="kv", key="req-1")["result"]
+    assert res["sent"] == 40 and res["skipped"] == 0 and res["bytes"] == 40 * 512
+    # messages follow runs and chunks (16 KiB = 32 blocks of 512 B), never one per block
+    assert res["messages"] <= 4
+    got = b.ok("claim", key="req-1")
+    assert got["claimed"] == 40 and got["digest"] == sent["digest"]
+    assert b.ok("claim", key="req-1")["claimed"] is None  # claimed once
+    # the sender's blocks are its own again; the receiver holds nothing
+    a.ok("free", handle="kv")
+    assert a.ok("state")["device_used"] == 0
+    assert b.ok("state")["device_used"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transfer_with_insert_sends_only_missing_blocks(spawn, backend: str) -> None:
+    prefill = spawn("prefill", backend=backend)
+    decode = spawn("decode", backend=backend)
+    prefill.connect_to(decode)
+    turn1 = toks(6) + [999]  # 6 full blocks and a partial one
+    kv1 = prefill.ok("alloc_fill", name="t1", n=6, seed=1)
+    res = prefill.ok("send_insert", peer="decode", tokens=turn1, handle="t1")["result"]
+    assert (res["sent"], res["skipped"]) == (6, 0)
+    hit = decode.ok("match", tokens=turn1)
+    assert hit["num_tokens"] == 24 and hit["digest"] == kv1["digest"]
+    # turn 2 = turn 1 + 4 new blocks: the prefill side holds all 10, only 4 travel
+    turn2 = toks(6) + toks(4, start=500)
+    prefill.ok("insert_own", tokens=turn1[:24], handle="t1")
+    kv2 = prefill.ok("alloc_fill", name="t2new", n=4, seed=2)
+    prefill.ok("send_insert", peer="decode", tokens=turn2[24:], handle="t2new")  # not a prefix of turn 2
+    full = prefill.ok("state")
+    assert full["device_used"] >= 10
+    res2 = prefill.call("send_insert", peer="decode", tokens=turn2, handle="t1")  # 6 blocks of turn 2: all cached
+    assert res2["result"]["sent"] == 0 and res2["result"]["skipped"] == 6
+    both = prefill.ok("alloc_fill", name="t2", n=10, seed=3)
+    res3 = prefill.ok("send_insert", peer="decode", tokens=turn2, handle="t2")["result"]
+    assert (res3["sent"], res3["skipped"]) == (4, 6)
+    hit2 = decode.ok("match", tokens=turn2)
+    assert hit2["num_tokens"] == 40
+    assert both["digest"] != kv2["digest"]  # sanity: different data sets
+    state = decode.ok("state")
+    assert state["device_used"] == state["device_cached"]  # everything held is in the cache: no leaks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_secret_is_refused_on_both_sides(spawn, backend: str) -> None:
+    a = spawn("a", backend=backend)
+    b = spawn("b", backend=backend, secret="another-secret-000000000000")
+    out = a.call("connect", name="b", host=b.host, port=b.port)
+    assert out["error"] == "AuthenticationError", out
+    assert b.ok("state")["refusals"] and a.ok("state")["refusals"]
+    assert a.ok("state")["peers"] == {} and b.ok("state")["peers"] == {}
+
+
+def test_incompatible_layout_is_refused_on_both_sides(spawn) -> None:
+    a = spawn("a")
+    b = spawn("b", layout={"head_dim": 16})
+    out = a.call("connect", name="b", host=b.host, port=b.port)
+    assert out["error"] == "LayoutMismatchError", out
+    assert "layout" in b.ok("state")["refusals"][0]
+
+
+def test_wrong_name_and_backend_mismatch_are_refused(spawn) -> None:
+    a = spawn("a")
+    b = spawn("b")
+    out = a.call("connect", name="not-b", host=b.host, port=b.port)
+    assert out["error"] == "HandshakeError", out
+    if __import__("tests.transport.conftest", fromlist=["HAS_UCX"]).HAS_UCX:
+        c = spawn("c", backend="ucx")
+        out = a.call("connect", name="c", host=c.host, port=c.port)
+        assert out["error"] == "HandshakeError" and "backend" in out["message"], out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_receiver_killed_mid_transfer(spawn, backend: str) -> None:
+    a = spawn("a", backend=backend, chunk_bytes=4 * 1024, deadline_s=5.0)
+    b = spawn("b", backend=backend)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=64, seed=1)
+    a.ok("set_delay", seconds=0.2)  # 16 messages, 0.2 s apart
+    a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
+    time.sleep(1.0)
+    b.kill()
+    t0 = time.monotonic()
+    out = a.call("wait", job="j", timeout=30)
+    assert out.get("error") in ("PeerLostError", "TransferTimeoutError"), out
+    assert time.monotonic() - t0 < 15  # within the deadline, no hang
+    state = a.ok("state")  # check_invariants passed inside
+    assert state["device_used"] == 64 and state["peers"] == {}  # only its own blocks: the transfer let go
+    a.ok("free", handle="kv")
+    assert a.ok("state")["device_used"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_killed_mid_transfer(spawn, backend: str) -> None:
+    a = spawn("a", backend=backend, chunk_bytes=4 * 1024)
+    b = spawn("b", backend=backend, deadline_s=5.0)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=64, seed=1)
+    a.ok("set_delay", seconds=0.2)
+    a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
+    time.sleep(1.0)
+    assert b.ok("state")["device_used"] == 64  # allocated for the transfer in flight
+    a.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        state = b.ok("state")
+        if state["device_used"] == 0 and not state["peers"]:
+            break
+        time.sleep(0.2)
+    assert state["device_used"] == 0 and state["peers"] == {}, state
+    assert b.ok("claim", key="k")["claimed"] is None  # nothing half-received is claimable
+
+
+def test_unclaimed_receipts_expire(spawn) -> None:
+    a = spawn("a")
+    b = spawn("b", receipt_ttl_s=1.0)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=8, seed=1)
+    a.ok("send", peer="b", handle="kv", key="forgotten")
+    assert b.ok("state")["device_used"] == 8
+    deadline = time.monotonic() + 10
+    while b.ok("state")["device_used"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    state = b.ok("state")
+    assert state["device_used"] == 0 and state["transport"]["receipts_expired"] == 1
+    assert b.ok("claim", key="forgotten")["claimed"] is None
+
+
+def test_receiver_without_room_is_back_pressure(spawn) -> None:
+    a = spawn("a")
+    b = spawn("b", device_blocks=16)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=32, seed=1)
+    assert a.ok("send", peer="b", handle="kv", key="big")["result"] is None
+    assert b.ok("state")["device_used"] == 0
+    assert a.ok("state")["device_used"] == 32
+
+
+def test_restarted_peer_is_a_new_incarnation(spawn) -> None:
+    a = spawn("a")
+    b = spawn("b")
+    a.connect_to(b)
+    first = a.ok("state")["peers"]["b"]
+    b.kill()
+    b2 = spawn("b")
+    deadline = time.monotonic() + 10
+    while a.ok("state")["peers"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # the dead connection is noticed
+    out = a.call("send", peer="b", handle="none", key="x")
+    assert out["error"] in ("UnknownPeerError", "KeyError"), out
+    a.connect_to(b2)
+    assert a.ok("state")["peers"]["b"] != first
+    a.ok("alloc_fill", name="kv", n=4, seed=9)
+    assert a.ok("send", peer="b", handle="kv", key="again")["result"]["sent"] == 4
