@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -126,6 +127,33 @@ class Peer:
                 "peers": pool.peers(),
                 "refusals": pool._agent.refusals if pool._agent else [],
             }
+        if op in ("raw_send", "raw_recv"):  # the backend alone: one message of nbytes per rep
+            agent = pool._agent
+            assert agent is not None
+            link = agent._peers[cmd["peer"]].link
+            buf = torch.ones(cmd["nbytes"] // 8, dtype=torch.int64)
+            times = []
+            for i in range(cmd["reps"]):
+                t0 = time.perf_counter()
+                coro = link.send(buf, 0x7000 + i) if op == "raw_send" else link.recv(buf, 0x7000 + i)
+                agent._call(coro, 120)
+                times.append(time.perf_counter() - t0)
+            return {"seconds": times}
+        if op == "bench_send":  # repeated transfers of one handle, timed here
+            out = []
+            for i in range(cmd["reps"]):
+                res = pool.transfer(cmd["peer"], self.handles[cmd["handle"]], key=f"{cmd['key']}-{i}")
+                assert res is not None
+                out.append({"seconds": res.seconds, "messages": res.messages, "bytes": res.bytes})
+            return {"runs": out}
+        if op == "claim_all":
+            n = 0
+            for i in range(cmd["reps"]):
+                blocks = pool.claim(f"{cmd['key']}-{i}")
+                if blocks is not None:
+                    n += len(blocks)
+                    pool.free(blocks)
+            return {"claimed": n}
         if op == "exit":
             pool.close()
             return {"bye": True}

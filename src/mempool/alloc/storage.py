@@ -45,7 +45,8 @@ class KVStorage:
         device: torch device for the tensor.
         pin: allocate pinned (page-locked) host memory; only honoured on CPU when CUDA exists.
 
-    The tensor is zero-initialised, so a partially written block never holds NaN garbage.
+    The tensor is zero-initialised (every page written up front, so no first-touch faults later)
+    and a partially written block never holds NaN garbage.
     ``flat`` views the same memory as ``[num_blocks, words]`` of the widest integer type that
     divides a block: copies go through it, since torch's CPU gather kernels reach memcpy
     speed on 8-byte elements but not on 1- or 2-byte ones.
@@ -57,7 +58,10 @@ class KVStorage:
         self.device = device
         shape = (num_blocks, *layout.block_shape)
         self.pinned = bool(pin and device.type == "cpu" and torch.cuda.is_available())
-        self.tensor = torch.zeros(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
+        self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
+        # Write every page now: lazily zeroed memory would fault on first touch, inside a swap or
+        # a transfer, at a fraction of memcpy speed.
+        self.tensor.zero_()
         self.flat = flat_view(self.tensor)
         self._staging: torch.Tensor | None = None
         self._staging_lock = threading.Lock()

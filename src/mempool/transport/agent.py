@@ -478,7 +478,8 @@ class TransferAgent:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         peer.waiting[xid] = queue
         storage = self._pool.storage(tier)
-        staging: torch.Tensor | None = None
+        staging: list[torch.Tensor] | None = None
+        tasks: list[asyncio.Task[None]] = []
         sent = messages = 0
         try:
             begin: dict[str, Any] = {
@@ -498,6 +499,10 @@ class TransferAgent:
             skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
             if skip < 0 or skip + sum(segments) != len(ids):
                 raise TransferError(f"{peer.name} planned {skip} + {sum(segments)} blocks of {len(ids)}")
+            # Double buffering: gather segment i+1 while segment i is on the wire.
+            staging = [] if staging is None else staging
+            inflight: asyncio.Task[None] | None = None
+            sends: list[asyncio.Task[None]] = tasks
             pos = skip
             for i, length in enumerate(segments):
                 src = ids[pos : pos + length]
@@ -505,15 +510,20 @@ class TransferAgent:
                 if int(src[-1]) - s0 == length - 1 and (length == 1 or bool((np.diff(src) == 1).all())):
                     buf = storage.flat[s0 : s0 + length]  # a run: straight from KV storage
                 else:
-                    if staging is None:
-                        staging = self._take_staging(self._chunk_blocks(), storage)
-                    buf = staging[:length]
+                    if len(staging) < 2:
+                        staging.append(self._take_staging(self._chunk_blocks(), storage))
+                    buf = staging[i % 2][:length]  # free again: the send that used it was awaited
                     torch.index_select(storage.flat, 0, torch.from_numpy(np.array(src, dtype=np.int64)), out=buf)
-                await self._timed(peer, peer.link.send(buf, segment_tag(xid, i)))
+                if inflight is not None:
+                    await inflight
+                inflight = asyncio.ensure_future(self._timed(peer, peer.link.send(buf, segment_tag(xid, i))))
+                sends.append(inflight)
                 messages += 1
                 pos += length
                 if self.segment_delay_s:
                     await asyncio.sleep(self.segment_delay_s)
+            if inflight is not None:
+                await inflight
             sent = len(ids) - skip
             done = await self._expect(peer, queue, "done")
             assert done is not None
@@ -528,9 +538,10 @@ class TransferAgent:
             self.stats["failed"] += 1
             raise
         finally:
+            await _settle(tasks)  # no send may still read staging
             peer.waiting.pop(xid, None)
-            if staging is not None:
-                self._give_staging(staging)
+            for buf in staging or ():
+                self._give_staging(buf)
 
     async def _timed(self, peer: _Peer, op: Coroutine[Any, Any, None]) -> None:
         try:
@@ -548,7 +559,8 @@ class TransferAgent:
         xid = int(msg["xid"])
         dst: Blocks | None = None
         match: Match | None = None
-        staging: torch.Tensor | None = None
+        staging: list[torch.Tensor] = []
+        inflight: list[asyncio.Task[None]] = []
         try:
             n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
             if not isinstance(n, int) or n <= 0 or (key is not None and not isinstance(key, str)):
@@ -583,22 +595,27 @@ class TransferAgent:
                 chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
             segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
             await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
+            # Double buffering: receive segment i+1 while segment i is scattered from staging.
+            pending: tuple[asyncio.Task[None], torch.Tensor | None, IdArray] | None = None
             pos = 0
             for i, length in enumerate(segments):
                 part = ids[pos : pos + length]
                 d0 = int(part[0])
                 run = int(part[-1]) - d0 == length - 1 and (length == 1 or bool((np.diff(part) == 1).all()))
                 if run and not peer.link.receive_via_staging:
-                    await self._timed(peer, peer.link.recv(storage.flat[d0 : d0 + length], segment_tag(xid, i)))
+                    buf, landing = storage.flat[d0 : d0 + length], None
                 else:
-                    if staging is None:
-                        staging = self._take_staging(self._chunk_blocks(), storage)
-                    await self._timed(peer, peer.link.recv(staging[:length], segment_tag(xid, i)))
-                    if run:
-                        storage.flat[d0 : d0 + length].copy_(staging[:length])
-                    else:
-                        storage.flat.index_copy_(0, torch.from_numpy(np.array(part, dtype=np.int64)), staging[:length])
+                    if len(staging) < 2:
+                        staging.append(self._take_staging(self._chunk_blocks(), storage))
+                    buf = landing = staging[i % 2][:length]
+                task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
+                inflight.append(task)
+                if pending is not None:
+                    await self._land(*pending, storage)
+                pending = (task, landing, part)
                 pos += length
+            if pending is not None:
+                await self._land(*pending, storage)
             # every byte has landed: only now does anything become visible
             if tokens is not None:
                 assert match is not None
@@ -622,19 +639,44 @@ class TransferAgent:
             if peer.alive:
                 await self._fail(peer, xid, "bad_request", str(exc))
         finally:
+            await _settle(inflight)  # nothing may still write into dst or staging
             if dst is not None:
                 self._pool.free(dst)
             if match is not None:
                 match.release()
-            if staging is not None:
-                self._give_staging(staging)
+            for buf in staging:
+                self._give_staging(buf)
             peer.serving.pop(xid, None)
+
+    @staticmethod
+    async def _land(task: asyncio.Task[None], landing: torch.Tensor | None, part: IdArray, storage: KVStorage) -> None:
+        """Wait for one received segment; scatter it from staging into its blocks if it used staging."""
+        await task
+        if landing is None:
+            return
+        d0, n = int(part[0]), len(part)
+        if int(part[-1]) - d0 == n - 1 and (n == 1 or bool((np.diff(part) == 1).all())):
+            storage.flat[d0 : d0 + n].copy_(landing)
+        else:
+            storage.flat.index_copy_(0, torch.from_numpy(np.array(part, dtype=np.int64)), landing)
 
     async def _fail(self, peer: _Peer, xid: int, code: str, reason: str) -> None:
         try:
             await peer.channel.send({"type": "fail", "xid": xid, "code": code, "reason": reason})
         except ChannelClosed:
             await self._drop(peer, PeerLostError(f"lost {peer.name}"))
+
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the unfinished tasks and wait (briefly) until every one has ended."""
+    live = [t for t in tasks if not t.done()]
+    for t in live:
+        t.cancel()
+    if live:
+        await asyncio.wait(live, timeout=5.0)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: a failure was handled (or re-raised) already
 
 
 def check_namespace(namespace: Hashable) -> None:
