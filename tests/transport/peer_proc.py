@@ -144,7 +144,14 @@ class Peer:
             for i in range(cmd["reps"]):
                 res = pool.transfer(cmd["peer"], self.handles[cmd["handle"]], key=f"{cmd['key']}-{i}")
                 assert res is not None
-                out.append({"seconds": res.seconds, "messages": res.messages, "bytes": res.bytes})
+                out.append(
+                    {
+                        "seconds": res.seconds,
+                        "data_seconds": res.data_seconds,
+                        "messages": res.messages,
+                        "bytes": res.bytes,
+                    }
+                )
             return {"runs": out}
         if op == "claim_all":
             n = 0

@@ -22,6 +22,7 @@ incarnation and must connect again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
@@ -59,6 +60,7 @@ __all__ = ["PoolOps", "TransferAgent", "TransferResult"]
 log = logging.getLogger("mempool.transport")
 T = TypeVar("T")
 PROTOCOL = 1
+WINDOW = 4  # data messages in flight per transfer and direction, beyond the one being prepared
 
 
 class PoolOps(Protocol):
@@ -82,7 +84,8 @@ class TransferResult:
     skipped_blocks: int  # blocks the receiver had cached already (transfer_with_insert)
     bytes: int
     messages: int  # data-plane sends (one per run or staged chunk; never per block or layer)
-    seconds: float
+    seconds: float  # end to end: begin, the receiver's answer, data, confirmation
+    data_seconds: float = 0.0  # from the receiver's "ready" until the last data message was sent
 
 
 @dataclass(eq=False)
@@ -496,34 +499,48 @@ class TransferAgent:
             ready = await self._expect(peer, queue, "ready")
             if ready is None:
                 return None
+            data_started = time.perf_counter()
             skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
             if skip < 0 or skip + sum(segments) != len(ids):
                 raise TransferError(f"{peer.name} planned {skip} + {sum(segments)} blocks of {len(ids)}")
-            # Double buffering: gather segment i+1 while segment i is on the wire.
+            # Runs go straight from KV storage, up to WINDOW messages in flight; scattered parts are
+            # gathered (on a worker thread, so the loop keeps driving the link) into two staging
+            # buffers, one filling while the other is on the wire.
             staging = [] if staging is None else staging
-            inflight: asyncio.Task[None] | None = None
-            sends: list[asyncio.Task[None]] = tasks
+            loop = asyncio.get_running_loop()
+            direct: collections.deque[asyncio.Task[None]] = collections.deque()
+            users: dict[int, asyncio.Task[None]] = {}
+            nstaged = 0
             pos = skip
             for i, length in enumerate(segments):
                 src = ids[pos : pos + length]
-                s0 = int(src[0])
-                if int(src[-1]) - s0 == length - 1 and (length == 1 or bool((np.diff(src) == 1).all())):
-                    buf = storage.flat[s0 : s0 + length]  # a run: straight from KV storage
+                slot = -1
+                if _is_run(src):
+                    buf = storage.flat[int(src[0]) : int(src[0]) + length]
                 else:
-                    if len(staging) < 2:
+                    slot, nstaged = nstaged % 2, nstaged + 1
+                    if slot in users:
+                        await users.pop(slot)  # the send that used this buffer is done
+                    if len(staging) <= slot:
                         staging.append(self._take_staging(self._chunk_blocks(), storage))
-                    buf = staging[i % 2][:length]  # free again: the send that used it was awaited
-                    torch.index_select(storage.flat, 0, torch.from_numpy(np.array(src, dtype=np.int64)), out=buf)
-                if inflight is not None:
-                    await inflight
-                inflight = asyncio.ensure_future(self._timed(peer, peer.link.send(buf, segment_tag(xid, i))))
-                sends.append(inflight)
+                    buf = staging[slot][:length]
+                    index = torch.from_numpy(np.array(src, dtype=np.int64))
+                    await loop.run_in_executor(None, _gather, storage.flat, index, buf)
+                task = asyncio.ensure_future(self._timed(peer, peer.link.send(buf, segment_tag(xid, i))))
+                tasks.append(task)
+                if slot >= 0:
+                    users[slot] = task
+                else:
+                    direct.append(task)
+                    if len(direct) > WINDOW:
+                        await direct.popleft()
                 messages += 1
                 pos += length
                 if self.segment_delay_s:
                     await asyncio.sleep(self.segment_delay_s)
-            if inflight is not None:
-                await inflight
+            for task in tasks:
+                await task
+            data_seconds = time.perf_counter() - data_started
             sent = len(ids) - skip
             done = await self._expect(peer, queue, "done")
             assert done is not None
@@ -533,7 +550,7 @@ class TransferAgent:
             self.stats["blocks_skipped"] += skip
             self.stats["bytes_sent"] += nbytes
             self.stats["messages_sent"] += messages
-            return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started)
+            return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started, data_seconds)
         except BaseException:
             self.stats["failed"] += 1
             raise
@@ -595,27 +612,39 @@ class TransferAgent:
                 chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
             segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
             await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
-            # Double buffering: receive segment i+1 while segment i is scattered from staging.
-            pending: tuple[asyncio.Task[None], torch.Tensor | None, IdArray] | None = None
+            # Runs land straight in KV storage, up to WINDOW receives posted at once; a link that
+            # must receive into staging alternates two buffers, scattering one (on a worker
+            # thread) while the other fills.
+            direct_rx: collections.deque[asyncio.Task[None]] = collections.deque()
+            landing: dict[int, tuple[asyncio.Task[None], torch.Tensor, IdArray]] = {}
+            nstaged = 0
             pos = 0
             for i, length in enumerate(segments):
                 part = ids[pos : pos + length]
-                d0 = int(part[0])
-                run = int(part[-1]) - d0 == length - 1 and (length == 1 or bool((np.diff(part) == 1).all()))
-                if run and not peer.link.receive_via_staging:
-                    buf, landing = storage.flat[d0 : d0 + length], None
+                if _is_run(part) and not peer.link.receive_via_staging:
+                    d0 = int(part[0])
+                    task = asyncio.ensure_future(
+                        self._timed(peer, peer.link.recv(storage.flat[d0 : d0 + length], segment_tag(xid, i)))
+                    )
+                    inflight.append(task)
+                    direct_rx.append(task)
+                    if len(direct_rx) > WINDOW:
+                        await direct_rx.popleft()
                 else:
-                    if len(staging) < 2:
+                    slot, nstaged = nstaged % 2, nstaged + 1
+                    if slot in landing:
+                        await self._land(*landing.pop(slot), storage)
+                    if len(staging) <= slot:
                         staging.append(self._take_staging(self._chunk_blocks(), storage))
-                    buf = landing = staging[i % 2][:length]
-                task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
-                inflight.append(task)
-                if pending is not None:
-                    await self._land(*pending, storage)
-                pending = (task, landing, part)
+                    buf = staging[slot][:length]
+                    task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
+                    inflight.append(task)
+                    landing[slot] = (task, buf, part)
                 pos += length
-            if pending is not None:
-                await self._land(*pending, storage)
+            for slot in list(landing):
+                await self._land(*landing.pop(slot), storage)
+            for task in direct_rx:
+                await task
             # every byte has landed: only now does anything become visible
             if tokens is not None:
                 assert match is not None
@@ -649,22 +678,32 @@ class TransferAgent:
             peer.serving.pop(xid, None)
 
     @staticmethod
-    async def _land(task: asyncio.Task[None], landing: torch.Tensor | None, part: IdArray, storage: KVStorage) -> None:
-        """Wait for one received segment; scatter it from staging into its blocks if it used staging."""
+    async def _land(task: asyncio.Task[None], landing: torch.Tensor, part: IdArray, storage: KVStorage) -> None:
+        """Wait for one segment received into staging, then scatter it into its blocks."""
         await task
-        if landing is None:
-            return
-        d0, n = int(part[0]), len(part)
-        if int(part[-1]) - d0 == n - 1 and (n == 1 or bool((np.diff(part) == 1).all())):
-            storage.flat[d0 : d0 + n].copy_(landing)
+        loop = asyncio.get_running_loop()
+        if _is_run(part):
+            d0 = int(part[0])
+            await loop.run_in_executor(None, storage.flat[d0 : d0 + len(part)].copy_, landing)
         else:
-            storage.flat.index_copy_(0, torch.from_numpy(np.array(part, dtype=np.int64)), landing)
+            index = torch.from_numpy(np.array(part, dtype=np.int64))
+            await loop.run_in_executor(None, storage.flat.index_copy_, 0, index, landing)
 
     async def _fail(self, peer: _Peer, xid: int, code: str, reason: str) -> None:
         try:
             await peer.channel.send({"type": "fail", "xid": xid, "code": code, "reason": reason})
         except ChannelClosed:
             await self._drop(peer, PeerLostError(f"lost {peer.name}"))
+
+
+def _is_run(ids: IdArray) -> bool:
+    """Whether ``ids`` are consecutive (one contiguous region of KV storage)."""
+    n = len(ids)
+    return n > 0 and int(ids[-1]) - int(ids[0]) == n - 1 and (n == 1 or bool((np.diff(ids) == 1).all()))
+
+
+def _gather(flat: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    torch.index_select(flat, 0, index, out=out)
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

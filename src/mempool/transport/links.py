@@ -117,7 +117,9 @@ class UcxBackend:
         # otherwise it falls back to TCP loopback (~0.6 GB/s here against ~6.6 GB/s).
         options = {"MM_ERROR_HANDLING": "y"} if shared_memory else {}
         try:
-            self._ucxx.init(options=options)
+            # "blocking" wakes asyncio's own epoll on UCX events: ~30 us per round trip here,
+            # against ~250-450 us for the default progress thread, and no busy polling.
+            self._ucxx.init(options=options, progress_mode="blocking")
         except RuntimeError:
             pass  # initialised already in this process (one UCX context per process)
         self._listener: Any = None
