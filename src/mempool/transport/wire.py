@@ -65,9 +65,14 @@ class Channel:
     async def recv(self) -> dict[str, Any]:
         try:
             head = await self._reader.readexactly(_LEN.size)
-            (size,) = _LEN.unpack(head)
-            if size > MAX_FRAME:
-                raise ChannelClosed(f"frame of {size} bytes exceeds {MAX_FRAME}")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
+            self.closed = True
+            raise ChannelClosed("peer closed the channel") from exc
+        (size,) = _LEN.unpack(head)
+        if size > MAX_FRAME:
+            self.closed = True
+            raise ChannelClosed(f"frame of {size} bytes exceeds {MAX_FRAME}")
+        try:
             body = await self._reader.readexactly(size)
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             self.closed = True

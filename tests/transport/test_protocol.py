@@ -1,0 +1,167 @@
+"""The transport's pieces in one process: segment plans, tags, proofs, framing, config, misuse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from mempool import Blocks, Tier
+from mempool.config import TransportConfig
+from mempool.errors import (
+    BlockNotAllocatedError,
+    InvalidArgumentError,
+    InvalidTokensError,
+    UnknownPeerError,
+)
+from mempool.transport import auth
+from mempool.transport.plan import plan_segments, segment_tag
+from mempool.transport.wire import MAX_FRAME, Channel, ChannelClosed
+from tests.conftest import make_pool
+
+SECRET = b"0123456789abcdef0123"
+
+
+@pytest.mark.parametrize(
+    ("ids", "chunk", "staging", "expected"),
+    [
+        ([], 4, False, []),
+        ([7], 4, False, [1]),
+        (list(range(10)), 4, False, [4, 4, 2]),  # one run, chunked
+        ([0, 1, 2, 10, 11, 20], 8, False, [3, 2, 1]),  # follows destination runs
+        ([0, 1, 2, 10, 11, 20], 8, True, [6]),  # a staging link: plain chunks
+        (list(range(0, 40, 2)), 8, False, [8, 8, 4]),  # 20 runs of 1: too fragmented, plain chunks
+    ],
+)
+def test_plan_segments(ids: list[int], chunk: int, staging: bool, expected: list[int]) -> None:
+    got = plan_segments(np.array(ids, dtype=np.int64), chunk, staging)
+    assert got == expected and sum(got) == len(ids)
+
+
+def test_segment_tags_are_distinct_and_fit_31_bits() -> None:
+    tags = {segment_tag(x, i) for x in range(1, 200) for i in range(64)}
+    assert len(tags) == 199 * 64
+    assert all(0 <= t < 2**31 for t in tags)
+
+
+def test_proofs_bind_secret_role_nonces_and_names() -> None:
+    p = auth.proof(SECRET, "server", "c", "s", "alice", "bob")
+    assert auth.verify(SECRET, p, "server", "c", "s", "alice", "bob")
+    assert not auth.verify(b"another-secret-0000", p, "server", "c", "s", "alice", "bob")
+    assert not auth.verify(SECRET, p, "client", "c", "s", "alice", "bob")  # no reflection
+    assert not auth.verify(SECRET, p, "server", "s", "c", "alice", "bob")  # nonces bound in order
+    assert not auth.verify(SECRET, p, "server", "c", "s", "mallory", "bob")
+    assert not auth.verify(SECRET, None, "server", "c", "s", "alice", "bob")
+    assert auth.new_nonce() != auth.new_nonce()
+
+
+async def _pair() -> tuple[Channel, asyncio.StreamWriter, asyncio.StreamReader, asyncio.base_events.Server]:
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    peer_reader, peer_writer = await accepted
+    return Channel(reader, writer), peer_writer, peer_reader, server
+
+
+def test_channel_round_trip_and_bad_frames() -> None:
+    async def run() -> None:
+        ch, raw_w, raw_r, server = await _pair()
+        other = Channel(raw_r, raw_w)
+        await other.send({"type": "hello", "n": 3})
+        assert await ch.recv() == {"type": "hello", "n": 3}
+        with pytest.raises(ValueError, match="exceeds"):
+            await ch.send({"type": "x", "blob": "a" * MAX_FRAME})
+        raw_w.write(struct.pack(">I", 5) + b"nojsn")  # malformed JSON
+        await raw_w.drain()
+        with pytest.raises(ChannelClosed, match="malformed"):
+            await ch.recv()
+        ch2, raw_w2, _, server2 = await _pair()
+        body = json.dumps([1, 2]).encode()  # JSON, but not an object with a type
+        raw_w2.write(struct.pack(">I", len(body)) + body)
+        await raw_w2.drain()
+        with pytest.raises(ChannelClosed, match="without a type"):
+            await ch2.recv()
+        ch3, raw_w3, _, server3 = await _pair()
+        raw_w3.write(struct.pack(">I", MAX_FRAME + 1))
+        await raw_w3.drain()
+        with pytest.raises(ChannelClosed, match="exceeds"):
+            await ch3.recv()
+        ch4, raw_w4, _, server4 = await _pair()
+        raw_w4.close()
+        with pytest.raises(ChannelClosed, match="closed"):
+            await ch4.recv()
+        for c in (ch, ch2, ch3, ch4, other):
+            await c.close()
+        for s in (server, server2, server3, server4):
+            s.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("name", ""),
+        ("secret", "short"),
+        ("backend", "tcp"),
+        ("host", ""),
+        ("port", 70000),
+        ("deadline_s", 0),
+        ("receipt_ttl_s", -1),
+        ("chunk_bytes", 0),
+        ("heartbeat_s", True),
+        ("ucx_shared_memory", "yes"),
+    ],
+)
+def test_transport_config_validation(field: str, value: object) -> None:
+    fields: dict[str, object] = {"name": "a", "secret": SECRET}
+    fields[field] = value
+    with pytest.raises(ValueError, match=field):
+        TransportConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_transport_config_never_prints_the_secret() -> None:
+    cfg = TransportConfig(name="a", secret="a-very-secret-value-123")
+    assert "secret-value" not in repr(cfg) and cfg.secret == b"a-very-secret-value-123"
+    assert cfg.host == "127.0.0.1" and cfg.port == 0  # loopback and any free port by default
+
+
+def test_transfer_api_misuse_changes_nothing() -> None:
+    pool = make_pool()
+    blocks = pool.alloc(2)
+    with pytest.raises(InvalidArgumentError, match="not serving"):
+        pool.transfer("b", blocks, key="k")
+    host, port = pool.serve(TransportConfig(name="a", secret=SECRET, backend="torch"))
+    try:
+        assert host == "127.0.0.1" and port > 0
+        with pytest.raises(InvalidArgumentError, match="serving already"):
+            pool.serve(TransportConfig(name="a", secret=SECRET, backend="torch"))
+        refs = pool._alloc[Tier.DEVICE]._refs.tolist()
+        cases = [
+            (lambda: pool.transfer("nobody", blocks, key="k"), UnknownPeerError),
+            (lambda: pool.transfer("nobody", blocks, key=""), InvalidArgumentError),
+            (lambda: pool.transfer("nobody", Blocks(Tier.DEVICE, [9]), key="k"), BlockNotAllocatedError),
+            (lambda: pool.transfer_with_insert("nobody", list(range(4)), blocks), InvalidArgumentError),
+            (lambda: pool.transfer_with_insert("nobody", [1.5] * 8, blocks), InvalidTokensError),
+            (
+                lambda: pool.transfer_with_insert("nobody", list(range(8)), blocks, namespace=("t", 1)),
+                InvalidArgumentError,
+            ),
+            (lambda: pool.transfer_with_insert("nobody", list(range(8)), blocks), UnknownPeerError),
+        ]
+        for call, error in cases:
+            with pytest.raises(error):
+                call()
+            assert pool._alloc[Tier.DEVICE]._refs.tolist() == refs  # the transfer's lock was let go
+        assert pool.claim("never-sent") is None
+        assert pool.peers() == {}
+    finally:
+        pool.close()
+    pool.free(blocks)
+    pool.check_invariants()
