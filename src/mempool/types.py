@@ -83,11 +83,13 @@ class Blocks:
     (4, [4, 5, 6, 9], [(4, 3), (9, 1)])
     """
 
-    __slots__ = ("ids", "owner", "tier")
+    __slots__ = ("checked", "ids", "owner", "tier")
 
     tier: Tier
     ids: IdArray
     owner: object | None
+    #: ids known to lie in the owner's range (issued by it, or sliced / joined from such handles)
+    checked: bool
 
     def __init__(self, tier: Tier, ids: Iterable[int] | npt.ArrayLike, owner: object | None = None) -> None:
         if not isinstance(tier, Tier):
@@ -95,15 +97,17 @@ class Blocks:
         object.__setattr__(self, "tier", tier)
         object.__setattr__(self, "ids", as_block_ids(ids))
         object.__setattr__(self, "owner", owner)
+        object.__setattr__(self, "checked", False)
 
     @classmethod
-    def _trusted(cls, tier: Tier, ids: IdArray, owner: object | None) -> Blocks:
-        """Build without validation from an int64 array the caller will not mutate."""
+    def _trusted(cls, tier: Tier, ids: IdArray, owner: object | None, checked: bool = True) -> Blocks:
+        """Build without validation from in-range int64 ids the caller will not mutate."""
         b = object.__new__(cls)
         ids.flags.writeable = False
         object.__setattr__(b, "tier", tier)
         object.__setattr__(b, "ids", ids)
         object.__setattr__(b, "owner", owner)
+        object.__setattr__(b, "checked", checked)
         return b
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -118,7 +122,7 @@ class Blocks:
     def __getitem__(self, item: slice) -> Blocks:
         if not isinstance(item, slice):
             raise TypeError("Blocks supports slicing only; use .ids or .tolist() for single ids")
-        return Blocks._trusted(self.tier, self.ids[item], self.owner)
+        return Blocks._trusted(self.tier, self.ids[item], self.owner, self.checked)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Blocks):
@@ -146,5 +150,7 @@ class Blocks:
         """This handle's ids followed by ``other``'s (same tier)."""
         if other.tier is not self.tier:
             raise InvalidBlockError(f"cannot concatenate {self.tier!r} and {other.tier!r} blocks")
-        owner = self.owner if self.owner is other.owner else None
-        return Blocks._trusted(self.tier, np.concatenate((self.ids, other.ids)), owner)
+        same = self.owner is other.owner
+        owner = self.owner if same else None
+        checked = same and self.checked and other.checked
+        return Blocks._trusted(self.tier, np.concatenate((self.ids, other.ids)), owner, checked)

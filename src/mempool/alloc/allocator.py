@@ -112,7 +112,7 @@ class BlockAllocator:
             raise ForeignBlockError(f"{blocks!r} was issued by another pool")
         ids = blocks.ids
         n = ids.size
-        if n:
+        if n and not (blocks.checked and blocks.owner is self._owner and self._owner is not None):
             if n <= SMALL:
                 lst = ids.tolist()
                 lo, hi = min(lst), max(lst)
@@ -121,9 +121,9 @@ class BlockAllocator:
             if lo < 0 or hi >= self.capacity:
                 bad = lo if lo < 0 else hi
                 raise InvalidBlockError(f"block id {bad} is outside {self.tier.value} tier [0, {self.capacity})")
-            if held and not self._refs[ids].all():
-                free = ids[self._refs[ids] == 0]
-                raise BlockNotAllocatedError(f"{self.tier.value} blocks {free[:8].tolist()} are not allocated")
+        if n and held and not self._refs[ids].all():
+            free = ids[self._refs[ids] == 0]
+            raise BlockNotAllocatedError(f"{self.tier.value} blocks {free[:8].tolist()} are not allocated")
         return ids
 
     # -- mutation --------------------------------------------------------------------------
