@@ -109,6 +109,11 @@ class Peer:
         if op == "match":
             with pool.match(cmd["tokens"], cmd.get("ns")) as m:
                 return {"num_tokens": m.num_tokens, "digest": digest(pool, m.blocks) if len(m.blocks) else None}
+        if op == "match_tail":  # digest of the matched blocks after the first skip_blocks
+            with pool.match(cmd["tokens"], cmd.get("ns")) as m:
+                return {"digest": digest(pool, m.blocks[cmd["skip_blocks"] :])}
+        if op == "digest_rows":
+            return {"digest": digest(pool, self.handles[cmd["handle"]][cmd["start"] : cmd["stop"]])}
         if op == "digest":
             return {"digest": digest(pool, self.handles[cmd["handle"]])}
         if op == "free":

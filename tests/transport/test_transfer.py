@@ -40,29 +40,28 @@ def test_transfer_with_insert_sends_only_missing_blocks(spawn, backend: str) -> 
     prefill = spawn("prefill", backend=backend)
     decode = spawn("decode", backend=backend)
     prefill.connect_to(decode)
-    turn1 = toks(6) + [999]  # 6 full blocks and a partial one
+    turn1 = [*toks(6), 999]  # 6 full blocks and a partial one
     kv1 = prefill.ok("alloc_fill", name="t1", n=6, seed=1)
     res = prefill.ok("send_insert", peer="decode", tokens=turn1, handle="t1")["result"]
     assert (res["sent"], res["skipped"]) == (6, 0)
     hit = decode.ok("match", tokens=turn1)
-    assert hit["num_tokens"] == 24 and hit["digest"] == kv1["digest"]
-    # turn 2 = turn 1 + 4 new blocks: the prefill side holds all 10, only 4 travel
+    assert hit["num_tokens"] == 24 and hit["digest"] == kv1["digest"]  # cached, bit for bit
+    # the same 6 blocks again: everything is cached there, nothing travels
+    again = prefill.ok("send_insert", peer="decode", tokens=turn1, handle="t1")["result"]
+    assert (again["sent"], again["skipped"]) == (0, 6)
+    # turn 2 = turn 1 + 4 new blocks: only the 4 new ones travel
     turn2 = toks(6) + toks(4, start=500)
-    prefill.ok("insert_own", tokens=turn1[:24], handle="t1")
-    kv2 = prefill.ok("alloc_fill", name="t2new", n=4, seed=2)
-    prefill.ok("send_insert", peer="decode", tokens=turn2[24:], handle="t2new")  # not a prefix of turn 2
-    full = prefill.ok("state")
-    assert full["device_used"] >= 10
-    res2 = prefill.call("send_insert", peer="decode", tokens=turn2, handle="t1")  # 6 blocks of turn 2: all cached
-    assert res2["result"]["sent"] == 0 and res2["result"]["skipped"] == 6
-    both = prefill.ok("alloc_fill", name="t2", n=10, seed=3)
-    res3 = prefill.ok("send_insert", peer="decode", tokens=turn2, handle="t2")["result"]
-    assert (res3["sent"], res3["skipped"]) == (4, 6)
-    hit2 = decode.ok("match", tokens=turn2)
-    assert hit2["num_tokens"] == 40
-    assert both["digest"] != kv2["digest"]  # sanity: different data sets
+    prefill.ok("alloc_fill", name="t2", n=10, seed=2)
+    res2 = prefill.ok("send_insert", peer="decode", tokens=turn2, handle="t2")["result"]
+    assert (res2["sent"], res2["skipped"]) == (4, 6)
+    assert res2["bytes"] == 4 * 512
+    assert decode.ok("match", tokens=turn2)["num_tokens"] == 40
+    # the receiver's copy of the 4 new blocks is the sender's (the first 6 stay turn 1's)
+    tail = decode.ok("match_tail", tokens=turn2, skip_blocks=6)
+    mine = prefill.ok("digest_rows", handle="t2", start=6, stop=10)
+    assert tail["digest"] == mine["digest"]
     state = decode.ok("state")
-    assert state["device_used"] == state["device_cached"]  # everything held is in the cache: no leaks
+    assert state["device_used"] == state["device_cached"] == 10  # all held blocks are cached: no leaks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
