@@ -175,3 +175,54 @@ def test_restarted_peer_is_a_new_incarnation(spawn) -> None:
     assert a.ok("state")["peers"]["b"] != first
     a.ok("alloc_fill", name="kv", n=4, seed=9)
     assert a.ok("send", peer="b", handle="kv", key="again")["result"]["sent"] == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_transfers_both_ways_stay_bit_exact(spawn, backend: str) -> None:
+    a = spawn("a", backend=backend, chunk_bytes=8 * 1024)
+    b = spawn("b", backend=backend, chunk_bytes=8 * 1024)
+    a.connect_to(b)
+    digests = {}
+    for i in range(3):
+        digests[f"a{i}"] = a.ok("alloc_fill", name=f"h{i}", n=24, layout="scattered" if i % 2 else "run", seed=i)[
+            "digest"
+        ]
+        digests[f"b{i}"] = b.ok("alloc_fill", name=f"h{i}", n=24, layout="run" if i % 2 else "scattered", seed=10 + i)[
+            "digest"
+        ]
+    for i in range(3):  # six transfers in flight at once, three each way over the same link
+        a.ok("send_async", job=f"j{i}", then="send", peer="b", handle=f"h{i}", key=f"from-a-{i}")
+        b.ok("send_async", job=f"j{i}", then="send", peer="a", handle=f"h{i}", key=f"from-b-{i}")
+    for i in range(3):
+        assert a.call("wait", job=f"j{i}")["result"]["sent"] == 24
+        assert b.call("wait", job=f"j{i}")["result"]["sent"] == 24
+    for i in range(3):
+        assert b.ok("claim", key=f"from-a-{i}")["digest"] == digests[f"a{i}"]
+        assert a.ok("claim", key=f"from-b-{i}")["digest"] == digests[f"b{i}"]
+    assert a.ok("state")["device_used"] == b.ok("state")["device_used"] == 3 * 24  # only their own
+
+
+def test_stalled_receiver_times_out_and_nothing_leaks(spawn) -> None:
+    import signal
+
+    a = spawn("a", deadline_s=2.0, heartbeat_s=0.5)
+    b = spawn("b", deadline_s=2.0, heartbeat_s=0.5)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=16, seed=1)
+    b.proc.send_signal(signal.SIGSTOP)  # alive, but silent
+    try:
+        t0 = time.monotonic()
+        out = a.call("send", peer="b", handle="kv", key="k", timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    assert out.get("error") in ("TransferTimeoutError", "PeerLostError"), out
+    assert elapsed < 10  # the deadline, not a hang
+    assert a.ok("state")["device_used"] == 16
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the receiver notices the dropped link and holds nothing
+        state = b.ok("state")
+        if state["device_used"] == 0 and not state["peers"]:
+            break
+        time.sleep(0.2)
+    assert state["device_used"] == 0 and state["peers"] == {}, state
