@@ -226,3 +226,25 @@ def test_stalled_receiver_times_out_and_nothing_leaks(spawn) -> None:
             break
         time.sleep(0.2)
     assert state["device_used"] == 0 and state["peers"] == {}, state
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sender_giving_up_aborts_the_link_first(spawn, backend: str) -> None:
+    # The sender's overall budget (3 x its 1 s deadline here) runs out while it pauses between
+    # messages; the patient receiver must not complete the transfer afterwards.
+    a = spawn("a", backend=backend, deadline_s=1.0, chunk_bytes=2 * 1024)
+    b = spawn("b", backend=backend, deadline_s=10.0)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=16, seed=1)  # 4 messages
+    a.ok("set_delay", seconds=2.0)
+    out = a.call("send", peer="b", handle="kv", key="k", timeout=60)
+    assert out.get("error") == "TransferTimeoutError", out
+    assert a.ok("state")["peers"] == {}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        state = b.ok("state")
+        if state["device_used"] == 0 and not state["peers"]:
+            break
+        time.sleep(0.2)
+    assert state["device_used"] == 0, state
+    assert b.ok("claim", key="k")["claimed"] is None

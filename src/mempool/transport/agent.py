@@ -99,6 +99,7 @@ class _Peer:
     reader: asyncio.Task[None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set once the link is aborted
 
 
 class TransferAgent:
@@ -185,8 +186,14 @@ class TransferAgent:
     ) -> TransferResult | None:
         """Send blocks ``ids`` of ``tier`` (the caller holds a reference on each until this returns)."""
         target = self._peer(peer)
-        budget = self.config.deadline_s * (3 + len(ids) // 256)
-        return self._call(self._send(target, ids, tier, key, tokens, namespace), budget)
+        budget = self.config.deadline_s * (3 + len(ids) // 256)  # a backstop: every wait inside has a deadline
+        try:
+            return self._call(self._send(target, ids, tier, key, tokens, namespace), budget)
+        except TransferTimeoutError:
+            # Abort the link before the caller lets go of its blocks: a send the cancelled
+            # coroutine left behind must not read them once they are reused.
+            self._call(self._drop(target, TransferTimeoutError(f"transfer to {peer} gave up")), 15.0)
+            raise
 
     def claim(self, key: str) -> Blocks | None:
         """Take the blocks received under ``key``; the caller then owns one reference to each."""
@@ -248,8 +255,12 @@ class TransferAgent:
             await self._drop(peer, PeerLostError(f"{self.name} is shutting down"), goodbye=True)
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
+        me = asyncio.current_task()
+        pending = [t for t in self._tasks if t is not me]
+        for task in pending:
             task.cancel()
+        if pending:  # let receivers run their cleanup (free what they allocated)
+            await asyncio.wait(pending, timeout=5.0)
         if self._backend is not None:
             await self._backend.close()
 
@@ -434,6 +445,7 @@ class TransferAgent:
     async def _drop(self, peer: _Peer, error: TransferError, *, goodbye: bool = False) -> None:
         """Tear down a peer: link first (no late writes), then fail and clean up its transfers."""
         if not peer.alive:
+            await peer.down.wait()  # another caller is tearing it down: wait for the abort
             return
         peer.alive = False
         if self._peers.get(peer.name) is peer:
@@ -443,7 +455,10 @@ class TransferAgent:
                 await peer.channel.send({"type": "bye"})
             except ChannelClosed:
                 pass
-        await peer.link.abort()
+        try:
+            await peer.link.abort()
+        finally:
+            peer.down.set()
         for queue in peer.waiting.values():
             queue.put_nowait({"type": "lost", "error": error})
         me = asyncio.current_task()
@@ -484,6 +499,7 @@ class TransferAgent:
         staging: list[torch.Tensor] | None = None
         tasks: list[asyncio.Task[None]] = []
         sent = messages = 0
+        streaming = False  # data may be on the wire: any failure must abort the link
         try:
             begin: dict[str, Any] = {
                 "type": "begin",
@@ -499,6 +515,7 @@ class TransferAgent:
             ready = await self._expect(peer, queue, "ready")
             if ready is None:
                 return None
+            streaming = True
             data_started = time.perf_counter()
             skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
             if skip < 0 or skip + sum(segments) != len(ids):
@@ -544,6 +561,7 @@ class TransferAgent:
             sent = len(ids) - skip
             done = await self._expect(peer, queue, "done")
             assert done is not None
+            streaming = False
             nbytes = sent * self._pool.config.layout.block_bytes
             self.stats["sent"] += 1
             self.stats["blocks_sent"] += sent
@@ -551,8 +569,11 @@ class TransferAgent:
             self.stats["bytes_sent"] += nbytes
             self.stats["messages_sent"] += messages
             return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started, data_seconds)
-        except BaseException:
+        except BaseException as exc:
             self.stats["failed"] += 1
+            if streaming and peer.alive:
+                error = TransferError(f"transfer {xid} to {peer.name} aborted: {exc!r}")
+                await asyncio.shield(self._drop(peer, error))
             raise
         finally:
             await _settle(tasks)  # no send may still read staging
