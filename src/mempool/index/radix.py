@@ -77,10 +77,9 @@ class RadixIndex:
         self._clock = 0
         self.num_nodes = 0
         policy_obj = make_policy(policy)
-        self._heaps = {
-            Tier.DEVICE: CandidateHeap(0, policy_obj, _device_candidate),
-            Tier.HOST: CandidateHeap(1, policy_obj, _host_candidate),
-        }
+        self._dev_heap = CandidateHeap(0, policy_obj, _device_candidate)
+        self._host_heap = CandidateHeap(1, policy_obj, _host_candidate)
+        self._heaps = {Tier.DEVICE: self._dev_heap, Tier.HOST: self._host_heap}
         self._empty = {
             t: Blocks._trusted(t, _EMPTY, a._owner if a is not None else None) for t, a in self._alloc.items()
         }
@@ -117,8 +116,7 @@ class RadixIndex:
         segs, pos = self._walk(self._roots.get(namespace), key, nb)
         attach_tier = "device" if tier is Tier.DEVICE else "host"
         parts = [ids[p : p + m] for node, m, p in segs if getattr(node, attach_tier) is None]
-        parts.append(ids[pos:])
-        fresh = np.concatenate(parts)
+        fresh = ids[pos:] if not parts else np.concatenate((*parts, ids[pos:]))
         if fresh.size:
             if self._where[tier][fresh].any():
                 taken = fresh[self._where[tier][fresh] != 0]
@@ -423,14 +421,19 @@ class RadixIndex:
             self._locked[Tier.HOST] += sign * node.nblocks
 
     def _offer(self, node: Node) -> None:
-        if node.parent is not None:
-            self._heaps[Tier.DEVICE].offer(node)
-            self._heaps[Tier.HOST].offer(node)
+        if node.parent is None or node.lock:
+            return  # the root and locked nodes are never candidates
+        if node.device is not None and node.dev_children == 0:
+            self._dev_heap.offer(node)
+        if node.host is not None:
+            self._host_heap.offer(node)
 
     def _attach(self, node: Node, tier: Tier, ids: IdArray, *, adopt: bool) -> None:
         """Make ``ids`` the node's copy on ``tier``; ``adopt`` takes over the caller's reference."""
         if not adopt:  # ids were validated as held and distinct by the caller
-            self._alloc_of(tier)._retain(ids)
+            alloc = self._alloc[tier]
+            assert alloc is not None
+            alloc._retain(ids)
         if tier is Tier.DEVICE:
             assert node.device is None, node
             node.device = ids
