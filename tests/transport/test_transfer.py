@@ -248,3 +248,24 @@ def test_sender_giving_up_aborts_the_link_first(spawn, backend: str) -> None:
         time.sleep(0.2)
     assert state["device_used"] == 0, state
     assert b.ok("claim", key="k")["claimed"] is None
+
+
+def test_one_key_holds_one_receipt(spawn) -> None:
+    a = spawn("a", chunk_bytes=4 * 1024)
+    b = spawn("b")
+    a.connect_to(b)
+    for i in range(2):
+        a.ok("alloc_fill", name=f"h{i}", n=32, seed=i)
+    a.ok("set_delay", seconds=0.1)
+    a.ok("send_async", job="j0", then="send", peer="b", handle="h0", key="same")
+    a.ok("send_async", job="j1", then="send", peer="b", handle="h1", key="same")
+    outs = [a.call("wait", job=f"j{i}") for i in range(2)]
+    ok = [o for o in outs if "result" in o]
+    refused = [o for o in outs if o.get("error") == "TransferError"]
+    assert len(ok) == 1 and len(refused) == 1 and "in use" in refused[0]["message"], outs
+    again = a.call("send", peer="b", handle="h0", key="same")  # the receipt is still unclaimed
+    assert again.get("error") == "TransferError", again
+    assert b.ok("state")["device_used"] == 32
+    assert b.ok("claim", key="same")["claimed"] == 32
+    assert b.ok("state")["device_used"] == 0
+    assert a.ok("state")["peers"]  # a refused transfer does not cost the connection

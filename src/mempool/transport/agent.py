@@ -118,6 +118,7 @@ class TransferAgent:
         self._peers: dict[str, _Peer] = {}
         self._receipts: dict[str, tuple[Blocks, float]] = {}
         self._receipts_lock = threading.Lock()
+        self._incoming: set[str] = set()  # keys of transfers still landing
         self._xid = itertools.count(1)
         self._staging: list[torch.Tensor] = []
         self._backend: DataBackend | None = None
@@ -518,8 +519,9 @@ class TransferAgent:
             streaming = True
             data_started = time.perf_counter()
             skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
-            if skip < 0 or skip + sum(segments) != len(ids):
-                raise TransferError(f"{peer.name} planned {skip} + {sum(segments)} blocks of {len(ids)}")
+            chunk = self._chunk_blocks()
+            if skip < 0 or skip + sum(segments) != len(ids) or any(not 0 < x <= chunk for x in segments):
+                raise TransferError(f"{peer.name} sent an impossible plan: skip {skip}, segments {segments[:8]}")
             # Runs go straight from KV storage, up to WINDOW messages in flight; scattered parts are
             # gathered (on a worker thread, so the loop keeps driving the link) into two staging
             # buffers, one filling while the other is on the wire.
@@ -539,7 +541,7 @@ class TransferAgent:
                     if slot in users:
                         await users.pop(slot)  # the send that used this buffer is done
                     if len(staging) <= slot:
-                        staging.append(self._take_staging(self._chunk_blocks(), storage))
+                        staging.append(self._take_staging(chunk, storage))
                     buf = staging[slot][:length]
                     index = torch.from_numpy(np.array(src, dtype=np.int64))
                     await loop.run_in_executor(None, _gather, storage.flat, index, buf)
@@ -599,6 +601,7 @@ class TransferAgent:
         match: Match | None = None
         staging: list[torch.Tensor] = []
         inflight: list[asyncio.Task[None]] = []
+        reserved: str | None = None
         try:
             n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
             if not isinstance(n, int) or n <= 0 or (key is not None and not isinstance(key, str)):
@@ -618,9 +621,12 @@ class TransferAgent:
                 return await self._fail(peer, xid, "bad_request", "a transfer needs a key or tokens")
             else:
                 with self._receipts_lock:
-                    taken = key in self._receipts
+                    taken = key in self._receipts or key in self._incoming
+                    if not taken:
+                        self._incoming.add(key)  # reserved until this transfer ends, either way
+                        reserved = key
                 if taken:
-                    return await self._fail(peer, xid, "bad_request", f"key {key!r} holds unclaimed blocks")
+                    return await self._fail(peer, xid, "bad_request", f"key {key!r} is in use")
             need = n - skip
             if need:
                 dst = self._pool.alloc(need)
@@ -685,7 +691,7 @@ class TransferAgent:
                 await self._drop(peer, exc if isinstance(exc, TransferError) else PeerLostError(str(exc)))
         except asyncio.CancelledError:
             pass  # the peer was dropped: its link is aborted already
-        except MemPoolError as exc:  # e.g. bad tokens from the peer
+        except (MemPoolError, ValueError) as exc:  # e.g. bad tokens or a malformed field from the peer
             if peer.alive:
                 await self._fail(peer, xid, "bad_request", str(exc))
         finally:
@@ -694,6 +700,9 @@ class TransferAgent:
                 self._pool.free(dst)
             if match is not None:
                 match.release()
+            if reserved is not None:
+                with self._receipts_lock:
+                    self._incoming.discard(reserved)
             for buf in staging:
                 self._give_staging(buf)
             peer.serving.pop(xid, None)
