@@ -211,7 +211,12 @@ class TorchBackend:
         self._device = device
         self._store: Any = None
         self._host = "127.0.0.1"
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mempool-torchdist")
+        # Each gloo send/recv blocks a thread in wait() until the peer posts its side (gloo work
+        # has no future, and is_completed() stays false until wait()). With too few threads,
+        # transfers in both directions starve each other's counterparts and deadlock until the
+        # deadline; a transfer keeps at most ~6 operations in flight per side, so 256 threads
+        # (created on demand) cover 40+ concurrent transfers per process.
+        self._executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="mempool-torchdist")
 
     async def start(self, host: str) -> dict[str, Any]:
         self._host = host
