@@ -38,10 +38,8 @@ import torch
 from mempool.alloc.storage import KVStorage
 from mempool.config import PoolConfig, TransportConfig
 from mempool.errors import (
-    AuthenticationError,
     HandshakeError,
     InvalidArgumentError,
-    LayoutMismatchError,
     MemPoolError,
     PeerLostError,
     TransferError,
@@ -49,7 +47,7 @@ from mempool.errors import (
     UnknownPeerError,
 )
 from mempool.index.match import Match
-from mempool.transport import auth
+from mempool.transport.handshake import Identity, client_handshake, serve_handshake
 from mempool.transport.links import DataBackend, Link, make_backend
 from mempool.transport.plan import plan_segments, segment_tag
 from mempool.transport.wire import Channel, ChannelClosed, pack_bytes, unpack_bytes
@@ -59,7 +57,6 @@ __all__ = ["PoolOps", "TransferAgent", "TransferResult"]
 
 log = logging.getLogger("mempool.transport")
 T = TypeVar("T")
-PROTOCOL = 1
 WINDOW = 4  # data messages in flight per transfer and direction, beyond the one being prepared
 
 
@@ -265,17 +262,9 @@ class TransferAgent:
         if self._backend is not None:
             await self._backend.close()
 
-    # -- handshake ---------------------------------------------------------------------------
-    def _refuse_reason(self, hello: dict[str, Any]) -> tuple[str, str] | None:
-        if hello.get("type") != "hello" or hello.get("version") != PROTOCOL:
-            return "protocol", f"unsupported protocol {hello.get('version')!r}"
-        if hello.get("backend") != self.config.backend:
-            return "backend", f"backend {hello.get('backend')!r} != {self.config.backend!r}"
-        if hello.get("layout") != self._layout:
-            return "layout", f"KV layout {hello.get('layout')} != {self._layout}"
-        if not isinstance(hello.get("name"), str) or not isinstance(hello.get("nonce"), str):
-            return "protocol", "hello without name or nonce"
-        return None
+    # -- handshake (the exchange itself lives in handshake.py) --------------------------------
+    def _identity(self) -> Identity:
+        return Identity(self.name, self.incarnation, self.config.backend, self._layout, self._secret)
 
     def _record_refusal(self, who: str, why: str) -> None:
         self.stats["refused"] += 1
@@ -284,46 +273,14 @@ class TransferAgent:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         channel = Channel(reader, writer)
-        timeout = self.config.deadline_s
         try:
-            hello = await asyncio.wait_for(channel.recv(), timeout)
-            refused = self._refuse_reason(hello)
-            if refused is not None:
-                await channel.send({"type": "refuse", "code": refused[0], "reason": refused[1]})
-                self._record_refusal(channel.peer_address, refused[1])
-                return await channel.close()
-            client, client_nonce = hello["name"], hello["nonce"]
-            nonce, conn_id = auth.new_nonce(), secrets.token_hex(16)
-            mac = auth.proof(self._secret, "server", client_nonce, nonce, client, self.name)
-            await channel.send(
-                {
-                    "type": "challenge",
-                    "name": self.name,
-                    "incarnation": self.incarnation,
-                    "nonce": nonce,
-                    "proof": mac,
-                    "conn_id": conn_id,
-                    "data": self._data_info,
-                }
-            )
-            answer = await asyncio.wait_for(channel.recv(), timeout)
-            if answer.get("type") != "auth" or not auth.verify(
-                self._secret, answer.get("proof"), "client", client_nonce, nonce, client, self.name
-            ):
-                why = (
-                    answer.get("reason", "wrong shared secret")
-                    if answer.get("type") == "refuse"
-                    else "wrong shared secret"
-                )
-                if answer.get("type") != "refuse":
-                    await channel.send({"type": "refuse", "code": "auth", "reason": "authentication failed"})
-                self._record_refusal(f"{client}@{channel.peer_address}", str(why))
-                return await channel.close()
             assert self._backend is not None
-            accepting = asyncio.ensure_future(self._backend.accept(conn_id, timeout))
-            await channel.send({"type": "welcome"})
-            link = await accepting
-            await self._register(client, str(hello.get("incarnation")), channel, link)
+            got = await serve_handshake(
+                channel, self._identity(), self._data_info, self._backend, self.config.deadline_s, self._record_refusal
+            )
+            if got is None:
+                return await channel.close()
+            await self._register(*got, channel)
         except (ChannelClosed, asyncio.TimeoutError, MemPoolError, OSError) as exc:
             log.info("agent %s: handshake from %s failed: %s", self.name, channel.peer_address, exc)
             await channel.close()
@@ -336,59 +293,18 @@ class TransferAgent:
             raise PeerLostError(f"cannot reach {name} at {host}:{port}: {exc}") from exc
         channel = Channel(reader, writer)
         try:
-            nonce = auth.new_nonce()
-            await channel.send(
-                {
-                    "type": "hello",
-                    "version": PROTOCOL,
-                    "name": self.name,
-                    "incarnation": self.incarnation,
-                    "backend": self.config.backend,
-                    "layout": self._layout,
-                    "nonce": nonce,
-                }
-            )
-            challenge = await asyncio.wait_for(channel.recv(), timeout)
-            if challenge.get("type") == "refuse":
-                code, reason = challenge.get("code"), str(challenge.get("reason"))
-                error = (
-                    LayoutMismatchError
-                    if code == "layout"
-                    else AuthenticationError
-                    if code == "auth"
-                    else HandshakeError
-                )
-                raise error(f"{name} at {host}:{port} refused: {reason}")
-            server = challenge.get("name")
-            if challenge.get("type") != "challenge" or server != name:
-                raise HandshakeError(f"{host}:{port} is {server!r}, not {name!r}")
-            if not auth.verify(
-                self._secret,
-                challenge.get("proof"),
-                "server",
-                nonce,
-                str(challenge.get("nonce")),
-                self.name,
-                name,
-            ):
-                await channel.send({"type": "refuse", "code": "auth", "reason": "server failed authentication"})
-                self._record_refusal(f"{name}@{host}:{port}", "server failed authentication")
-                raise AuthenticationError(f"{name} at {host}:{port} does not know the shared secret")
-            mac = auth.proof(self._secret, "client", nonce, str(challenge["nonce"]), self.name, name)
-            await channel.send({"type": "auth", "proof": mac})
-            welcome = await asyncio.wait_for(channel.recv(), timeout)
-            if welcome.get("type") != "welcome":
-                raise AuthenticationError(f"{name} at {host}:{port} refused: {welcome.get('reason')}")
             assert self._backend is not None
-            link = await self._backend.connect(challenge["data"], str(challenge["conn_id"]), timeout)
-            await self._register(name, str(challenge.get("incarnation")), channel, link)
+            incarnation, link = await client_handshake(
+                channel, self._identity(), name, f"{host}:{port}", self._backend, timeout, self._record_refusal
+            )
+            await self._register(name, incarnation, link, channel)
         except BaseException as exc:
             await channel.close()
             if isinstance(exc, (ChannelClosed, asyncio.TimeoutError)):
                 raise HandshakeError(f"handshake with {name} at {host}:{port} failed: {exc!r}") from exc
             raise
 
-    async def _register(self, name: str, incarnation: str, channel: Channel, link: Link) -> None:
+    async def _register(self, name: str, incarnation: str, link: Link, channel: Channel) -> None:
         old = self._peers.get(name)
         if old is not None:  # a restarted peer (new incarnation) replaces the old connection
             await self._drop(old, PeerLostError(f"{name} reconnected as a new incarnation"))
