@@ -195,6 +195,38 @@ class IndexMachine(RuleBasedStateMachine):
         for p in gone:
             del self.model[p]
 
+    @rule(n=st.integers(1, 3), seed=st.integers(0, 1000))
+    def swap_round_trip(self, n: int, seed: int) -> None:
+        """A request's own blocks go to the host and back bit for bit; eviction it causes is legal."""
+        before = self.tiers()
+        own = self.pool.alloc(n)
+        if own is None:
+            self.after_eviction(before, set())
+            return
+        values = [float(seed * 7 + i) for i in range(n)]
+        for b, v in zip(own.tolist(), values):
+            self.pool.kv()[b].fill_(v)
+        host = self.pool.swap_out(own)
+        if host is not None:
+            for b, v in zip(host.tolist(), values):
+                assert torch.all(self.pool.kv(Tier.HOST)[b] == v)
+            back = self.pool.swap_in(host)
+            if back is None:
+                self.pool.free(host)
+            else:
+                for b, v in zip(back.tolist(), values):
+                    assert torch.all(self.pool.kv()[b] == v)
+                self.pool.free(back)
+        else:
+            self.pool.free(own)
+        self.after_eviction(before, set())
+
+    @precondition(lambda self: any(len(m.blocks) for m, _, _ in self.held))
+    @rule()
+    def swap_of_locked_prefix_is_refused(self) -> None:
+        m = next(m for m, _, _ in self.held if len(m.blocks))
+        self.expect_rejected(lambda: self.pool.swap_out(m.blocks))
+
     @rule(kind=st.sampled_from(["tokens", "too_many", "freed", "foreign", "in_use", "host_tier", "namespace"]))
     def bad_call(self, kind: str) -> None:
         pool = self.pool
