@@ -10,19 +10,37 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from mempool.config import KVLayout, PoolConfig
+from mempool.config import KVLayout, PoolConfig, TransportConfig
 from mempool.errors import MemPoolError
 from mempool.types import Blocks, Tier
 
 if TYPE_CHECKING:
     from mempool.index.match import Match
     from mempool.pool import MemPool
+    from mempool.transport.agent import TransferResult
     from mempool.transport.handles import SwapHandle
 
 __version__ = "0.1.0"
-__all__ = ["Blocks", "KVLayout", "Match", "MemPool", "MemPoolError", "PoolConfig", "SwapHandle", "Tier", "errors"]
+__all__ = [
+    "Blocks",
+    "KVLayout",
+    "Match",
+    "MemPool",
+    "MemPoolError",
+    "PoolConfig",
+    "SwapHandle",
+    "Tier",
+    "TransferResult",
+    "TransportConfig",
+    "errors",
+]
 
-_LAZY = {"MemPool": "mempool.pool", "Match": "mempool.index.match", "SwapHandle": "mempool.transport.handles"}
+_LAZY = {
+    "MemPool": "mempool.pool",
+    "Match": "mempool.index.match",
+    "SwapHandle": "mempool.transport.handles",
+    "TransferResult": "mempool.transport.agent",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Moving KV blocks: between tiers of one pool (swap) and, later, between pools (see README.md)."""
+"""Moving KV blocks: between tiers of one pool (swap) and between pools (transfer); see README.md."""
 
 from mempool.transport.handles import SwapHandle
 from mempool.transport.swap import CopyJob, SwapEngine
