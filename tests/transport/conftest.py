@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,15 @@ class PeerProcess:
         out = self.call(op, timeout, **args)
         assert "error" not in out, out
         return out
+
+    def wait_state(self, done: Callable[[dict[str, Any]], Any], timeout: float = 15) -> dict[str, Any]:
+        """Poll ``state`` until ``done(state)`` holds (or ``timeout`` passes); return the last state."""
+        deadline = time.monotonic() + timeout
+        state = self.ok("state")
+        while not done(state) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            state = self.ok("state")
+        return state
 
     def connect_to(self, other: PeerProcess) -> None:
         self.ok("connect", name=other.name, host=other.host, port=other.port)

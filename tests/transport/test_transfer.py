@@ -71,10 +71,8 @@ def test_wrong_secret_is_refused_on_both_sides(spawn, backend: str) -> None:
     out = a.call("connect", name="b", host=b.host, port=b.port)
     assert out["error"] == "AuthenticationError", out
     assert a.ok("state")["refusals"]  # the client refused the server's proof ...
-    deadline = time.monotonic() + 10
-    while not b.ok("state")["refusals"] and time.monotonic() < deadline:
-        time.sleep(0.1)  # ... and the server records it when the client's refusal arrives
-    assert b.ok("state")["refusals"]
+    # ... and the server records it when the client's refusal arrives, after connect() returned
+    assert b.wait_state(lambda s: s["refusals"])["refusals"]
     assert a.ok("state")["peers"] == {} and b.ok("state")["peers"] == {}
 
 
@@ -128,12 +126,7 @@ def test_sender_killed_mid_transfer(spawn, backend: str) -> None:
     time.sleep(1.0)
     assert b.ok("state")["device_used"] == 64  # allocated for the transfer in flight
     a.kill()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        state = b.ok("state")
-        if state["device_used"] == 0 and not state["peers"]:
-            break
-        time.sleep(0.2)
+    state = b.wait_state(lambda s: s["device_used"] == 0 and not s["peers"])
     assert state["device_used"] == 0 and state["peers"] == {}, state
     assert b.ok("claim", key="k")["claimed"] is None  # nothing half-received is claimable
 
@@ -145,10 +138,7 @@ def test_unclaimed_receipts_expire(spawn) -> None:
     a.ok("alloc_fill", name="kv", n=8, seed=1)
     a.ok("send", peer="b", handle="kv", key="forgotten")
     assert b.ok("state")["device_used"] == 8
-    deadline = time.monotonic() + 10
-    while b.ok("state")["device_used"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    state = b.ok("state")
+    state = b.wait_state(lambda s: s["device_used"] == 0, timeout=10)
     assert state["device_used"] == 0 and state["transport"]["receipts_expired"] == 1
     assert b.ok("claim", key="forgotten")["claimed"] is None
 
@@ -170,9 +160,7 @@ def test_restarted_peer_is_a_new_incarnation(spawn) -> None:
     first = a.ok("state")["peers"]["b"]
     b.kill()
     b2 = spawn("b")
-    deadline = time.monotonic() + 10
-    while a.ok("state")["peers"] and time.monotonic() < deadline:
-        time.sleep(0.1)  # the dead connection is noticed
+    a.wait_state(lambda s: not s["peers"], timeout=10)  # the dead connection is noticed
     out = a.call("send", peer="b", handle="none", key="x")
     assert out["error"] in ("UnknownPeerError", "KeyError"), out
     a.connect_to(b2)
@@ -224,12 +212,9 @@ def test_stalled_receiver_times_out_and_nothing_leaks(spawn) -> None:
     assert out.get("error") in ("TransferTimeoutError", "PeerLostError"), out
     assert elapsed < 10  # the deadline, not a hang
     assert a.ok("state")["device_used"] == 16
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # the receiver notices the dropped link and holds nothing
-        state = b.ok("state")
-        if state["device_used"] == 0 and not state["peers"]:
-            break
-        time.sleep(0.2)
+    state = b.wait_state(
+        lambda s: s["device_used"] == 0 and not s["peers"]
+    )  # the receiver notices the dropped link, holds nothing
     assert state["device_used"] == 0 and state["peers"] == {}, state
 
 
@@ -245,12 +230,7 @@ def test_sender_giving_up_aborts_the_link_first(spawn, backend: str) -> None:
     out = a.call("send", peer="b", handle="kv", key="k", timeout=60)
     assert out.get("error") == "TransferTimeoutError", out
     assert a.ok("state")["peers"] == {}
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        state = b.ok("state")
-        if state["device_used"] == 0 and not state["peers"]:
-            break
-        time.sleep(0.2)
+    state = b.wait_state(lambda s: s["device_used"] == 0 and not s["peers"])
     assert state["device_used"] == 0, state
     assert b.ok("claim", key="k")["claimed"] is None
 
