@@ -254,3 +254,28 @@ def test_one_key_holds_one_receipt(spawn) -> None:
     assert b.ok("claim", key="same")["claimed"] == 32
     assert b.ok("state")["device_used"] == 0
     assert a.ok("state")["peers"]  # a refused transfer does not cost the connection
+
+
+def _listening(pid: int) -> list[str]:
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to list listening sockets")
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def test_peers_listen_on_loopback_only(spawn) -> None:
+    a, b = spawn("a"), spawn("b")  # torch backend: control, TCPStore and gloo pairs
+    a.connect_to(b)
+    for peer in (a, b):
+        addrs = _listening(peer.proc.pid)
+        assert addrs and all(x.startswith("127.0.0.1:") for x in addrs), addrs
+    if __import__("tests.transport.conftest", fromlist=["HAS_UCX"]).HAS_UCX:
+        u = spawn("u", backend="ucx")
+        addrs = _listening(u.proc.pid)
+        # ucxx's connection listener has no bind address (it takes any interface and aborts
+        # clients without a conn_id from the authenticated handshake); all else is loopback.
+        assert sum(not x.startswith("127.0.0.1:") for x in addrs) <= 1, addrs
+        assert any(x.startswith("127.0.0.1:") for x in addrs), addrs

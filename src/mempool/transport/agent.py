@@ -239,7 +239,10 @@ class TransferAgent:
     async def _start(self) -> tuple[str, int]:
         cfg = self.config
         self._backend = make_backend(
-            cfg.backend, device=self._pool.storage(Tier.DEVICE).device, shared_memory=cfg.ucx_shared_memory
+            cfg.backend,
+            device=self._pool.storage(Tier.DEVICE).device,
+            shared_memory=cfg.ucx_shared_memory,
+            host=cfg.host,
         )
         self._data_info = await self._backend.start(cfg.host)
         self._server = await asyncio.start_server(self._accept, cfg.host, cfg.port)
