@@ -1,0 +1,331 @@
+"""The single-instance engine: a request queue, prefill over the prefix cache, continuous batching.
+
+Each :meth:`Engine.step` is either a prefill step (newly admitted requests, each computing only the
+part of its prompt that the pool does not cache) or a decode step (one token for every running
+request). Blocks are allocated as sequences grow; when the device runs out, the most recently
+admitted request is preempted (its blocks swapped to the host, or freed for recomputation) and
+resumes when room returns. A finished request's prompt and output are inserted into the pool's
+index (context caching) before its own references are freed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from mempool import Blocks, MemPool, PoolConfig, Tier
+from mempool.errors import InvalidArgumentError
+
+from .model import LlamaModel
+from .paged import Chunk, StepInput
+from .sampling import SamplingParams, sample_batch
+from .sequence import Metrics, Sequence, State
+
+PREEMPTION_MODES = ("swap", "recompute")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Engine knobs. ``caching`` switches context caching; ``preemption`` is ``swap`` or ``recompute``."""
+
+    block_size: int = 16
+    device_blocks: int = 2048
+    host_blocks: int = 2048
+    kv_dtype: str | None = None  # None: the model's dtype
+    caching: bool = True
+    preemption: str = "swap"
+    max_running: int = 32
+    max_prefill_tokens: int = 4096
+    namespace: str | None = None  # cache namespace (a model or adapter id)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
+        for name in ("block_size", "device_blocks", "max_running", "max_prefill_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    def pool_config(self, model: LlamaModel) -> PoolConfig:
+        """The :class:`PoolConfig` whose KV layout fits ``model``."""
+        c = model.config
+        return PoolConfig(
+            num_layers=c.num_layers,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            block_size=self.block_size,
+            device_blocks=self.device_blocks,
+            host_blocks=self.host_blocks,
+            dtype=self.kv_dtype or c.dtype,
+            device=str(model.device),
+        )
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    metrics: Metrics
+    logits: torch.Tensor | None = None
+
+
+class Engine:
+    """Runs requests on ``model`` with KV in ``pool`` (created from ``config`` when not given).
+
+    Not thread-safe: one caller drives :meth:`step` (the server runs it in one worker thread).
+    """
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        config: EngineConfig | None = None,
+        pool: MemPool | None = None,
+        *,
+        stop_ids: Iterable[int] = (),
+    ) -> None:
+        self.model = model
+        self.config = config = config or EngineConfig()
+        self.pool = pool or MemPool(config.pool_config(model))
+        if self.pool.config.layout != config.pool_config(model).layout:
+            raise InvalidArgumentError("the pool's KV layout does not fit the model")
+        self.block_size = self.pool.config.block_size
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
+        self._by_id: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.steps = {"prefill": 0, "decode": 0}
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(
+        self, prompt: Iterable[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; returns its id.
+
+        Raises:
+            InvalidArgumentError: empty prompt, ids outside the vocabulary, a duplicate id, or a
+                request that could not fit in the device tier even alone.
+        """
+        params = params or SamplingParams()
+        tokens = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty")
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab})")
+        need = -(-(len(tokens) + params.max_tokens) // self.block_size)
+        if need > self.pool.config.device_blocks:
+            raise InvalidArgumentError(
+                f"prompt + max_tokens need {need} blocks; the device tier has {self.pool.config.device_blocks}"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._by_id:
+            raise InvalidArgumentError(f"request id {rid!r} is in use")
+        seed = params.seed if params.seed is not None else hash((self.config.seed, rid)) & (2**63 - 1)
+        gen = None if params.greedy else torch.Generator().manual_seed(seed)
+        seq = Sequence(rid, tokens, len(tokens), params, gen)
+        self._by_id[rid] = seq
+        self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is, releasing its blocks; ``False`` if unknown or finished."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return False
+        for queue in (self.waiting, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self._finish(seq, "abort", cache=False)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one prefill or decode step; returns the tokens it produced (empty when idle)."""
+        self._resume_swapped()
+        batch = self._admit()
+        if batch:
+            self.steps["prefill"] += 1
+        else:
+            batch = self._grow_running()
+            if not batch:
+                if self.swapped and not self.running:
+                    self._unstick()
+                return []
+            self.steps["decode"] += 1
+        return self._run(batch)
+
+    def _unstick(self) -> None:
+        """Nothing runs and the oldest swapped request cannot swap back in (other swapped requests'
+        locked prefixes fill the device): recompute it instead, so the engine always progresses."""
+        seq = self.swapped.popleft()
+        self._release(seq, cache=False)
+        seq.num_computed, seq.state = 0, State.WAITING
+        self.waiting.appendleft(seq)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
+        """Run ``prompts`` to completion; returns each one's output tokens, in order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        out: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id] += o.new_token_ids
+        return [out[i] for i in ids]
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self.config.max_prefill_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.config.max_running and not self.swapped:
+            seq = self.waiting[0]
+            if admitted and len(seq.tokens) > budget:
+                break
+            if not self._allocate(seq):
+                break
+            self.waiting.popleft()
+            budget -= len(seq.tokens) - seq.num_computed
+            admitted.append(seq)
+            if budget <= 0:
+                break
+        self.running += admitted
+        return admitted
+
+    def _allocate(self, seq: Sequence) -> bool:
+        """Match the cached prefix and allocate blocks for the rest; all or nothing."""
+        bs = self.block_size
+        match = None
+        if self.config.caching:  # keep at least one token to compute: its logits pick the next token
+            match = self.pool.match(seq.tokens[:-1], self.config.namespace, promote=True)
+        hit = 0 if match is None else len(match.blocks)
+        own = self.pool.alloc(-(-len(seq.tokens) // bs) - hit)
+        if own is None:
+            if match is not None:
+                match.release()
+            return False
+        seq.match, seq.prefix_blocks, seq.own = match, hit, own
+        seq.num_computed = hit * bs
+        if seq.metrics.first_scheduled is None:
+            seq.metrics.first_scheduled = _now()
+            seq.metrics.cached_tokens = hit * bs
+        seq.state = State.RUNNING
+        return True
+
+    def _grow_running(self) -> list[Sequence]:
+        """Make room for every running sequence's next token, preempting from the back if needed."""
+        bs = self.block_size
+        ready: list[Sequence] = []
+        while self.running:
+            seq = self.running.pop(0)
+            while seq.state is State.RUNNING and len(seq.table) * bs < len(seq.tokens):
+                more = self.pool.alloc(1)
+                if more is not None:
+                    assert seq.own is not None
+                    seq.own = seq.own.concat(more)
+                    continue
+                victim = self.running.pop() if self.running else seq
+                self._preempt(victim)
+            if seq.state is State.RUNNING:
+                ready.append(seq)
+        self.running = ready
+        return ready
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.metrics.preemptions += 1
+        if self.config.preemption == "swap" and seq.own is not None and len(seq.own):
+            host = self.pool.swap_out(seq.own)
+            if host is not None:
+                seq.own, seq.swapped, seq.state = None, host, State.SWAPPED
+                self.swapped.append(seq)
+                return
+        self._release(seq, cache=self.config.caching)  # recompute later, from the cache where it holds
+        seq.num_computed, seq.state = 0, State.WAITING
+        self.waiting.appendleft(seq)
+
+    def _resume_swapped(self) -> None:
+        while self.swapped and len(self.running) < self.config.max_running:
+            seq = self.swapped[0]
+            assert seq.swapped is not None
+            back = self.pool.swap_in(seq.swapped)
+            if back is None:
+                return
+            self.swapped.popleft()
+            seq.own, seq.swapped, seq.state = back, None, State.RUNNING
+            self.running.append(seq)
+
+    def _run(self, batch: list[Sequence]) -> list[RequestOutput]:
+        batch = list(batch)  # finished sequences leave self.running while we walk the batch
+        chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
+        step = StepInput.build(chunks, self.block_size, self.model.device)
+        logits = self.model(step, self.pool.kv(Tier.DEVICE))
+        tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
+        outputs = []
+        now = None
+        for i, (seq, token) in enumerate(zip(batch, tokens)):
+            seq.metrics.computed_tokens += len(chunks[i].tokens)
+            seq.num_computed = len(seq.tokens)
+            seq.tokens.append(token)
+            row = logits[i].clone() if seq.params.return_logits else None
+            if row is not None:
+                seq.logits.append(row)
+            if seq.metrics.first_token is None:
+                seq.metrics.first_token = now = now or _now()
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason, cache=self.config.caching)
+            outputs.append(RequestOutput(seq.id, [token], reason is not None, reason, seq.metrics, row))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        if not seq.params.ignore_eos and (token in self.stop_ids or token in seq.params.stop_token_ids):
+            return "stop"
+        if len(seq.tokens) - seq.prompt_len >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    # -- releasing ---------------------------------------------------------------------------
+    def _finish(self, seq: Sequence, reason: str, *, cache: bool) -> None:
+        self._release(seq, cache=cache)
+        seq.state, seq.finish_reason = State.FINISHED, reason
+        seq.metrics.finished = _now()
+        del self._by_id[seq.id]
+
+    def _release(self, seq: Sequence, *, cache: bool) -> None:
+        """Cache the sequence's full computed blocks (if ``cache``), then drop its locks and references."""
+        if cache and seq.own is not None:
+            full = seq.num_computed // self.block_size
+            if full:
+                table = Blocks(Tier.DEVICE, seq.table[:full])
+                self.pool.insert(seq.tokens[: full * self.block_size], table, self.config.namespace)
+        if seq.match is not None:
+            seq.match.release()
+        for blocks in (seq.own, seq.swapped):
+            if blocks is not None and len(blocks):
+                self.pool.free(blocks)
+        seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
+
+    def close(self) -> None:
+        """Abort everything and close the pool."""
+        for rid in list(self._by_id):
+            self.abort(rid)
+        self.pool.close()
+
+
+def _now() -> float:
+    return time.perf_counter()
