@@ -78,3 +78,11 @@ def test_all_public_names_resolve() -> None:
         mod = importlib.import_module(pkg)
         for name in mod.__all__:
             assert getattr(mod, name) is not None
+
+
+def test_the_library_never_imports_the_example_server() -> None:
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(m == "memserve" or m.startswith("memserve.") for m in names), path

@@ -141,7 +141,8 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``[T, 1, head_dim]`` for ``positions`` (computed in float32, as HF does)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+        freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         dtype = self.config.torch_dtype
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
@@ -151,7 +152,8 @@ class LlamaModel(nn.Module):
         """Run ``step``; returns float32 logits ``[sequences, vocab]`` (``[tokens, vocab]`` if ``all_logits``)."""
         x = self.embed_tokens(step.input_ids)
         cos, sin = self.rope(step.positions)
-        for i, layer in enumerate(self.layers):
+        layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]
+        for i, layer in enumerate(layers):
             h = layer.input_layernorm(x)
             x = x + layer.self_attn(h, cos, sin, kv[:, i], step, self.workspace)
             x = x + layer.mlp(layer.post_attention_layernorm(x))

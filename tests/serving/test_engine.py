@@ -1,0 +1,196 @@
+"""The engine gives the tokens of a plain full recompute in every mode, and leaks nothing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from mempool.errors import InvalidArgumentError
+from memserve import Engine, SamplingParams
+
+from .conftest import assert_no_leaks, make_prompts, reference, run
+
+GREEDY = SamplingParams(max_tokens=10, ignore_eos=True, return_logits=True)
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def test_single_request_equals_full_recompute(tiny_model, make_engine: Callable[..., Engine]) -> None:
+    prompt = make_prompts([23])[0]
+    want_tokens, want_logits = reference(tiny_model, prompt, GREEDY.max_tokens)
+    engine = make_engine(caching=False)
+    tokens, logits = run(engine, [prompt], GREEDY)
+    assert tokens == [want_tokens]
+    torch.testing.assert_close(logits[0], want_logits, **TOL)
+    assert_no_leaks(engine)
+
+
+def test_cached_prefix_equals_recompute(make_engine: Callable[..., Engine]) -> None:
+    first, second = make_prompts([40, 52], shared=36, seed=1)
+    cold = make_engine(caching=False)
+    want, want_logits = run(cold, [second], GREEDY)
+    engine = make_engine(caching=True)
+    run(engine, [first], GREEDY)
+    rid = engine.add_request(second, GREEDY)
+    tokens, logits = [], []
+    while engine.has_work():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logits.append(out.logits)
+            cached = out.metrics.cached_tokens
+    assert cached == 36 and rid  # 9 whole blocks of the shared 36-token head came from the cache
+    assert tokens == want[0]
+    torch.testing.assert_close(torch.stack(logits), want_logits[0], **TOL)
+    assert_no_leaks(engine)
+
+
+def test_multi_turn_hits_previous_output(make_engine: Callable[..., Engine]) -> None:
+    """Turn 2 = turn 1's prompt + reply + a new message: everything but the tail is cached."""
+    engine = make_engine(caching=True)
+    turn1 = make_prompts([30], seed=2)[0]
+    reply = engine.generate([turn1], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    turn2 = turn1 + reply + make_prompts([9], seed=3)[0]
+    rid = engine.add_request(turn2, SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
+    assert outs[0].metrics.cached_tokens == (len(turn1) + len(reply) - 1) // 4 * 4
+    want = make_engine(caching=False).generate([turn2], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert [t for o in outs for t in o.new_token_ids] == want
+    assert_no_leaks(engine)
+
+
+def test_swapped_out_and_back_prefix_equals_recompute(make_engine: Callable[..., Engine]) -> None:
+    first, second = make_prompts([44, 50], shared=40, seed=4)
+    want, want_logits = run(make_engine(caching=False), [second], GREEDY)
+    engine = make_engine(caching=True)
+    run(engine, [first], GREEDY)
+    pool = engine.pool
+    cached = pool.stats()["device"]["cached"]
+    assert pool.evict(cached) == cached  # every cached device block demoted to the host tier
+    assert pool.stats()["device"]["cached"] == 0 and pool.stats()["host"]["cached"] >= 10
+    # scribble over the freed device blocks: a stale read would show in the logits
+    pool.kv("device").normal_()
+    tokens, logits = run(engine, [second], GREEDY)
+    assert pool.stats()["index"]["promoted"] >= 10
+    assert tokens == want
+    torch.testing.assert_close(logits[0], want_logits[0], **TOL)
+    assert_no_leaks(engine)
+
+
+def test_mixed_batch_equals_one_at_a_time(make_engine: Callable[..., Engine]) -> None:
+    prompts = make_prompts([3, 17, 40, 33, 64, 8], seed=5)
+    alone = [run(make_engine(caching=False), [p], GREEDY) for p in prompts]
+    engine = make_engine(caching=False)
+    tokens, logits = run(engine, prompts, GREEDY)
+    assert engine.steps["decode"] < sum(len(t) for t in tokens)  # decode steps really were batched
+    for (want, want_logits), got, got_logits in zip(alone, tokens, logits):
+        assert got == want[0]
+        torch.testing.assert_close(got_logits, want_logits[0], **TOL)
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("preemption", ["swap", "recompute"])
+@pytest.mark.parametrize("caching", [False, True])
+def test_preemption_under_memory_pressure_keeps_tokens(
+    make_engine: Callable[..., Engine], preemption: str, caching: bool
+) -> None:
+    prompts = make_prompts([20, 28, 36, 24, 30], seed=6)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want = make_engine(caching=False).generate(prompts, params)
+    engine = make_engine(caching=caching, preemption=preemption, device_blocks=40, host_blocks=64)
+    ids = [engine.add_request(p, params) for p in prompts]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    preempted = 0
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+            if out.finished:
+                preempted += out.metrics.preemptions
+        engine.pool.check_invariants()
+    assert preempted > 0  # the pool really ran out
+    assert [got[i] for i in ids] == want
+    assert_no_leaks(engine)
+
+
+def test_random_workload_matches_reference(make_engine: Callable[..., Engine]) -> None:
+    """Seeded stress: shared prefixes, staggered arrivals, a small pool, invariants after every step."""
+    rng = random.Random(7)
+    heads = make_prompts([12, 24], seed=8)
+    prompts = [rng.choice(heads) + make_prompts([rng.randint(1, 20)], seed=100 + i)[0] for i in range(14)]
+    lengths = [rng.randint(1, 16) for _ in prompts]
+    want = [
+        make_engine(caching=False).generate([p], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        for p, n in zip(prompts, lengths)
+    ]
+    engine = make_engine(caching=True, device_blocks=48, host_blocks=24, max_running=5)
+    got: dict[str, list[int]] = {}
+    pending = list(range(len(prompts)))
+    while pending or engine.has_work():
+        for _ in range(rng.randint(0, 2)):
+            if pending:
+                i = pending.pop(0)
+                got[
+                    engine.add_request(prompts[i], SamplingParams(max_tokens=lengths[i], ignore_eos=True), f"r{i}")
+                ] = []
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        engine.pool.check_invariants()
+    assert [got[f"r{i}"] for i in range(len(prompts))] == want
+    assert_no_leaks(engine)
+
+
+def test_eos_stops_unless_ignored(make_engine: Callable[..., Engine], tiny_model) -> None:
+    prompt = make_prompts([10], seed=9)[0]
+    free_run = make_engine(caching=False).generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    eos = free_run[3]
+    stopping = Engine(tiny_model, make_engine().config, stop_ids=[eos])
+    out = stopping.generate([prompt], SamplingParams(max_tokens=8))[0]
+    assert out == free_run[: free_run.index(eos) + 1]
+    assert stopping.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0] == free_run
+    stopping.close()
+
+
+def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> None:
+    prompts = make_prompts([12, 30], seed=10)
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = make_engine().generate(prompts[:1], params)[0]
+    together = make_engine().generate(prompts, params)[0]  # another request beside it changes nothing
+    assert alone == together
+    other = make_engine().generate(
+        prompts[:1], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True)
+    )
+    assert other[0] != alone
+
+
+def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(device_blocks=16)
+    before = engine.pool.stats()
+    for prompt, params in [
+        ([], None),
+        ([1, 2, 512], None),
+        ([-1], None),
+        ([1] * 60, SamplingParams(max_tokens=10)),  # 70 tokens > 16 blocks of 4
+    ]:
+        with pytest.raises(InvalidArgumentError):
+            engine.add_request(prompt, params)
+    small = SamplingParams(max_tokens=4)
+    engine.add_request([1, 2, 3], small, "dup")
+    with pytest.raises(InvalidArgumentError, match="in use"):
+        engine.add_request([1, 2, 3], small, "dup")
+    assert engine.pool.stats() == before and len(engine.waiting) == 1
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_abort_releases_everything(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(caching=True)
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in make_prompts([20, 30], seed=11)
+    ]
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.stats()["device"]["used"] > 0
+    assert all(engine.abort(i) for i in ids) and not engine.abort(ids[0])
+    assert_no_leaks(engine)
+    assert engine.pool.stats()["device"]["used"] == 0  # aborted work is not cached

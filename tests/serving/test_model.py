@@ -1,0 +1,137 @@
+"""Our Llama against Hugging Face transformers on the same random weights (a reference no one here wrote)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from memserve import Engine, EngineConfig, ModelConfig, ModelConfigError, SamplingParams, load_pretrained
+from memserve.model import rope_inv_freq
+
+from .conftest import make_prompts, run
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+)
+
+
+def save_hf(tmp_path: Path, kind: str = "llama", **overrides: Any) -> Any:
+    """Build, randomise and save a tiny HF model; returns it (eval mode, float32)."""
+    torch.manual_seed(0)
+    fields = {**SMALL, **overrides}
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**fields)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(**fields)
+        model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():  # HF zero-initialises biases; random ones make the bias path count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.eval().save_pretrained(tmp_path)
+    return model
+
+
+CASES = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "max_position_embeddings": 1024,
+        },
+    ),
+    "qwen2-bias": ("qwen2", {"tie_word_embeddings": False}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str) -> None:
+    kind, overrides = CASES[case]
+    hf = save_hf(tmp_path, kind, **overrides)
+    ours = load_pretrained(tmp_path)
+    prompts = make_prompts([7, 33, 90], vocab=SMALL["vocab_size"], seed=3)
+    engine = Engine(ours, EngineConfig(block_size=8, device_blocks=64, host_blocks=0, caching=False))
+    steps = 12
+    tokens, logits = run(engine, prompts, SamplingParams(max_tokens=steps, ignore_eos=True, return_logits=True))
+    for prompt, got_tokens, got_logits in zip(prompts, tokens, logits):
+        seq = torch.tensor([prompt + got_tokens])
+        with torch.no_grad():
+            ref = hf(seq).logits[0, len(prompt) - 1 : -1]  # the logits that chose each generated token
+        rel = (got_logits - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert rel.max().item() < 1e-4, (case, rel.max().item())
+        assert ref.argmax(-1).tolist() == got_tokens  # HF's greedy choice at every step
+    engine.close()
+
+
+def test_hf_generate_agrees_with_engine(tmp_path: Path) -> None:
+    hf = save_hf(tmp_path)
+    prompt = make_prompts([21], vocab=SMALL["vocab_size"], seed=5)[0]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
+    engine = Engine(load_pretrained(tmp_path), EngineConfig(block_size=4, device_blocks=64, host_blocks=0))
+    assert engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True)) == [want]
+    engine.close()
+
+
+def test_config_reads_hf_fields(tmp_path: Path) -> None:
+    save_hf(tmp_path, "qwen2")
+    config = ModelConfig.from_hf(tmp_path)
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (2, 4, 2, 16)
+    assert config.attention_bias and config.rms_norm_eps == 1e-6
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path: Path) -> None:
+    hf = save_hf(tmp_path, **CASES["llama3-rope"][1])
+    ours = rope_inv_freq(ModelConfig.from_hf(tmp_path))
+    torch.testing.assert_close(ours, hf.model.rotary_emb.inv_freq.float(), rtol=1e-6, atol=0)
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
+    save_hf(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    file = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(str(file))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(file))
+    with pytest.raises(ModelConfigError, match="missing"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "gpt2"}, "not a Llama"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "not supported"),
+        ({"mlp_bias": True}, "mlp_bias"),
+    ],
+)
+def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    save_hf(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig.from_hf(tmp_path)
