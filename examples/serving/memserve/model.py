@@ -159,4 +159,20 @@ class LlamaModel(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if not all_logits:
             x = x[step.last]
-        return self.lm_head(self.norm(x)).float()
+        return self.logits(self.norm(x))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[rows, vocab]`` of final hidden states ``h``.
+
+        The vocabulary projection dominates a decode step of a small model. On CPU we compute
+        ``W @ h.T``, which MKL runs as a skinny GEMM: measured here (128k x 512 fp32) it takes
+        ~9 ms for 2 rows, ~28 ms for 16, while ``F.linear`` takes ~21 and ~52 ms and one row
+        alone goes through a ~18 ms GEMV, so a single row is padded to two.
+        """
+        weight = self.lm_head.weight
+        if h.device.type != "cpu":
+            return self.lm_head(h).float()
+        rows = h.shape[0]
+        if rows == 1:
+            h = torch.cat((h, torch.zeros_like(h)))
+        return torch.mm(weight, h.t()).t()[:rows].float()

@@ -1,0 +1,172 @@
+"""memserve engine against Hugging Face transformers (eager attention) on the same weights and dtype.
+
+Goals (issue: engine): prefill no slower than HF for 128/512/1,000/2,000 tokens; a decode step at
+batch 16 costs under 2x batch 1; mean TTFT over a short multi-turn ShareGPT replay at least 5x
+lower with context caching on than off, with identical greedy tokens. Run with ``make bench``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, Tokenizer, load_pretrained, preset
+
+transformers = pytest.importorskip("transformers")
+
+PREFILL = [128, 512, 1000, 2000]
+DECODE_CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[LlamaModel, Any]:
+    """The default memserve model and an HF LlamaForCausalLM holding the same weights."""
+    c = preset("default")
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        tie_word_embeddings=c.tie_embeddings,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        ours = load_pretrained(Path(folder))
+    return ours, hf
+
+
+def best(fn: Any, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        a = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - a)
+    return float(np.median(times))
+
+
+def engine_for(model: LlamaModel, **kw: Any) -> Engine:
+    return Engine(model, EngineConfig(device_blocks=2048, host_blocks=0, **kw))
+
+
+@pytest.mark.parametrize("n", PREFILL)
+def test_prefill_vs_transformers(report: Any, models: tuple[LlamaModel, Any], n: int) -> None:
+    ours, hf = models
+    prompt = torch.randint(0, ours.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    engine = engine_for(ours, caching=False)
+
+    def ttft() -> None:  # a whole request through the engine: queue, allocate, prefill, first token
+        engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True))
+
+    ids = torch.tensor([prompt])
+
+    @torch.inference_mode()
+    def hf_prefill() -> None:
+        hf(ids, use_cache=True, logits_to_keep=1)
+
+    reps = 5 if n <= 1000 else 3
+    t_ours, t_hf = best(ttft, reps), best(hf_prefill, reps)
+    report.note("engine_prefill", "seconds for one prompt (ours: a whole request through the engine, cache off)")
+    report.add("engine_prefill", tokens=n, memserve=t_ours, hf_eager=t_hf, speedup=t_hf / t_ours)
+    report.plot(
+        "engine_prefill",
+        lambda rows, ax: (
+            ax.plot([r["tokens"] for r in rows], [r["memserve"] for r in rows], "-o", label="memserve"),
+            ax.plot([r["tokens"] for r in rows], [r["hf_eager"] for r in rows], "--s", label="HF eager"),
+            ax.set(xlabel="prompt tokens", ylabel="seconds"),
+            ax.legend(),
+        ),
+    )
+    engine.close()
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any], batch: int) -> None:
+    ours, hf = models
+    gen = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(0, ours.config.vocab_size, (batch, DECODE_CONTEXT), generator=gen)
+    engine = engine_for(ours, caching=False, max_running=batch)
+    for p in prompts.tolist():
+        engine.add_request(p, SamplingParams(max_tokens=64, ignore_eos=True))
+    engine.step()  # the prefill
+    t_ours = best(lambda: engine.step(), 15)
+
+    with torch.inference_mode():
+        out = hf(prompts, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        state = {"len": DECODE_CONTEXT}
+
+        def hf_step() -> None:
+            state["len"] += 1
+            o = hf(nxt, past_key_values=cache, use_cache=True)
+            o.logits.argmax(-1)
+
+        t_hf = best(hf_step, 15)
+    report.note("engine_decode", f"seconds per decode step at context ~{DECODE_CONTEXT}; x_batch1 = step / batch-1 step")
+    report.add("engine_decode", batch=batch, memserve=t_ours, hf_eager=t_hf, speedup=t_hf / t_ours)
+    rows = report.tables["engine_decode"]
+    if len(rows) == 2:
+        for r in rows:
+            r["memserve_x_batch1"] = r["memserve"] / rows[0]["memserve"]
+            r["hf_x_batch1"] = r["hf_eager"] / rows[0]["hf_eager"]
+    engine.close()
+
+
+def test_multi_turn_ttft_caching(report: Any, models: tuple[LlamaModel, Any]) -> None:
+    from memserve.replay import replay_chats
+    from memserve.sharegpt import load_conversations
+
+    ours, _ = models
+    tok = Tokenizer("llama3")
+    convs = load_conversations(8, min_rounds=4)
+    results = {}
+    for caching in (False, True):
+        engine = Engine(ours, EngineConfig(caching=caching, device_blocks=2048, host_blocks=2048))
+        results[caching] = replay_chats(
+            engine, tok, convs, max_turns=4, max_reply_tokens=128, max_context=2048, concurrency=4,
+            progress=f"replay caching={'on' if caching else 'off'}",
+        )
+        engine.close()
+    key = lambda r: (r.session, r.turn)  # noqa: E731
+    off, on = sorted(results[False], key=key), sorted(results[True], key=key)
+    assert [r.output for r in off] == [r.output for r in on]  # caching changes no token
+    for label, rows in (("off", off), ("on", on)):
+        ttfts = [r.ttft for r in rows]
+        report.add(
+            "engine_multi_turn",
+            caching=label,
+            turns=len(rows),
+            mean_ttft=statistics.mean(ttfts),
+            p50_ttft=float(np.percentile(ttfts, 50)),
+            p99_ttft=float(np.percentile(ttfts, 99)),
+            hit_ratio=sum(r.cached_tokens for r in rows) / sum(r.prompt_tokens for r in rows),
+            mean_prompt=statistics.mean(r.prompt_tokens for r in rows),
+        )
+    speedup = statistics.mean(r.ttft for r in off) / statistics.mean(r.ttft for r in on)
+    report.note(
+        "engine_multi_turn",
+        f"8 ShareGPT conversations x 4 turns, 4 sessions at a time; mean TTFT caching off / on = {speedup:.2f}x",
+    )
+
+    def draw(rows: list[dict[str, Any]], ax: Any) -> None:
+        turns = sorted({r.turn for r in off})
+        for label, data in (("caching off", off), ("caching on", on)):
+            ax.plot(turns, [statistics.mean(r.ttft for r in data if r.turn == t) for t in turns], "-o", label=label)
+        ax.set(xlabel="turn", ylabel="mean TTFT (s)")
+        ax.legend()
+
+    report.plot("engine_multi_turn", draw)
