@@ -4,13 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck clean
+.PHONY: demo pool-demo test bench lint typecheck clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
 	touch $@
 
-demo: $(STAMP)  ## the main job: a short tour of the MemPool API
+demo: $(STAMP)  ## the main job: the memserve engine demo (multi-turn chats, caching off vs on)
+	$(BIN)/python -m memserve
+
+pool-demo: $(STAMP)  ## a short tour of the MemPool API
 	$(BIN)/python examples/pool_demo.py
 
 test: $(STAMP)  ## the test suite (what CI runs)

@@ -20,3 +20,16 @@ def test_pool_demo_runs_clean() -> None:
     assert "bit-exact" in out.stdout
     assert "no leaks" in out.stdout
     assert "hit ratio" in out.stdout and out.stderr == ""
+
+
+def test_memserve_demo_runs_clean() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "memserve", "--conversations", "2", "--turns", "2", "--reply-tokens", "4"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "greedy tokens identical with and without caching: True" in out.stdout
+    assert out.stdout.count(" 0 leaked") == 2
+    assert "hit ratio" in out.stdout and "turns" in out.stderr  # progress goes to stderr

@@ -95,6 +95,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.config = config = config or EngineConfig()
+        self._owns_pool = pool is None
         self.pool = pool or MemPool(config.pool_config(model))
         if self.pool.config.layout != config.pool_config(model).layout:
             raise InvalidArgumentError("the pool's KV layout does not fit the model")
@@ -321,10 +322,11 @@ class Engine:
         seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
 
     def close(self) -> None:
-        """Abort everything and close the pool."""
+        """Abort every request; close the pool if the engine created it."""
         for rid in list(self._by_id):
             self.abort(rid)
-        self.pool.close()
+        if self._owns_pool:
+            self.pool.close()
 
 
 def _now() -> float:
