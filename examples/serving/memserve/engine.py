@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,18 +106,34 @@ class Engine:
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
         self._by_id: dict[str, Sequence] = {}
+        self.held: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.steps = {"prefill": 0, "decode": 0}
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(
-        self, prompt: Iterable[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: Iterable[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        prompt_len: int | None = None,
+        kv: Blocks | None = None,
+        hold: bool = False,
     ) -> str:
         """Queue a request; returns its id.
 
+        ``prompt_len`` (default: all of ``prompt``) says where the prompt ends when ``prompt`` also
+        carries output generated elsewhere (a decode instance continuing a prefill instance's
+        request); ``max_tokens`` counts that output too. ``kv``: device blocks already holding the
+        K/V of ``prompt[:-1]`` (one per ``block_size`` tokens); the engine takes over the caller's
+        references and the request starts decoding at once. ``hold``: when the request finishes,
+        keep its blocks (cached, if caching is on) until :meth:`release`, so that the caller can
+        send them elsewhere.
+
         Raises:
-            InvalidArgumentError: empty prompt, ids outside the vocabulary, a duplicate id, or a
-                request that could not fit in the device tier even alone.
+            InvalidArgumentError: empty prompt, ids outside the vocabulary, a duplicate id, a
+                request that could not fit in the device tier even alone, or ``kv`` of the wrong size.
         """
         params = params or SamplingParams()
         tokens = [int(t) for t in prompt]
@@ -125,20 +142,49 @@ class Engine:
             raise InvalidArgumentError("the prompt is empty")
         if min(tokens) < 0 or max(tokens) >= vocab:
             raise InvalidArgumentError(f"prompt token ids must be in [0, {vocab})")
-        need = -(-(len(tokens) + params.max_tokens) // self.block_size)
+        plen = len(tokens) if prompt_len is None else prompt_len
+        if not 0 < plen <= len(tokens) or len(tokens) - plen >= params.max_tokens:
+            raise InvalidArgumentError(f"prompt_len={prompt_len} does not fit {len(tokens)} tokens and max_tokens")
+        need = -(-(plen + params.max_tokens) // self.block_size)
         if need > self.pool.config.device_blocks:
             raise InvalidArgumentError(
                 f"prompt + max_tokens need {need} blocks; the device tier has {self.pool.config.device_blocks}"
             )
+        if kv is not None and (kv.tier is not Tier.DEVICE or len(kv) != -(-(len(tokens) - 1) // self.block_size)):
+            raise InvalidArgumentError(f"kv must be the device blocks of the first {len(tokens) - 1} tokens")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._by_id:
+        if rid in self._by_id or rid in self.held:
             raise InvalidArgumentError(f"request id {rid!r} is in use")
-        seed = params.seed if params.seed is not None else hash((self.config.seed, rid)) & (2**63 - 1)
+        seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}/{rid}".encode())
         gen = None if params.greedy else torch.Generator().manual_seed(seed)
-        seq = Sequence(rid, tokens, len(tokens), params, gen)
+        seq = Sequence(rid, tokens, plen, params, gen, hold=hold)
         self._by_id[rid] = seq
-        self.waiting.append(seq)
+        if kv is None:
+            self.waiting.append(seq)
+        else:
+            seq.own, seq.num_computed, seq.state = kv, len(tokens) - 1, State.RUNNING
+            seq.metrics.first_scheduled = seq.metrics.first_token = _now()
+            self.running.append(seq)
         return rid
+
+    def held_kv(self, request_id: str) -> tuple[list[int], Blocks]:
+        """A held request's tokens that have K/V and the device blocks holding them (its block table).
+
+        The blocks stay valid until :meth:`release`. Raises ``InvalidArgumentError`` if not held.
+        """
+        seq = self.held.get(request_id)
+        if seq is None:
+            raise InvalidArgumentError(f"request {request_id!r} is not held")
+        n = seq.num_computed
+        return seq.tokens[:n], Blocks(Tier.DEVICE, seq.table[: -(-n // self.block_size)])
+
+    def release(self, request_id: str) -> bool:
+        """Drop a held request's blocks (its cached prefix stays in the index); ``False`` if not held."""
+        seq = self.held.pop(request_id, None)
+        if seq is None:
+            return False
+        self._release(seq, cache=False)  # inserted when it finished
+        return True
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is, releasing its blocks; ``False`` if unknown or finished."""
@@ -154,6 +200,7 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
+        """Whether any request is waiting, running or swapped out (held ones are done)."""
         return bool(self.waiting or self.running or self.swapped)
 
     # -- the step ----------------------------------------------------------------------------
@@ -302,18 +349,20 @@ class Engine:
 
     # -- releasing ---------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, *, cache: bool) -> None:
-        self._release(seq, cache=cache)
+        if seq.hold and reason != "abort":
+            if cache:
+                self._cache(seq)
+            self.held[seq.id] = seq
+        else:
+            self._release(seq, cache=cache)
         seq.state, seq.finish_reason = State.FINISHED, reason
         seq.metrics.finished = _now()
         del self._by_id[seq.id]
 
     def _release(self, seq: Sequence, *, cache: bool) -> None:
         """Cache the sequence's full computed blocks (if ``cache``), then drop its locks and references."""
-        if cache and seq.own is not None:
-            full = seq.num_computed // self.block_size
-            if full:
-                table = Blocks(Tier.DEVICE, seq.table[:full])
-                self.pool.insert(seq.tokens[: full * self.block_size], table, self.config.namespace)
+        if cache:
+            self._cache(seq)
         if seq.match is not None:
             seq.match.release()
         for blocks in (seq.own, seq.swapped):
@@ -321,10 +370,19 @@ class Engine:
                 self.pool.free(blocks)
         seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
 
+    def _cache(self, seq: Sequence) -> None:
+        """Insert the sequence's full computed blocks into the index (context caching)."""
+        full = seq.num_computed // self.block_size
+        if seq.own is not None and full:
+            table = Blocks(Tier.DEVICE, seq.table[:full])
+            self.pool.insert(seq.tokens[: full * self.block_size], table, self.config.namespace)
+
     def close(self) -> None:
-        """Abort every request; close the pool if the engine created it."""
+        """Abort every request, release held ones; close the pool if the engine created it."""
         for rid in list(self._by_id):
             self.abort(rid)
+        for rid in list(self.held):
+            self.release(rid)
         if self._owns_pool:
             self.pool.close()
 

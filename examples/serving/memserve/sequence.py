@@ -50,6 +50,7 @@ class Sequence:
     prompt_len: int
     params: SamplingParams
     generator: torch.Generator | None
+    hold: bool = False  # keep the blocks after finishing, until the engine's release()
     state: State = State.WAITING
     num_computed: int = 0
     match: Match | None = None
