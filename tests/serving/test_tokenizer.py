@@ -24,6 +24,7 @@ def test_round_trip_and_prefix_stable_chat(name: str) -> None:
         shorter = tok.chat(msgs[:k], add_generation_prompt=False)
         assert tok.chat(msgs[: k + 1])[: len(shorter)] == shorter
     assert tok.eos_id in tok.stop_ids and max(tok.encode(text)) < tok.vocab_size
+    assert tok.chat(msgs) == tok.chat(msgs)  # rendering twice gives the same tokens (no shared state)
 
 
 def test_llama3_markers_are_single_special_tokens() -> None:

@@ -140,6 +140,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128
     ),
+    # the tiny shapes with the llama3 vocabulary: servers in tests take text and real token ids
+    "tiny-llama3": ModelConfig(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, init_std=0.1
+    ),
 }
 
 

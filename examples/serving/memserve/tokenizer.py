@@ -56,7 +56,7 @@ class Tokenizer:
         self._tpl = _TEMPLATES[name]
         self.stop_ids: frozenset[int] = frozenset(self._enc.encode_single_token(s) for s in self._tpl.stops)
         self.eos_id = min(self.stop_ids)
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[int, ...]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -71,11 +71,13 @@ class Tokenizer:
         return str(self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace"))
 
     def _marker(self, text: str) -> list[int]:
+        """Tokens of a template marker (a fresh list: callers extend it)."""
         if text not in self._cache:
-            self._cache[text] = list(
+            ids = (
                 self._enc.encode(text, allowed_special="all") if self._tpl.special else self._enc.encode_ordinary(text)
             )
-        return self._cache[text]
+            self._cache[text] = tuple(ids)
+        return list(self._cache[text])
 
     def bos(self) -> list[int]:
         """Tokens that open a conversation."""

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible HTTP API in front of the :class:`Scheduler` (aiohttp, prometheus_client).
+
+``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or not), with a
+prompt given as text or token ids; ``usage`` counts tokens, with ``prompt_tokens_details.cached_tokens``
+the prefix served from a cache. Extensions: ``ignore_eos`` (benchmarks) and, in each choice,
+``token_ids`` (the generated ids). Also ``/v1/models``, ``/health``, ``/metrics`` (Prometheus text)
+and ``/admin/register``, ``/admin/stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .scheduler import Scheduler, SchedulerError
+from .tokenizer import Tokenizer
+
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+_PARAMS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None, "ignore_eos": False}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class Metrics:
+    """Prometheus series; instance-side gauges are refreshed from ``/stats`` at every scrape."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("memserve_requests", "finished requests", ["finish_reason"], registry=r)
+        self.prompt = Counter("memserve_prompt_tokens", "prompt tokens", registry=r)
+        self.cached = Counter("memserve_cached_prompt_tokens", "prompt tokens served from a cache", registry=r)
+        self.output = Counter("memserve_output_tokens", "generated tokens", registry=r)
+        self.hit_ratio = Gauge("memserve_hit_ratio", "cached / prompt tokens since start", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.ttft = Histogram("memserve_ttft_seconds", "time to first token", buckets=buckets, registry=r)
+        self.tpot = Histogram(
+            "memserve_tpot_seconds", "time per output token after the first", buckets=buckets, registry=r
+        )
+        self.blocks = Gauge("memserve_pool_blocks", "pool blocks", ["instance", "tier", "state"], registry=r)
+        self.queue = Gauge("memserve_queue_length", "requests per engine queue", ["instance", "queue"], registry=r)
+        self.moved = Gauge("memserve_transfer_bytes", "bytes an instance sent to other pools", ["instance"], registry=r)
+        self.moved_blocks = Gauge("memserve_transfer_blocks", "blocks an instance sent", ["instance"], registry=r)
+        self._totals = [0, 0]  # prompt, cached tokens
+
+    def finished(self, done: dict[str, Any], ttft: float | None, total: float) -> None:
+        self.requests.labels(str(done.get("finish_reason"))).inc()
+        self.prompt.inc(done["prompt_tokens"])
+        self.cached.inc(done["cached_tokens"])
+        self.output.inc(done["completion_tokens"])
+        self._totals[0] += done["prompt_tokens"]
+        self._totals[1] += done["cached_tokens"]
+        self.hit_ratio.set(self._totals[1] / self._totals[0] if self._totals[0] else 0.0)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if done["completion_tokens"] > 1:
+                self.tpot.observe((total - ttft) / (done["completion_tokens"] - 1))
+
+    def refresh(self, stats: dict[str, dict[str, Any]]) -> None:
+        for name, s in stats.items():
+            for tier, t in s["pool"].items():
+                if tier in ("device", "host"):
+                    for state in ("used", "free", "cached"):
+                        self.blocks.labels(name, tier, state).set(t[state])
+            for q in ("waiting", "running", "swapped"):
+                self.queue.labels(name, q).set(s[q])
+            self.moved.labels(name).set(s["transport_stats"].get("bytes_sent", 0))
+            self.moved_blocks.labels(name).set(s["transport_stats"].get("blocks_sent", 0))
+
+
+def _params(body: dict[str, Any]) -> dict[str, Any]:
+    out = {k: body.get(k, v) for k, v in _PARAMS.items()}
+    if body.get("max_completion_tokens") is not None:
+        out["max_tokens"] = body["max_completion_tokens"]
+    if out["seed"] is None:
+        del out["seed"]
+    if not isinstance(out["max_tokens"], int) or isinstance(out["max_tokens"], bool) or out["max_tokens"] < 1:
+        raise BadRequest("max_tokens must be a positive integer")
+    for k in ("temperature", "top_p"):
+        if not isinstance(out[k], int | float) or isinstance(out[k], bool):
+            raise BadRequest(f"{k} must be a number")
+    if body.get("n", 1) != 1:
+        raise BadRequest("only n=1 is supported")
+    return out
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+
+
+def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "memserve-default") -> web.Application:
+    app = web.Application()
+    app[SCHEDULER] = scheduler
+    metrics = Metrics()
+
+    def prompt_tokens(body: dict[str, Any], chat: bool) -> list[int]:
+        if chat:
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise BadRequest("messages must be a non-empty list")
+            try:
+                return tokenizer.chat([{"role": m["role"], "content": _content(m)} for m in msgs])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"bad message: {exc}") from exc
+        p = body.get("prompt")
+        if isinstance(p, str):
+            ids = tokenizer.encode(p)
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+        elif isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+            return prompt_tokens({"prompt": p[0]}, chat=False)
+        else:
+            raise BadRequest("prompt must be a string or a non-empty list of token ids")
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
+            raise BadRequest(f"token ids must be in [0, {tokenizer.vocab_size})")
+        return ids
+
+    async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            tokens = prompt_tokens(body, chat)
+            params = _params(body)
+        except (BadRequest, json.JSONDecodeError) as exc:
+            return _error(400, str(exc))
+        session = body.get("user") or request.headers.get("x-session-id")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        start = time.perf_counter()
+        events = scheduler.generate(tokens, params, session)
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            ids: list[int] = []
+            done: dict[str, Any] = {}
+            first = None
+            try:
+                async for e in events:
+                    if "token" in e:
+                        first = first if first is not None else time.perf_counter() - start
+                        ids.append(e["token"])
+                    else:
+                        done = e
+            except SchedulerError as exc:
+                return _error(503, str(exc))
+            metrics.finished(done, first, time.perf_counter() - start)
+            text = tokenizer.decode(ids)
+            choice: dict[str, Any] = {
+                "index": 0,
+                "finish_reason": done["finish_reason"],
+                "token_ids": ids,
+                "logprobs": None,
+            }
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": kind,
+                    "created": created,
+                    "model": model_name,
+                    "choices": [choice],
+                    "usage": _usage(done),
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> None:
+            payload: dict[str, Any] = {
+                "id": rid,
+                "object": chunk_kind,
+                "created": created,
+                "model": model_name,
+                "choices": [choice] if choice else [],
+            }
+            if usage is not None:
+                payload["usage"] = usage
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+        ids, sent, first = [], "", None
+        if chat:
+            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        try:
+            async for e in events:
+                if "token" in e:
+                    first = first if first is not None else time.perf_counter() - start
+                    ids.append(e["token"])
+                    text = tokenizer.decode(ids)
+                    if text.endswith("\ufffd"):
+                        continue  # an incomplete UTF-8 sequence: wait for the next token
+                    delta, sent = text[len(sent) :], text
+                    body_delta = {"delta": {"content": delta}} if chat else {"text": delta}
+                    await send({"index": 0, **body_delta, "token_ids": [e["token"]], "finish_reason": None})
+                else:
+                    done = e
+        except SchedulerError as exc:
+            await response.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
+            return response
+        metrics.finished(done, first, time.perf_counter() - start)
+        text = tokenizer.decode(ids)
+        tail = {
+            "delta": {"content": text[len(sent) :]} if chat else {},
+            **({} if chat else {"text": text[len(sent) :]}),
+        }
+        await send({"index": 0, **tail, "finish_reason": done["finish_reason"]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await send({}, _usage(done))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        return await complete(request, chat=False)
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await complete(request, chat=True)
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "memserve"}]}
+        )
+
+    async def health(_: web.Request) -> web.Response:
+        ok = bool(scheduler.instances)
+        return web.json_response(
+            {"ok": ok, "stage": scheduler.stage.name, "instances": len(scheduler.instances)}, status=200 if ok else 503
+        )
+
+    async def prometheus(_: web.Request) -> web.Response:
+        metrics.refresh(await scheduler.instance_stats())
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def register(request: web.Request) -> web.Response:
+        try:
+            handle = await scheduler.register(await request.json())
+        except (SchedulerError, KeyError, ValueError) as exc:
+            return _error(409, str(exc))
+        return web.json_response({"ok": True, "name": handle.name})
+
+    async def admin_stats(_: web.Request) -> web.Response:
+        c = scheduler.counters
+        return web.json_response(
+            {
+                "stage": scheduler.stage.name,
+                "policy": scheduler.policy,
+                "counters": c.__dict__,
+                "instances": await scheduler.instance_stats(),
+            }
+        )
+
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_post("/admin/register", register)
+    app.router.add_get("/admin/stats", admin_stats)
+    return app
+
+
+def _content(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(part["text"] for part in content if part.get("type") == "text")
+    if not isinstance(content, str):
+        raise TypeError("content must be a string or a list of text parts")
+    return content
+
+
+def _usage(done: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_tokens": done["prompt_tokens"],
+        "completion_tokens": done["completion_tokens"],
+        "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+        "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]},
+    }

@@ -1,0 +1,394 @@
+"""An instance process: one model, one engine, one MemPool, and a control API for the scheduler.
+
+Roles: ``colocated`` (prefill + decode), ``prefill`` (computes a prompt, then sends its KV to a
+decode instance), ``decode`` (continues requests whose KV arrived from a prefill instance). KV
+moves between instances only through MemPool ``transfer`` / ``transfer_with_insert``.
+
+Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
+
+    GET  /health, /info, /stats
+    POST /connect   {"name", "host", "port"}          open a transfer link to a peer instance
+    POST /generate  {"id", "tokens", "prompt_len"?, "params", "handoff"?, "kv_key"?, "send_back"?}
+                    -> NDJSON: {"token": t} per token, then {"done": true, "finish_reason", "metrics",
+                       "transfer"?: {...}}
+    POST /push      {"peer", "tokens"}                 send this pool's cached prefix of tokens to a peer
+    POST /shutdown
+
+``handoff`` ``{"peer", "mode": "transfer" | "insert"}``: after the first token, send the prompt's KV
+to ``peer`` (``transfer`` under the request id, partial last block included; or
+``transfer_with_insert`` of the full blocks, which only sends what the peer does not cache).
+``kv_key``: claim KV a prefill instance transferred under that key and continue from it.
+``send_back`` ``{"peer"}``: when finished, ``transfer_with_insert`` the prompt + output KV to ``peer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from mempool import Blocks, TransportConfig
+
+from .config import preset
+from .engine import Engine, EngineConfig, RequestOutput
+from .model import LlamaModel
+from .sampling import SamplingParams
+from .worker import EngineWorker
+
+ROLES = ("colocated", "prefill", "decode")
+SECRET_ENV = "MEMSERVE_SECRET"
+STOP = web.AppKey("stop", asyncio.Event)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceConfig:
+    name: str
+    role: str = "colocated"
+    model: str = "default"
+    weights: str | None = None
+    caching: bool = True
+    block_size: int = 16
+    device_blocks: int = 2048
+    host_blocks: int = 2048
+    host: str = "127.0.0.1"
+    port: int = 0
+    backend: str = "ucx"
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+
+def params_from(body: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a JSON object (unknown keys are refused by the dataclass)."""
+    p = dict(body)
+    if "stop_token_ids" in p:
+        p["stop_token_ids"] = tuple(p["stop_token_ids"])
+    return SamplingParams(**p)
+
+
+class Instance:
+    """The engine worker plus the transfer plumbing; the HTTP handlers call into this."""
+
+    def __init__(self, config: InstanceConfig, secret: str, stop_ids: frozenset[int] = frozenset()) -> None:
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.weights:
+            from .weights import load_pretrained
+
+            model = load_pretrained(config.weights, device=config.device)
+        else:
+            model = LlamaModel(preset(config.model), device=config.device).init_random()
+        engine = Engine(
+            model,
+            EngineConfig(
+                block_size=config.block_size,
+                device_blocks=config.device_blocks,
+                host_blocks=config.host_blocks,
+                caching=config.caching,
+            ),
+            stop_ids=stop_ids,
+        )
+        self.pool = engine.pool
+        self.transport = self.pool.serve(
+            TransportConfig(name=config.name, secret=secret, backend=config.backend, host=config.host)
+        )
+        self.worker = EngineWorker(engine)
+        self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
+        self.prefill_samples: list[tuple[int, int, float]] = []  # (prompt, cached, seconds), newest last
+
+    def info(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "name": c.name,
+            "role": c.role,
+            "caching": c.caching,
+            "block_size": c.block_size,
+            "transport": list(self.transport),
+            "pid": os.getpid(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        def snapshot(e: Engine) -> dict[str, Any]:
+            return {
+                "waiting": len(e.waiting),
+                "running": len(e.running),
+                "swapped": len(e.swapped),
+                "held": len(e.held),
+                "queued_tokens": sum(len(s.tokens) - s.num_computed for s in e.waiting),
+            }
+
+        queues = self.worker.call(snapshot).result(timeout=30)
+        return {
+            **self.info(),
+            **queues,
+            "pool": self.pool.stats(),
+            "transport_stats": self.pool.transport_stats(),
+            "counters": dict(self.counters),
+            "prefill_samples": self.prefill_samples[-256:],
+        }
+
+    def start(self, body: dict[str, Any], emit: Any) -> None:
+        """Start a request; ``emit(dict)`` is called (from other threads) for every output line."""
+        rid = str(body["id"])
+        tokens = [int(t) for t in body["tokens"]]
+        prompt_len = int(body.get("prompt_len", len(tokens)))
+        params = params_from(body.get("params", {}))
+        handoff, send_back = body.get("handoff"), body.get("send_back")
+        kv = self.pool.claim(str(body["kv_key"])) if body.get("kv_key") else None
+
+        def on_output(out: RequestOutput) -> None:
+            for t in out.new_token_ids:
+                emit({"token": t})
+            if out.finished:
+                self._finished(rid, out, tokens, prompt_len, handoff or send_back, bool(handoff), emit)
+
+        def add(engine: Engine) -> None:
+            try:
+                engine.add_request(tokens, params, rid, prompt_len=prompt_len, kv=kv, hold=bool(handoff or send_back))
+            except Exception:
+                if kv is not None:
+                    self.pool.free(kv)
+                raise
+            self.worker.listen(rid, on_output)
+
+        self.worker.call(add).result(timeout=60)
+        self.counters["requests"] += 1
+
+    def _finished(
+        self,
+        rid: str,
+        out: RequestOutput,
+        tokens: list[int],
+        prompt_len: int,
+        peer: dict[str, Any] | None,
+        handoff: bool,
+        emit: Any,
+    ) -> None:
+        m = out.metrics
+        if m.first_scheduled is not None and m.first_token is not None and prompt_len == len(tokens):
+            self.prefill_samples.append((prompt_len, m.cached_tokens, m.first_token - m.first_scheduled))
+        self.counters["prompt_tokens"] += prompt_len
+        self.counters["cached_tokens"] += m.cached_tokens
+        self.counters["output_tokens"] += len(out.new_token_ids)
+        metrics = {k: v for k, v in asdict(m).items()}
+        done = {"done": True, "finish_reason": out.finish_reason, "metrics": metrics}
+        if peer is None or out.finish_reason == "abort":
+            emit(done)
+            return
+        kv_tokens, blocks = self.worker.engine.held_kv(rid)  # we are on the engine thread
+        mode = peer.get("mode", "insert") if handoff else "insert"
+        # the transfer runs off the engine thread; the held blocks stay referenced until release
+        threading.Thread(
+            target=self._send, args=(rid, str(peer["peer"]), mode, kv_tokens, blocks, done, emit), daemon=True
+        ).start()
+
+    def _send(
+        self, rid: str, peer: str, mode: str, kv_tokens: list[int], blocks: Blocks, done: dict[str, Any], emit: Any
+    ) -> None:
+        try:
+            if mode == "transfer":
+                result = self.pool.transfer(peer, blocks, key=rid)
+            else:
+                full = len(kv_tokens) // self.config.block_size
+                result = self.pool.transfer_with_insert(peer, kv_tokens[: full * self.config.block_size], blocks[:full])
+            done["transfer"] = (
+                {"error": "the peer has no room"}
+                if result is None
+                else {
+                    "mode": mode,
+                    "sent_blocks": result.sent_blocks,
+                    "skipped_blocks": result.skipped_blocks,
+                    "bytes": result.bytes,
+                    "seconds": result.seconds,
+                }
+            )
+        except Exception as exc:  # reported to the scheduler, which falls back to recomputation
+            done["transfer"] = {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.worker.call(lambda e: e.release(rid))
+        emit(done)
+
+    def push(self, peer: str, tokens: list[int]) -> dict[str, Any]:
+        """Send this pool's cached prefix of ``tokens`` to ``peer`` (only blocks it lacks travel)."""
+        with self.pool.match(tokens) as hit:
+            if not hit.num_tokens:
+                return {"sent_blocks": 0, "skipped_blocks": 0, "bytes": 0}
+            result = self.pool.transfer_with_insert(peer, tokens[: hit.num_tokens], hit.blocks)
+        if result is None:
+            return {"error": "the peer has no room"}
+        return {"sent_blocks": result.sent_blocks, "skipped_blocks": result.skipped_blocks, "bytes": result.bytes}
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.pool.close()
+
+
+def make_app(instance: Instance) -> web.Application:
+    """The instance's aiohttp application (control API)."""
+    app = web.Application()
+    loop_holder: dict[str, asyncio.AbstractEventLoop] = {}
+
+    async def on_startup(app: web.Application) -> None:
+        loop_holder["loop"] = asyncio.get_running_loop()
+        app[STOP] = asyncio.Event()
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "name": instance.config.name, "role": instance.config.role})
+
+    async def info(_: web.Request) -> web.Response:
+        return web.json_response(instance.info())
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(instance.stats))
+
+    async def connect(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.to_thread(instance.pool.connect, str(body["name"]), str(body["host"]), int(body["port"]))
+        return web.json_response({"ok": True})
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        loop = loop_holder["loop"]
+        lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def emit(line: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+        try:
+            await asyncio.to_thread(instance.start, body, emit)
+        except (ValueError, TypeError, KeyError) as exc:
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        try:
+            while True:
+                line = await lines.get()
+                await response.write((json.dumps(line) + "\n").encode())
+                if line.get("done"):
+                    break
+        except (ConnectionResetError, asyncio.CancelledError):
+            instance.worker.call(lambda e: e.abort(str(body["id"])))  # the client left: stop the work
+            raise
+        await response.write_eof()
+        return response
+
+    async def push(request: web.Request) -> web.Response:
+        body = await request.json()
+        result = await asyncio.to_thread(instance.push, str(body["peer"]), [int(t) for t in body["tokens"]])
+        return web.json_response(result, status=200 if "error" not in result else 409)
+
+    async def shutdown(request: web.Request) -> web.Response:
+        asyncio.get_running_loop().call_later(0.1, request.app[STOP].set)
+        return web.json_response({"ok": True})
+
+    app.on_startup.append(on_startup)
+    app.router.add_get("/health", health)
+    app.router.add_get("/info", info)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/connect", connect)
+    app.router.add_post("/generate", generate)
+    app.router.add_post("/push", push)
+    app.router.add_post("/shutdown", shutdown)
+    return app
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the launcher dies, so no instance outlives it (no orphans)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memserve.instance", description="a memserve instance")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--role", choices=ROLES, default="colocated")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--weights", default=None, help="a Llama/Qwen2 folder (config.json + safetensors)")
+    ap.add_argument("--caching", choices=("on", "off"), default="on")
+    ap.add_argument("--device-blocks", type=int, default=2048)
+    ap.add_argument("--host-blocks", type=int, default=2048)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--scheduler", default=None, help="register with the scheduler at this URL")
+    ap.add_argument("--exit-with-parent", action="store_true")
+    args = ap.parse_args(argv)
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        print(f"set {SECRET_ENV} (the deployment's shared secret, 16+ chars)", file=sys.stderr)
+        return 2
+    if args.exit_with_parent:
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    from .tokenizer import Tokenizer
+
+    config = InstanceConfig(
+        name=args.name,
+        role=args.role,
+        model=args.model,
+        weights=args.weights,
+        caching=args.caching == "on",
+        device_blocks=args.device_blocks,
+        host_blocks=args.host_blocks,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        threads=args.threads,
+        device=args.device,
+    )
+    instance = Instance(config, secret, Tokenizer("llama3").stop_ids)
+    app = make_app(instance)
+
+    async def announce(app: web.Application) -> None:
+        site = next(iter(runner.sites))
+        server = getattr(site, "_server", None)
+        port = server.sockets[0].getsockname()[1] if server and server.sockets else args.port
+        url = f"http://{args.host}:{port}"
+        ready = {**instance.info(), "url": url}
+        print("READY " + json.dumps(ready), flush=True)
+        if args.scheduler:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as s, s.post(f"{args.scheduler}/admin/register", json=ready) as r:
+                r.raise_for_status()
+
+    async def serve() -> None:
+        await runner.setup()
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        await announce(app)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app[STOP].set)
+        try:
+            await app[STOP].wait()
+        finally:
+            await runner.cleanup()
+
+    runner = web.AppRunner(app)
+    try:
+        asyncio.run(serve())
+    finally:
+        instance.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Start a memserve deployment on this machine: the scheduler plus N prefill and M decode instances.
+
+``python -m memserve.launch --stage pd-caching-2 --prefill 1 --decode 1`` serves the OpenAI API
+until interrupted. Instances are child processes that exit with the launcher (no orphans); an
+instance started by hand elsewhere joins with ``python -m memserve.instance --scheduler URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .api import make_app
+from .instance import SECRET_ENV
+from .scheduler import Scheduler
+from .stages import Stage, stage
+from .tokenizer import Tokenizer
+
+
+class Cluster:
+    """Instances (processes) + the scheduler's HTTP server (a thread of this process); a context manager."""
+
+    def __init__(
+        self,
+        stage_name: str = "pd-caching-2",
+        *,
+        prefill: int = 1,
+        decode: int = 1,
+        colocated: int | None = None,
+        policy: str = "prompt-tree",
+        model: str = "default",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device_blocks: int = 2048,
+        host_blocks: int = 2048,
+        backend: str = "ucx",
+        threads: int | None = None,
+        startup_timeout: float = 180.0,
+    ) -> None:
+        self.stage: Stage = stage(stage_name)
+        if self.stage.disaggregated:
+            self.roles = ["prefill"] * prefill + ["decode"] * decode
+        else:
+            self.roles = ["colocated"] * (colocated if colocated is not None else prefill + decode)
+        self.policy, self.model, self.host, self.port = policy, model, host, port
+        self.device_blocks, self.host_blocks, self.backend = device_blocks, host_blocks, backend
+        cores = os.cpu_count() or 1
+        self.threads = threads if threads is not None else max(1, cores // len(self.roles))
+        self.startup_timeout = startup_timeout
+        self.secret = secrets.token_hex(16)
+        self.procs: list[subprocess.Popen[str]] = []
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self.scheduler: Scheduler | None = None
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _spawn(self, index: int, role: str) -> subprocess.Popen[str]:
+        caching = self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
+        cmd = [
+            sys.executable,
+            "-m",
+            "memserve.instance",
+            "--name",
+            f"{role}-{index}",
+            "--role",
+            role,
+            "--caching",
+            "on" if caching else "off",
+            "--model",
+            self.model,
+            "--host",
+            self.host,
+            "--device-blocks",
+            str(self.device_blocks),
+            "--host-blocks",
+            str(self.host_blocks),
+            "--backend",
+            self.backend,
+            "--threads",
+            str(self.threads),
+            "--exit-with-parent",
+        ]
+        env = {**os.environ, SECRET_ENV: self.secret}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+    def start(self) -> None:
+        """Spawn the instances, wait until each is ready, start the scheduler and register them."""
+        self.procs = [self._spawn(i, role) for i, role in enumerate(self.roles)]
+        infos = [self._ready(p) for p in self.procs]
+        ready = threading.Event()
+        errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, args=(infos, ready, errors), daemon=True)
+        self._thread.start()
+        if not ready.wait(self.startup_timeout) or errors:
+            raise RuntimeError(f"the scheduler did not start: {errors[:1]}")
+
+    def _ready(self, proc: subprocess.Popen[str]) -> dict[str, Any]:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"an instance exited during startup (code {proc.wait()})")
+            if line.startswith("READY "):
+                info: dict[str, Any] = json.loads(line[6:])
+                return info
+        raise RuntimeError("an instance did not become ready in time")
+
+    def _serve(self, infos: list[dict[str, Any]], ready: threading.Event, errors: list[BaseException]) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            self.scheduler = Scheduler(self.stage, policy=self.policy)
+            for info in infos:
+                await self.scheduler.register(info)
+            runner = web.AppRunner(make_app(self.scheduler, Tokenizer("llama3")))
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            port = server.sockets[0].getsockname()[1] if server and server.sockets else self.port
+            self.url = f"http://{self.host}:{port}"
+            ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await self.scheduler.close()
+                await runner.cleanup()
+
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:
+            errors.append(exc)
+            ready.set()
+        finally:
+            self._loop.close()
+
+    def stop(self) -> None:
+        """Stop the scheduler, then every instance (SIGTERM, then SIGKILL after 15 s)."""
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .scheduler import POLICIES
+    from .stages import STAGES
+
+    ap = argparse.ArgumentParser(prog="python -m memserve.launch", description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=list(STAGES), default="pd-caching-2")
+    ap.add_argument("--prefill", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=1)
+    ap.add_argument("--policy", choices=POLICIES, default="prompt-tree")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
+    args = ap.parse_args(argv)
+    with Cluster(
+        args.stage,
+        prefill=args.prefill,
+        decode=args.decode,
+        policy=args.policy,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+    ) as cluster:
+        print(
+            f"memserve ({args.stage}, {len(cluster.roles)} instances) serving the OpenAI API at {cluster.url}/v1",
+            flush=True,
+        )
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""The global scheduler: routes each request to instances and drives prefill -> decode handoffs.
+
+It tokenizes once (the API layer), keeps a :class:`PromptTree` per instance role recording who
+caches which prefix, and picks an instance by policy:
+
+* ``least-load``: the fewest predicted seconds of queued prefill work;
+* ``session-id``: a stable hash of the session (OpenAI ``user``), so a conversation stays put;
+* ``prompt-tree``: the least ``exec(prompt_len, cached_fraction) + queued seconds``, where the
+  cached fraction comes from the tree and ``exec`` is a :class:`CostModel` fitted from the
+  instances' measured prefills. When another instance of the role holds more of the prefix and
+  sending those blocks is predicted cheaper than recomputing them, the holder is asked to push
+  them first (``transfer_with_insert``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .costmodel import CostModel
+from .prompt_tree import PromptTree
+from .stages import Stage
+
+POLICIES = ("least-load", "session-id", "prompt-tree")
+
+
+class SchedulerError(RuntimeError):
+    """An instance failed or none can serve the request."""
+
+
+@dataclass
+class InstanceHandle:
+    name: str
+    role: str
+    url: str
+    transport: tuple[str, int]
+    caching: bool
+    inflight: int = 0
+    queued_seconds: float = 0.0
+    requests: int = 0
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    pushes: int = 0
+    handoff_blocks: int = 0
+    handoff_bytes: int = 0
+    send_back_blocks: int = 0
+    by_instance: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Routes requests over registered instances for one design ``stage``."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        policy: str = "prompt-tree",
+        block_size: int = 16,
+        ttl: float = 600.0,
+        block_bytes: int = 8 * 2 * 16 * 4 * 64 * 4,
+        bandwidth: float = 2e9,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.stage, self.policy = stage, policy
+        self.instances: dict[str, InstanceHandle] = {}
+        self.trees = {role: PromptTree(block_size, ttl) for role in ("colocated", "prefill", "decode")}
+        self.cost = CostModel()
+        self.block_bytes, self.bandwidth = block_bytes, bandwidth
+        self.counters = Counters()
+        self._ids = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self.observers: list[Any] = []  # callables(event: dict) for metrics
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- instances -----------------------------------------------------------------------------
+    async def register(self, info: dict[str, Any]) -> InstanceHandle:
+        """Add an instance and open transfer links between it and every other instance, both ways."""
+        handle = InstanceHandle(
+            str(info["name"]),
+            str(info["role"]),
+            str(info["url"]),
+            (str(info["transport"][0]), int(info["transport"][1])),
+            bool(info.get("caching", True)),
+        )
+        if handle.name in self.instances:
+            raise SchedulerError(f"an instance named {handle.name!r} is registered already")
+        for other in self.instances.values():
+            await self._post(
+                handle, "/connect", {"name": other.name, "host": other.transport[0], "port": other.transport[1]}
+            )
+            await self._post(
+                other, "/connect", {"name": handle.name, "host": handle.transport[0], "port": handle.transport[1]}
+            )
+        self.instances[handle.name] = handle
+        return handle
+
+    async def _post(self, inst: InstanceHandle, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        s = await self.session()
+        async with s.post(inst.url + path, json=body) as r:
+            data: dict[str, Any] = await r.json()
+            if r.status != 200:
+                raise SchedulerError(f"{inst.name}{path}: {data.get('error', r.status)}")
+            return data
+
+    async def instance_stats(self) -> dict[str, dict[str, Any]]:
+        s = await self.session()
+
+        async def one(inst: InstanceHandle) -> tuple[str, dict[str, Any]]:
+            async with s.get(inst.url + "/stats") as r:
+                return inst.name, await r.json()
+
+        return dict(await asyncio.gather(*(one(i) for i in self.instances.values())))
+
+    # -- routing -------------------------------------------------------------------------------
+    def _role_of_first(self) -> str:
+        return "prefill" if self.stage.disaggregated else "colocated"
+
+    def pick(self, role: str, tokens: list[int], session: str | None) -> tuple[InstanceHandle, int]:
+        """The instance of ``role`` to run ``tokens``, and how many tokens it is believed to cache."""
+        cands = sorted((i for i in self.instances.values() if i.role == role), key=lambda i: i.name)
+        if not cands:
+            raise SchedulerError(f"no {role} instance is registered")
+        hits = self.trees[role].match(tokens, time.monotonic()) if self._caches(role) else {}
+        if self.policy == "session-id" and session:
+            chosen = cands[zlib.crc32(session.encode()) % len(cands)]
+        elif self.policy == "prompt-tree":
+            n = len(tokens)
+            chosen = min(
+                cands,
+                key=lambda i: (self.cost.exec(n, hits.get(i.name, 0) / n) + i.queued_seconds, i.inflight, i.requests),
+            )
+        else:  # ties (an idle cluster) go round-robin, spreading prefixes over every cache
+            chosen = min(cands, key=lambda i: (i.queued_seconds, i.inflight, i.requests))
+        return chosen, hits.get(chosen.name, 0)
+
+    def _caches(self, role: str) -> bool:
+        return self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
+
+    async def _maybe_push(self, role: str, target: InstanceHandle, tokens: list[int], have: int) -> int:
+        """Ask the instance holding the longest prefix to send it to ``target`` when that beats recompute."""
+        if self.policy != "prompt-tree" or not self._caches(role):
+            return have
+        hits = self.trees[role].match(tokens, time.monotonic())
+        holder = max(hits, key=lambda k: hits[k], default=None)
+        if holder is None or holder == target.name or hits[holder] <= have:
+            return have
+        n, more = len(tokens), hits[holder]
+        saved = self.cost.exec(n, have / n) - self.cost.exec(n, more / n)
+        move = (more - have) // self.trees[role].block_size * self.block_bytes / self.bandwidth
+        if move >= saved:
+            return have
+        try:
+            await self._post(self.instances[holder], "/push", {"peer": target.name, "tokens": tokens[:more]})
+        except (SchedulerError, aiohttp.ClientError):
+            return have  # a failed push costs only the recompute it meant to save
+        self.counters.pushes += 1
+        self.trees[role].insert(target.name, tokens[:more], time.monotonic())
+        return more
+
+    # -- requests ------------------------------------------------------------------------------
+    async def generate(
+        self, tokens: list[int], params: dict[str, Any], session: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Run one request; yields ``{"token": t}`` events then one ``{"done": ...}`` summary."""
+        rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
+        role = self._role_of_first()
+        first, believed = self.pick(role, tokens, session)
+        believed = await self._maybe_push(role, first, tokens, believed)
+        n = len(tokens)
+        predicted = self.cost.exec(n, believed / n)
+        max_tokens = int(params.get("max_tokens", 16))
+        body: dict[str, Any] = {"id": rid, "tokens": tokens, "params": params}
+        decode: InstanceHandle | None = None
+        if self.stage.disaggregated:
+            decode, _ = self.pick("decode", tokens, session)
+            body["params"] = {**params, "max_tokens": 1}
+            if max_tokens > 1:
+                body["handoff"] = {"peer": decode.name, "mode": self.stage.handoff}
+        output: list[int] = []
+        summary: dict[str, Any] = {}
+        first.inflight += 1
+        first.requests += 1
+        first.queued_seconds += predicted
+        try:
+            async for event in self._stream(first, body):
+                if "token" in event:
+                    output.append(event["token"])
+                    yield event
+                else:
+                    summary = event
+        finally:
+            first.inflight -= 1
+            first.queued_seconds -= predicted
+        metrics = summary.get("metrics", {})
+        cached = int(metrics.get("cached_tokens", 0))
+        self._learn(role, first, tokens, output, cached, believed, metrics)
+        transfer = summary.get("transfer") or {}
+        self.counters.handoff_blocks += int(transfer.get("sent_blocks", 0))
+        self.counters.handoff_bytes += int(transfer.get("bytes", 0))
+        reason = summary.get("finish_reason")
+        if decode is not None and reason == "length" and max_tokens > 1:
+            dbody: dict[str, Any] = {"id": rid, "tokens": tokens + output, "prompt_len": n, "params": params}
+            if self.stage.handoff == "transfer" and "error" not in transfer:
+                dbody["kv_key"] = rid
+            if self.stage.send_back:
+                dbody["send_back"] = {"peer": first.name}
+            decode.inflight += 1
+            decode.requests += 1
+            try:
+                async for event in self._stream(decode, dbody):
+                    if "token" in event:
+                        output.append(event["token"])
+                        yield event
+                    else:
+                        summary = event
+            finally:
+                decode.inflight -= 1
+            reason = summary.get("finish_reason")
+            if self.stage.decode_caching:
+                self.trees["decode"].insert(decode.name, (tokens + output)[:-1], time.monotonic())
+            back = summary.get("transfer") or {}
+            self.counters.send_back_blocks += int(back.get("sent_blocks", 0))
+            if self.stage.send_back and "error" not in back and back:
+                self.trees["prefill"].insert(first.name, (tokens + output)[:-1], time.monotonic())
+        c = self.counters
+        c.requests += 1
+        c.prompt_tokens += n
+        c.cached_tokens += cached
+        c.output_tokens += len(output)
+        c.by_instance[first.name] = c.by_instance.get(first.name, 0) + 1
+        done = {
+            "done": True,
+            "finish_reason": reason,
+            "prompt_tokens": n,
+            "cached_tokens": cached,
+            "completion_tokens": len(output),
+            "instance": first.name,
+            "decode_instance": None if decode is None else decode.name,
+            "transfer": transfer,
+        }
+        for observe in self.observers:
+            observe(done)
+        yield done
+
+    def _learn(
+        self,
+        role: str,
+        inst: InstanceHandle,
+        tokens: list[int],
+        output: list[int],
+        cached: int,
+        believed: int,
+        metrics: dict[str, Any],
+    ) -> None:
+        now = time.monotonic()
+        if metrics.get("first_token") is not None and metrics.get("first_scheduled") is not None:
+            self.cost.observe(len(tokens), cached, metrics["first_token"] - metrics["first_scheduled"])
+        if not self._caches(role):
+            return
+        tree = self.trees[role]
+        if cached < believed:  # the instance evicted part of what the tree believed it held
+            tree.trim(inst.name, tokens, cached)
+        kv = tokens if role == "prefill" else (tokens + output)[:-1]
+        tree.insert(inst.name, kv, now)
+
+    async def _stream(self, inst: InstanceHandle, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        s = await self.session()
+        try:
+            async with s.post(inst.url + "/generate", json=body) as r:
+                if r.status != 200:
+                    raise SchedulerError(f"{inst.name} refused the request: {(await r.json()).get('error')}")
+                async for raw in r.content:
+                    if raw.strip():
+                        yield json.loads(raw)
+        except aiohttp.ClientError as exc:
+            raise SchedulerError(f"{inst.name} failed: {exc}") from exc

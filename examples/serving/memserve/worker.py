@@ -1,0 +1,84 @@
+"""The engine thread of an instance: every engine call runs there, one step after another.
+
+Other threads (the HTTP server's event loop, transfer threads) hand it work with :meth:`call`
+and receive each request's outputs through a per-request callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from .engine import Engine, RequestOutput
+
+T = TypeVar("T")
+
+
+class EngineWorker:
+    """Owns ``engine``; steps it whenever it has work, runs posted calls between steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._calls: queue.SimpleQueue[tuple[Callable[[Engine], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._listeners: dict[str, Callable[[RequestOutput], None]] = {}
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    def call(self, fn: Callable[[Engine], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the engine thread; its result (or exception) lands in the future."""
+        fut: Future[T] = Future()
+        if self._stopped:
+            fut.set_exception(RuntimeError("the engine worker has stopped"))
+        else:
+            self._calls.put((fn, fut))
+        return fut
+
+    def listen(self, request_id: str, callback: Callable[[RequestOutput], None]) -> None:
+        """Deliver ``request_id``'s outputs to ``callback`` (on the engine thread) until it finishes.
+
+        Register from the engine thread (inside :meth:`call`), before the request can produce output.
+        """
+        self._listeners[request_id] = callback
+
+    def stop(self) -> None:
+        """Abort everything, release held KV and end the thread."""
+        if not self._stopped:
+            self._stopped = True
+            self._calls.put(None)
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            try:  # pending calls first (they may add or release requests), then a step
+                item = self._calls.get(block=not self.engine.has_work())
+            except queue.Empty:
+                self._step()
+                continue
+            if item is None:
+                break
+            self._run(*item)
+        self.engine.close()
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            listener = self._listeners.get(out.request_id)
+            if out.finished:
+                self._listeners.pop(out.request_id, None)
+            if listener is not None:
+                try:
+                    listener(out)
+                except Exception:  # a broken listener loses its own request, never the engine
+                    logging.getLogger(__name__).exception("listener of %s failed", out.request_id)
+
+    def _run(self, fn: Callable[[Engine], Any], fut: Future[Any]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(self.engine))
+        except BaseException as exc:  # handed to the caller, never kills the engine thread
+            fut.set_exception(exc)

@@ -1,0 +1,178 @@
+"""The memserve server end to end: instance processes, scheduler, OpenAI API, every design stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from typing import Any
+
+import pytest
+
+from memserve.launch import Cluster
+from memserve.stages import STAGES
+
+pytest.importorskip("aiohttp")
+
+MODEL = "tiny-llama3"
+CHAT = [{"role": "user", "content": "Tell me about memory pools for serving language models, briefly."}]
+SMALL = dict(model=MODEL, device_blocks=256, host_blocks=256)
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        body = r.read()
+        return json.loads(body) if r.headers.get("Content-Type", "").startswith("application/json") else body.decode()
+
+
+def conversation(url: str, user: str = "u") -> list[list[int]]:
+    """Three turns (each prompt = the last prompt + its reply + a new message) and one 1-token request."""
+    prompt, outputs = list(range(1000, 1050)), []
+    for turn in range(3):
+        r = post(
+            f"{url}/v1/completions",
+            {"prompt": prompt, "max_tokens": 9, "temperature": 0, "ignore_eos": True, "user": user},
+        )
+        out = r["choices"][0]["token_ids"]
+        assert r["usage"]["completion_tokens"] == len(out) == 9
+        outputs.append(out)
+        prompt = prompt + out + list(range(2000 + 20 * turn, 2013 + 20 * turn))
+    r = post(f"{url}/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "user": user})
+    outputs.append(r["choices"][0]["token_ids"])
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    with Cluster("colocated", colocated=1, **SMALL) as c:
+        return conversation(c.url)
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "colocated"])
+def test_every_stage_gives_the_tokens_of_colocated_no_cache(stage: str, reference: list[list[int]]) -> None:
+    with Cluster(stage, **SMALL) as c:
+        assert conversation(c.url) == reference
+        stats = get(f"{c.url}/admin/stats")
+        counters = stats["counters"]
+        if STAGES[stage].prefill_caching:
+            assert counters["cached_tokens"] > 0  # later turns hit the cache
+        else:
+            assert counters["cached_tokens"] == 0
+        if STAGES[stage].disaggregated:
+            assert counters["handoff_blocks"] > 0  # the KV really moved between processes
+        for inst in stats["instances"].values():  # every request done: nothing held, nothing queued
+            assert inst["waiting"] == inst["running"] == inst["swapped"] == inst["held"] == 0
+            pool = inst["pool"]["device"]
+            assert pool["used"] == pool["cached"]
+
+
+def second_turn_blocks(stage: str) -> int:
+    with Cluster(stage, **SMALL) as c:
+        prompt = list(range(3000, 3100))
+        r = post(f"{c.url}/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True})
+        before = get(f"{c.url}/admin/stats")["counters"]["handoff_blocks"]
+        turn2 = prompt + r["choices"][0]["token_ids"] + list(range(4000, 4010))
+        post(f"{c.url}/v1/completions", {"prompt": turn2, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        return int(get(f"{c.url}/admin/stats")["counters"]["handoff_blocks"] - before)
+
+
+def test_caching_stages_move_fewer_blocks_on_the_second_turn() -> None:
+    basic = second_turn_blocks("pd-basic")
+    assert basic == -(-(100 + 20 + 10) // 16)  # every block of the prompt, the partial one too
+    for stage in ("pd-caching-2", "pd-caching-3"):
+        moved = second_turn_blocks(stage)
+        assert moved < basic, (stage, moved, basic)
+        assert moved <= 2  # only the blocks decode does not already cache
+
+
+def test_openai_client_completes_chats_and_streams() -> None:
+    openai = pytest.importorskip("openai")
+    with Cluster("pd-caching-2", **SMALL) as c:
+        client = openai.OpenAI(base_url=f"{c.url}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["memserve-default"]
+        done = client.completions.create(
+            model="memserve-default", prompt="Hello there", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+        assert isinstance(done.choices[0].text, str)
+        chat = client.chat.completions.create(
+            model="memserve-default",
+            messages=CHAT,
+            max_tokens=5,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
+        stream = client.chat.completions.create(
+            model="memserve-default",
+            messages=CHAT,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == chat.choices[0].message.content  # streaming and not streaming agree
+        assert chunks[-1].usage.completion_tokens == 5
+        assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same chat again: cached
+        streamed = client.completions.create(
+            model="memserve-default",
+            prompt="Hello there",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert "".join(ch.choices[0].text for ch in streamed) == done.choices[0].text
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="memserve-default", prompt=[], max_tokens=3)
+        metrics = get(f"{c.url}/metrics")
+        for series in (
+            "memserve_ttft_seconds_bucket",
+            "memserve_hit_ratio",
+            "memserve_pool_blocks",
+            "memserve_transfer_bytes",
+            "memserve_queue_length",
+            "memserve_tpot_seconds_count",
+        ):
+            assert series in metrics
+
+
+def test_prompt_tree_routes_later_turns_to_the_prefix_holder() -> None:
+    with Cluster("colocated-caching", colocated=2, policy="prompt-tree", **SMALL) as c:
+        for user in range(4):  # four conversations, interleaved by turn
+            post(
+                f"{c.url}/v1/completions",
+                {"prompt": list(range(5000 + 100 * user, 5064 + 100 * user)), "max_tokens": 2, "temperature": 0},
+            )
+        first = get(f"{c.url}/admin/stats")["counters"]["by_instance"]
+        assert len(first) == 2  # load balance spread the first turns over both instances
+        for user in range(4):
+            r = post(
+                f"{c.url}/v1/completions",
+                {"prompt": list(range(5000 + 100 * user, 5080 + 100 * user)), "max_tokens": 2, "temperature": 0},
+            )
+            assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # routed to its prefix
+
+
+def test_shutdown_leaves_no_process_behind() -> None:
+    with Cluster("pd-basic", **SMALL) as c:
+        pids = [p.pid for p in c.procs]
+        assert all(_alive(pid) for pid in pids)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
