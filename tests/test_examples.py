@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,9 @@ def test_pool_demo_runs_clean() -> None:
     assert "hit ratio" in out.stdout and out.stderr == ""
 
 
-def test_memserve_demo_runs_clean() -> None:
+def test_engine_demo_runs_clean() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "memserve", "--conversations", "2", "--turns", "2", "--reply-tokens", "4"],
+        [sys.executable, "-m", "memserve.engine_demo", "--conversations", "2", "--turns", "2", "--reply-tokens", "4"],
         check=True,
         capture_output=True,
         text=True,
@@ -33,3 +34,35 @@ def test_memserve_demo_runs_clean() -> None:
     assert "greedy tokens identical with and without caching: True" in out.stdout
     assert out.stdout.count(" 0 leaked") == 2
     assert "hit ratio" in out.stdout and "turns" in out.stderr  # progress goes to stderr
+
+
+def test_main_job_compares_stages(tmp_path: Path) -> None:
+    """The README's main job, on the tiny model and two stages: same tokens, a table, a plot."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memserve",
+            "--model",
+            "tiny-llama3",
+            "--stages",
+            "colocated,pd-caching-3",
+            "--conversations",
+            "2",
+            "--turns",
+            "2",
+            "--reply-tokens",
+            "6",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "every stage gave the same greedy tokens: True" in out.stdout
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "stages.json").read_text())}
+    assert rows["pd-caching-3"]["handoff_blocks"] > 0 and rows["colocated"]["hit_ratio"] == 0
+    assert rows["pd-caching-3"]["hit_ratio"] > 0
+    assert (tmp_path / "stages.png").stat().st_size > 0

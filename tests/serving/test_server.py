@@ -176,3 +176,66 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_an_instance_started_by_hand_joins_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MEMSERVE_SECRET", "a-shared-test-secret-0123456789")
+    with Cluster("colocated-caching", colocated=1, **SMALL) as c:
+        extra = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memserve.instance",
+                "--name",
+                "late-0",
+                "--role",
+                "colocated",
+                "--model",
+                MODEL,
+                "--device-blocks",
+                "256",
+                "--host-blocks",
+                "256",
+                "--scheduler",
+                c.url,
+                "--exit-with-parent",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert extra.stdout is not None
+            assert any(line.startswith("READY ") for line in extra.stdout)  # after any UCX warnings
+            for _ in range(100):
+                if get(f"{c.url}/health")["instances"] == 2:
+                    break
+                import time
+
+                time.sleep(0.1)
+            for user in range(2):
+                post(
+                    f"{c.url}/v1/completions",
+                    {"prompt": list(range(7000 + 50 * user, 7040 + 50 * user)), "max_tokens": 2, "temperature": 0},
+                )
+            assert set(get(f"{c.url}/admin/stats")["counters"]["by_instance"]) == {"colocated-0", "late-0"}
+        finally:
+            extra.terminate()
+            extra.wait(timeout=30)
+            extra.stdout.close()
+
+
+def test_a_busy_holder_pushes_its_prefix_instead_of_recompute() -> None:
+    with Cluster("colocated-caching", colocated=2, policy="prompt-tree", **SMALL) as c:
+        prompt = list(range(8000, 8064))
+        post(f"{c.url}/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        holder = next(iter(get(f"{c.url}/admin/stats")["counters"]["by_instance"]))
+        assert c.scheduler is not None
+        c.scheduler.instances[holder].queued_seconds += 100.0  # the holder looks busy: route elsewhere
+        r = post(f"{c.url}/v1/completions", {"prompt": prompt + [9, 9, 9], "max_tokens": 2, "temperature": 0})
+        counters = get(f"{c.url}/admin/stats")["counters"]
+        c.scheduler.instances[holder].queued_seconds -= 100.0
+        assert counters["pushes"] == 1 and set(counters["by_instance"]) == {"colocated-0", "colocated-1"}
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # the pushed prefix, not recomputed

@@ -1,85 +1,77 @@
-"""``python -m memserve``: the engine demo on embedded defaults (no download, no network).
+"""``python -m memserve``: the main demo, on embedded defaults (no download, no network).
 
-Replays a few multi-turn ShareGPT conversations through the default random-weight model twice,
-with context caching off and on, and shows per-turn TTFT, the cache hit ratio, that both runs
-produced the same greedy tokens, and that the pool ends with no leaked block.
+For each MemServe design stage it launches a deployment on this machine (1 prefill + 1 decode
+instance; 2 colocated instances for the colocated stages), replays a small multi-turn ShareGPT
+sample through the OpenAI API, and prints a comparison table (TTFT, TPOT, JCT, hit ratio, KV
+moved) and saves it with a plot. Every stage must return the same greedy tokens.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import asyncio
+import json
 import time
+import urllib.request
+from pathlib import Path
 
-from . import Engine, EngineConfig, LlamaModel, Tokenizer, preset
-from .replay import TurnResult, replay_chats
+from .bench import replay_http, save, summarize, table
+from .launch import Cluster
 from .sharegpt import load_conversations
+from .stages import STAGES
+from .tokenizer import Tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="model preset (default: 8 layers, hidden 512)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated design stages")
+    ap.add_argument("--model", default="default", help="model preset of every instance")
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--reply-tokens", type=int, default=24, help="cap on each reply's length")
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reply-tokens", type=int, default=32, help="cap on each reply's length")
+    ap.add_argument("--rate", type=float, default=2.0, help="sessions arriving per second (Poisson)")
+    ap.add_argument("--out", default="memserve_results", help="where the table (JSON) and plot go")
     args = ap.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        ap.error(f"unknown stages {unknown}; known: {list(STAGES)}")
 
-    t0 = time.perf_counter()
     tok = Tokenizer("llama3")
-    model = LlamaModel(preset(args.model, vocab_size=tok.vocab_size), device=args.device).init_random()
     convs = load_conversations(args.conversations, min_rounds=args.turns)
-    c = model.config
     print(
-        f"model: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads}/{c.num_kv_heads} heads, "
-        f"{c.num_params() / 1e6:.0f}M params, random weights (seed {c.seed}); tokenizer {tok.name}; "
-        f"ready in {time.perf_counter() - t0:.1f}s"
+        f"workload: {len(convs)} ShareGPT conversations x {args.turns} turns, replies <= {args.reply_tokens} "
+        f"tokens, sessions arriving at {args.rate}/s; model preset {args.model!r}"
     )
-    print(f"workload: {len(convs)} ShareGPT conversations x {args.turns} turns, {args.concurrency} at a time")
-
-    runs: dict[bool, list[TurnResult]] = {}
-    for caching in (False, True):
-        engine = Engine(
-            model, EngineConfig(caching=caching, device_blocks=1024, host_blocks=1024), stop_ids=tok.stop_ids
-        )
-        runs[caching] = sorted(
-            replay_chats(
-                engine,
-                tok,
-                convs,
-                max_turns=args.turns,
-                max_reply_tokens=args.reply_tokens,
-                concurrency=args.concurrency,
-                progress=f"caching {'on' if caching else 'off'}",
-            ),
-            key=lambda r: (r.session, r.turn),
-        )
-        engine.pool.check_invariants()
-        stats = engine.pool.stats()["device"]
-        leaked = stats["used"] - stats["cached"]
-        print(f"caching {'on ' if caching else 'off'}: {stats['cached']} blocks cached, {leaked} leaked")
-        assert leaked == 0, "a finished request left blocks behind"
-        engine.close()
-
-    off, on = runs[False], runs[True]
-    print("\nsession turn  prompt  cached   TTFT off    TTFT on")
-    for a, b in zip(off, on):
-        print(
-            f"{a.session:7d} {a.turn:4d} {a.prompt_tokens:7d} {b.cached_tokens:7d} "
-            f"{a.ttft * 1e3:8.1f}ms {b.ttft * 1e3:8.1f}ms"
-        )
-    same = all(a.output == b.output for a, b in zip(off, on))
-    hit = sum(r.cached_tokens for r in on) / sum(r.prompt_tokens for r in on)
-    mean_off, mean_on = statistics.mean(r.ttft for r in off), statistics.mean(r.ttft for r in on)
-    later = [(a.ttft, b.ttft) for a, b in zip(off, on) if a.turn > 0]
-    print(
-        f"\nhit ratio {hit:.0%}; mean TTFT {mean_off * 1e3:.0f}ms -> {mean_on * 1e3:.0f}ms "
-        f"({mean_off / mean_on:.1f}x; turns after the first: "
-        f"{statistics.mean(x for x, _ in later) / statistics.mean(y for _, y in later):.1f}x)"
-    )
-    print(f"greedy tokens identical with and without caching: {same}")
-    print(f"sample reply (random weights, so word salad): {tok.decode(on[0].output)[:80]!r}")
+    rows, outputs = [], {}
+    t0 = time.perf_counter()
+    for name in stages:
+        t = time.perf_counter()
+        with Cluster(name, prefill=1, decode=1, model=args.model) as cluster:
+            results = asyncio.run(
+                replay_http(
+                    cluster.url,
+                    tok,
+                    convs,
+                    max_turns=args.turns,
+                    max_reply_tokens=args.reply_tokens,
+                    rate=args.rate,
+                    progress=f"{name:>17}",
+                )
+            )
+            with urllib.request.urlopen(f"{cluster.url}/admin/stats", timeout=60) as r:
+                stats = json.loads(r.read())
+        moved = sum(i["transport_stats"].get("bytes_sent", 0) for i in stats["instances"].values())
+        rows.append(summarize(name, results, stats["counters"], moved))
+        outputs[name] = [r.output for r in results]
+        print(f"{name:>17}: {len(results)} requests in {time.perf_counter() - t:.1f}s (launch included)")
+    print()
+    print(table(rows))
+    save(rows, Path(args.out))
+    first = next(iter(outputs.values()))
+    same = all(o == first for o in outputs.values())
+    print(f"\nevery stage gave the same greedy tokens: {same}")
+    print(f"table and plot saved under {args.out}/ (stages.json, stages.png); {time.perf_counter() - t0:.0f}s in all")
     return 0 if same else 1
 
 

@@ -117,6 +117,7 @@ class Instance:
             "role": c.role,
             "caching": c.caching,
             "block_size": c.block_size,
+            "block_bytes": self.pool.config.layout.block_bytes,
             "transport": list(self.transport),
             "pid": os.getpid(),
         }

@@ -56,9 +56,10 @@ class Cluster:
         self.policy, self.model, self.host, self.port = policy, model, host, port
         self.device_blocks, self.host_blocks, self.backend = device_blocks, host_blocks, backend
         cores = os.cpu_count() or 1
-        self.threads = threads if threads is not None else max(1, cores // len(self.roles))
+        self.threads = threads if threads is not None else max(1, cores // max(1, len(self.roles)))
         self.startup_timeout = startup_timeout
-        self.secret = secrets.token_hex(16)
+        # instances started by hand elsewhere must share it: they read the same variable
+        self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
         self.url = ""
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -43,6 +43,7 @@ class InstanceHandle:
     url: str
     transport: tuple[str, int]
     caching: bool
+    block_bytes: int = 0
     inflight: int = 0
     queued_seconds: float = 0.0
     requests: int = 0
@@ -104,6 +105,7 @@ class Scheduler:
             str(info["url"]),
             (str(info["transport"][0]), int(info["transport"][1])),
             bool(info.get("caching", True)),
+            int(info.get("block_bytes", 0)),
         )
         if handle.name in self.instances:
             raise SchedulerError(f"an instance named {handle.name!r} is registered already")
@@ -169,7 +171,8 @@ class Scheduler:
             return have
         n, more = len(tokens), hits[holder]
         saved = self.cost.exec(n, have / n) - self.cost.exec(n, more / n)
-        move = (more - have) // self.trees[role].block_size * self.block_bytes / self.bandwidth
+        block_bytes = self.instances[holder].block_bytes or self.block_bytes
+        move = (more - have) // self.trees[role].block_size * block_bytes / self.bandwidth
         if move >= saved:
             return have
         try:
@@ -218,6 +221,8 @@ class Scheduler:
         cached = int(metrics.get("cached_tokens", 0))
         self._learn(role, first, tokens, output, cached, believed, metrics)
         transfer = summary.get("transfer") or {}
+        if transfer.get("bytes") and transfer.get("seconds"):  # learn the links' bandwidth (moving average)
+            self.bandwidth = 0.8 * self.bandwidth + 0.2 * transfer["bytes"] / transfer["seconds"]
         self.counters.handoff_blocks += int(transfer.get("sent_blocks", 0))
         self.counters.handoff_bytes += int(transfer.get("bytes", 0))
         reason = summary.get("finish_reason")
