@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from mempool.alloc.allocator import BlockAllocator
@@ -144,6 +146,14 @@ class MemPool:
         """Remove the cached prefix of ``tokens`` and its continuations; see :meth:`RadixIndex.delete`."""
         with self._lock:
             return self.index.delete(tokens, namespace)
+
+    def watch_removals(self, callback: Callable[[Hashable, npt.NDArray[np.int32]], None] | None) -> None:
+        """Call ``callback(namespace, tokens)`` whenever a cached prefix leaves the pool on every tier
+        (evicted or deleted; a demotion to the host is not a removal). ``tokens`` ends with the first
+        block no longer cached; longer prefixes through it are gone as well. The callback runs under
+        the pool's lock: it must be quick and must not call the pool. ``None`` stops watching."""
+        with self._lock:
+            self.index.on_removed = callback
 
     def evict(self, n: int, tier: Tier | str = Tier.DEVICE) -> int:
         """Free up to ``n`` blocks of ``tier`` from unlocked cached prefixes; returns how many."""

@@ -353,3 +353,30 @@ def test_demo_prints_a_tree() -> None:
 
     out = subprocess.run([sys.executable, "-m", "mempool.index.radix"], check=True, capture_output=True, text=True)
     assert "host=" in out.stdout and "device=" in out.stdout and out.stderr == ""
+
+
+def test_removal_watcher_sees_each_prefix_that_leaves_every_tier() -> None:
+    from mempool import MemPool, PoolConfig
+
+    pool = MemPool(
+        PoolConfig(
+            num_layers=1, num_kv_heads=1, head_dim=2, block_size=2, device_blocks=4, host_blocks=2, dtype="float32"
+        )
+    )
+    seen: list[tuple[object, list[int]]] = []
+    pool.watch_removals(lambda ns, toks: seen.append((ns, toks.tolist())))
+    a = pool.alloc(3)
+    pool.insert([1, 2, 3, 4, 5, 6], a, namespace="m")
+    pool.free(a)
+    assert pool.evict(3) == 3  # one 3-block node, the host has room for 2: dropped whole
+    assert seen == [("m", [1, 2])]  # ends with the first block no longer cached
+    b = pool.alloc(2)
+    pool.insert([7, 8, 9, 10], b)
+    pool.free(b)
+    assert pool.evict(2) == 2 and len(seen) == 1  # demoted to the host: still cached, not reported
+    with pool.match([7, 8, 9, 10]) as hit:
+        assert hit.total_tokens == 4
+    assert pool.delete([7, 8]) == 2
+    assert seen[-1] == (None, [7, 8])
+    pool.watch_removals(None)
+    pool.check_invariants()

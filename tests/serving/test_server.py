@@ -239,3 +239,22 @@ def test_a_busy_holder_pushes_its_prefix_instead_of_recompute() -> None:
         c.scheduler.instances[holder].queued_seconds -= 100.0
         assert counters["pushes"] == 1 and set(counters["by_instance"]) == {"colocated-0", "colocated-1"}
         assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # the pushed prefix, not recomputed
+
+
+def test_eviction_reports_update_the_prompt_tree() -> None:
+    import time
+
+    with Cluster("colocated-caching", colocated=1, model=MODEL, device_blocks=12, host_blocks=0) as c:
+        assert c.scheduler is not None
+        tree = c.scheduler.trees["colocated"]
+        prompts = [list(range(9000 + 100 * k, 9064 + 100 * k)) for k in range(3)]  # 4 blocks each
+        post(f"{c.url}/v1/completions", {"prompt": prompts[0], "max_tokens": 2, "temperature": 0})
+        assert tree.match(prompts[0], time.monotonic()) == {"colocated-0": 64}
+        for p in prompts[1:]:  # 12 blocks in all: the first prompt's blocks must go
+            post(f"{c.url}/v1/completions", {"prompt": p, "max_tokens": 2, "temperature": 0})
+        get(f"{c.url}/admin/stats")  # collects the latest reports too
+        assert c.scheduler.counters.removals > 0
+        believed = tree.match(prompts[0], time.monotonic()).get("colocated-0", 0)
+        assert believed < 64  # the tree forgot what the pool evicted ...
+        r = post(f"{c.url}/v1/completions", {"prompt": prompts[0] + [5], "max_tokens": 2, "temperature": 0})
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == believed  # ... and only that

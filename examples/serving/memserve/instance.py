@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from mempool import Blocks, TransportConfig
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
 from .model import LlamaModel
+from .prompt_tree import chain_keys
 from .sampling import SamplingParams
 from .worker import EngineWorker
 
@@ -107,8 +109,22 @@ class Instance:
             TransportConfig(name=config.name, secret=secret, backend=config.backend, host=config.host)
         )
         self.worker = EngineWorker(engine)
+        # prefixes this pool stopped caching, as prompt-tree keys, until the scheduler collects them
+        self._removed: deque[str] = deque(maxlen=4096)
+        self.pool.watch_removals(self._on_removed)
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
         self.prefill_samples: list[tuple[int, int, float]] = []  # (prompt, cached, seconds), newest last
+
+    def _on_removed(self, namespace: object, tokens: Any) -> None:
+        if namespace is None:
+            self._removed.append(chain_keys(tokens, self.config.block_size)[-1].hex())
+
+    def take_removed(self) -> list[str]:
+        """Keys of the prefixes evicted or deleted since the last call."""
+        out = []
+        while self._removed:
+            out.append(self._removed.popleft())
+        return out
 
     def info(self) -> dict[str, Any]:
         c = self.config
@@ -140,6 +156,7 @@ class Instance:
             "transport_stats": self.pool.transport_stats(),
             "counters": dict(self.counters),
             "prefill_samples": self.prefill_samples[-256:],
+            "removed": self.take_removed(),
         }
 
     def start(self, body: dict[str, Any], emit: Any) -> None:
@@ -186,7 +203,7 @@ class Instance:
         self.counters["cached_tokens"] += m.cached_tokens
         self.counters["output_tokens"] += len(out.new_token_ids)
         metrics = {k: v for k, v in asdict(m).items()}
-        done = {"done": True, "finish_reason": out.finish_reason, "metrics": metrics}
+        done = {"done": True, "finish_reason": out.finish_reason, "metrics": metrics, "removed": self.take_removed()}
         if peer is None or out.finish_reason == "abort":
             emit(done)
             return

@@ -11,6 +11,9 @@ instance evicted), and an instance that leaves is forgotten.
 >>> tree.insert("b", [1, 2, 9, 9], now=0)
 >>> sorted(tree.match([1, 2, 3, 4, 7], now=1).items())
 [('a', 4), ('b', 2)]
+>>> tree.drop("a", chain_keys([1, 2, 3, 4], 2)[-1])    # instance a evicted its second block
+>>> sorted(tree.match([1, 2, 3, 4, 7], now=1).items())
+[('a', 2), ('b', 2)]
 >>> tree.match([1, 2, 3, 4], now=100)
 {}
 """
@@ -23,6 +26,17 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def chain_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """The key of every whole block of ``tokens``: a hash of the block chained over all before it."""
+    data = np.asarray(tokens[: len(tokens) // block_size * block_size], dtype=np.int64).tobytes()
+    step = block_size * 8
+    keys, h = [], b""
+    for i in range(0, len(data), step):
+        h = hashlib.blake2b(h + data[i : i + step], digest_size=16).digest()
+        keys.append(h)
+    return keys
+
+
 class PromptTree:
     """Prefix -> {instance: expiry}; ``insert``, ``match``, ``trim`` and ``forget`` are O(blocks)."""
 
@@ -32,14 +46,19 @@ class PromptTree:
         self._nodes: dict[bytes, dict[str, float]] = {}
 
     def _chain(self, tokens: Sequence[int]) -> list[bytes]:
-        bs = self.block_size
-        data = np.asarray(tokens[: len(tokens) // bs * bs], dtype=np.int64).tobytes()
-        step = bs * 8
-        keys, h = [], b""
-        for i in range(0, len(data), step):
-            h = hashlib.blake2b(h + data[i : i + step], digest_size=16).digest()
-            keys.append(h)
-        return keys
+        return chain_keys(tokens, self.block_size)
+
+    def drop(self, instance: str, key: bytes) -> None:
+        """``instance`` no longer caches the prefix whose last block has ``key`` (see :func:`chain_keys`).
+
+        Longer prefixes through it become unreachable for ``instance`` (a match stops there) and
+        expire with their TTL.
+        """
+        holders = self._nodes.get(key)
+        if holders is not None:
+            holders.pop(instance, None)
+            if not holders:
+                del self._nodes[key]
 
     def insert(self, instance: str, tokens: Sequence[int], now: float) -> None:
         """Record that ``instance`` caches the whole blocks of ``tokens`` (refreshes their TTL)."""

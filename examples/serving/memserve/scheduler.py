@@ -56,6 +56,7 @@ class Counters:
     cached_tokens: int = 0
     output_tokens: int = 0
     pushes: int = 0
+    removals: int = 0  # evicted prefixes instances reported
     handoff_blocks: int = 0
     handoff_bytes: int = 0
     send_back_blocks: int = 0
@@ -132,9 +133,18 @@ class Scheduler:
 
         async def one(inst: InstanceHandle) -> tuple[str, dict[str, Any]]:
             async with s.get(inst.url + "/stats") as r:
-                return inst.name, await r.json()
+                stats: dict[str, Any] = await r.json()
+            self._apply_removed(inst, stats.get("removed", ()))
+            return inst.name, stats
 
         return dict(await asyncio.gather(*(one(i) for i in self.instances.values())))
+
+    def _apply_removed(self, inst: InstanceHandle, keys: Any) -> None:
+        """An instance's eviction report: it no longer caches these prefixes."""
+        tree = self.trees[inst.role]
+        for key in keys:
+            tree.drop(inst.name, bytes.fromhex(key))
+        self.counters.removals += len(keys)
 
     # -- routing -------------------------------------------------------------------------------
     def _role_of_first(self) -> str:
@@ -214,6 +224,7 @@ class Scheduler:
                     yield event
                 else:
                     summary = event
+                    self._apply_removed(first, event.get("removed", ()))
         finally:
             first.inflight -= 1
             first.queued_seconds -= predicted
@@ -241,6 +252,7 @@ class Scheduler:
                         yield event
                     else:
                         summary = event
+                        self._apply_removed(decode, event.get("removed", ()))
             finally:
                 decode.inflight -= 1
             reason = summary.get("finish_reason")

@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mempool.alloc.allocator import BlockAllocator
 from mempool.errors import (
@@ -84,6 +85,11 @@ class RadixIndex:
             t: Blocks._trusted(t, _EMPTY, a._owner if a is not None else None) for t, a in self._alloc.items()
         }
         self.counters = {"inserted": 0, "demoted": 0, "promoted": 0, "dropped_device": 0, "dropped_host": 0}
+        #: called as ``on_removed(namespace, tokens)`` when a prefix stops being cached on every tier
+        #: (evicted or deleted): ``tokens`` (int32 array) ends with the first block no longer cached;
+        #: every longer prefix through it is gone too. Runs under the pool's lock: keep it short and
+        #: never call back into the pool.
+        self.on_removed: Callable[[Hashable, npt.NDArray[np.int32]], None] | None = None
 
     # -- public API ------------------------------------------------------------------------
     def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
@@ -495,6 +501,12 @@ class RadixIndex:
         """Unlink ``top`` and free everything below it; returns blocks freed (device, host)."""
         parent = top.parent
         assert parent is not None and top.lock == 0, top
+        if self.on_removed is not None:
+            path = top.path()
+            prefix = b"".join(n.key for n in path[:-1]) + top.key[: self._tb]
+            root = path[0].parent
+            namespace = next(ns for ns, r in self._roots.items() if r is root)
+            self.on_removed(namespace, np.frombuffer(prefix, dtype=np.int32))
         freed = [0, 0]
         for node in _subtree(top):
             if node.device is not None:
