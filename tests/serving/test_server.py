@@ -258,3 +258,16 @@ def test_eviction_reports_update_the_prompt_tree() -> None:
         assert believed < 64  # the tree forgot what the pool evicted ...
         r = post(f"{c.url}/v1/completions", {"prompt": prompts[0] + [5], "max_tokens": 2, "temperature": 0})
         assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == believed  # ... and only that
+
+
+def test_session_id_policy_keeps_a_session_on_one_instance() -> None:
+    with Cluster("colocated-caching", colocated=2, policy="session-id", **SMALL) as c:
+        placed: dict[str, set[str]] = {}
+        for turn in range(3):
+            for user in ("alice", "bob", "carol", "dave"):
+                before = get(f"{c.url}/admin/stats")["counters"]["by_instance"]
+                post(f"{c.url}/v1/completions", {"prompt": [11, 12, 13, turn], "max_tokens": 1, "user": user})
+                after = get(f"{c.url}/admin/stats")["counters"]["by_instance"]
+                placed.setdefault(user, set()).update(k for k in after if after[k] != before.get(k, 0))
+        assert all(len(where) == 1 for where in placed.values())  # each session stayed put
+        assert len(set().union(*placed.values())) == 2  # and the sessions used both instances
