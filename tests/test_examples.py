@@ -61,8 +61,32 @@ def test_main_job_compares_stages(tmp_path: Path) -> None:
         text=True,
         timeout=300,
     )
-    assert "every stage gave the same greedy tokens: True" in out.stdout
-    rows = {r["stage"]: r for r in json.loads((tmp_path / "stages.json").read_text())}
+    assert "every mode gave the same greedy tokens: True" in out.stdout
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "stages.json").read_text())["rows"]}
     assert rows["pd-caching-3"]["handoff_blocks"] > 0 and rows["colocated"]["hit_ratio"] == 0
     assert rows["pd-caching-3"]["hit_ratio"] > 0
     assert (tmp_path / "stages.png").stat().st_size > 0
+
+
+def test_evaluation_smoke(tmp_path: Path) -> None:
+    """The evaluation's quick version: every metric present and sane (never a speed threshold)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "memserve.evaluate", "pd", "routing", "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.stdout.count("every mode gave the same greedy tokens: True") == 2
+    for name, modes in (("pd_sharegpt", 4), ("routing_loogle", 3)):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(data["rows"]) == modes and (tmp_path / f"{name}.png").stat().st_size > 0
+        for row in data["rows"]:
+            assert row["requests"] > 0 and 0 <= row["hit_ratio"] <= 1
+            assert 0 < row["ttft_p50"] <= row["ttft_p99"] and row["ttft_mean"] <= row["jct_mean"]
+            assert row["tokens_per_s"] > 0 and row["moved_mb"] >= 0
+        for results in data["requests"].values():
+            assert all(r["ttft"] > 0 and r["jct"] >= r["ttft"] and r["output"] for r in results)
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "pd_sharegpt.json").read_text())["rows"]}
+    assert rows["pd-basic"]["hit_ratio"] == 0 < rows["pd-caching-3"]["hit_ratio"]
+    assert rows["pd-caching-2"]["handoff_blocks"] < rows["pd-basic"]["handoff_blocks"]

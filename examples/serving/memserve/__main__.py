@@ -9,17 +9,13 @@ moved) and saves it with a plot. Every stage must return the same greedy tokens.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import time
-import urllib.request
 from pathlib import Path
 
-from .bench import replay_http, save, summarize, table
-from .launch import Cluster
-from .sharegpt import load_conversations
+from .evaluate import Mode, compare
 from .stages import STAGES
 from .tokenizer import Tokenizer
+from .workloads import sharegpt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,41 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown stages {unknown}; known: {list(STAGES)}")
-
-    tok = Tokenizer("llama3")
-    convs = load_conversations(args.conversations, min_rounds=args.turns)
+    sessions = sharegpt(Tokenizer("llama3"), args.conversations, max_turns=args.turns, max_reply=args.reply_tokens)
     print(
-        f"workload: {len(convs)} ShareGPT conversations x {args.turns} turns, replies <= {args.reply_tokens} "
-        f"tokens, sessions arriving at {args.rate}/s; model preset {args.model!r}"
+        f"workload: {len(sessions)} ShareGPT conversations (seeded sample), <= {args.turns} turns, replies <= "
+        f"{args.reply_tokens} tokens, sessions arriving at {args.rate}/s; model preset {args.model!r}"
     )
-    rows, outputs = [], {}
     t0 = time.perf_counter()
-    for name in stages:
-        t = time.perf_counter()
-        with Cluster(name, prefill=1, decode=1, model=args.model) as cluster:
-            results = asyncio.run(
-                replay_http(
-                    cluster.url,
-                    tok,
-                    convs,
-                    max_turns=args.turns,
-                    max_reply_tokens=args.reply_tokens,
-                    rate=args.rate,
-                    progress=f"{name:>17}",
-                )
-            )
-            with urllib.request.urlopen(f"{cluster.url}/admin/stats", timeout=60) as r:
-                stats = json.loads(r.read())
-        moved = sum(i["transport_stats"].get("bytes_sent", 0) for i in stats["instances"].values())
-        rows.append(summarize(name, results, stats["counters"], moved))
-        outputs[name] = [r.output for r in results]
-        print(f"{name:>17}: {len(results)} requests in {time.perf_counter() - t:.1f}s (launch included)")
-    print()
-    print(table(rows))
-    save(rows, Path(args.out))
-    first = next(iter(outputs.values()))
-    same = all(o == first for o in outputs.values())
-    print(f"\nevery stage gave the same greedy tokens: {same}")
+    _, _, same = compare(
+        "stages", [Mode(s, s) for s in stages], sessions, model=args.model, rate=args.rate, out=Path(args.out)
+    )
     print(f"table and plot saved under {args.out}/ (stages.json, stages.png); {time.perf_counter() - t0:.0f}s in all")
     return 0 if same else 1
 

@@ -21,14 +21,14 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from .sharegpt import Conversation
-from .tokenizer import Tokenizer
+from .workloads import SessionSpec
 
 
 @dataclass(frozen=True)
 class RequestResult:
     session: int
     turn: int
+    group: str
     prompt_tokens: int
     cached_tokens: int
     output: tuple[int, ...]
@@ -72,48 +72,49 @@ async def _one(
 
 
 async def replay_http(
-    url: str,
-    tokenizer: Tokenizer,
-    conversations: list[Conversation],
-    *,
-    max_turns: int = 3,
-    max_reply_tokens: int = 32,
-    rate: float = 1.0,
-    seed: int = 0,
-    progress: str | None = None,
-) -> list[RequestResult]:
-    """Replay ``conversations`` against the server at ``url``; sessions arrive at ``rate`` per second."""
+    url: str, sessions: list[SessionSpec], *, rate: float = 1.0, seed: int = 0, progress: str | None = None
+) -> tuple[list[RequestResult], float]:
+    """Replay ``sessions`` against the server at ``url``; they arrive as a Poisson process at ``rate``
+    per second, in order, and each runs its calls one after another. Returns the results and the
+    makespan in seconds."""
     rng = random.Random(seed)
     results: list[RequestResult] = []
-    total = sum(min(len(c.rounds), max_turns) for c in conversations)
+    total = sum(len(s.calls) for s in sessions)
 
-    async def session(i: int, conv: Conversation, delay: float, http: aiohttp.ClientSession) -> None:
+    async def run(i: int, spec: SessionSpec, delay: float, http: aiohttp.ClientSession) -> None:
         await asyncio.sleep(delay)
-        history = tokenizer.bos()
-        for turn, (user, reply) in enumerate(conv.rounds[:max_turns]):
-            prompt = history + tokenizer.message("user", user) + tokenizer.generation_prompt()
-            n = max(2, min(max_reply_tokens, len(tokenizer.encode(reply))))
-            ids, ttft, jct, cached = await _one(http, url, prompt, n, f"session-{i}")
+        history = list(spec.prefix)
+        for k, call in enumerate(spec.calls):
+            prompt = history + list(call.append)
+            ids, ttft, jct, cached = await _one(http, url, prompt, call.max_tokens, spec.id)
             results.append(
-                RequestResult(i, turn, len(prompt), cached, tuple(ids), ttft, (jct - ttft) / max(len(ids) - 1, 1), jct)
+                RequestResult(
+                    i, k, spec.group, len(prompt), cached, tuple(ids), ttft, (jct - ttft) / max(len(ids) - 1, 1), jct
+                )
             )
-            history = prompt + ids + tokenizer.end_of_turn()
+            history = prompt + ids + list(call.close)
             if progress:
-                print(f"\r{progress}: {len(results)}/{total} requests", end="", file=sys.stderr, flush=True)
+                done = len(results)
+                bar = "#" * (20 * done // total)
+                print(f"\r{progress} [{bar:<20}] {done}/{total} requests", end="", file=sys.stderr, flush=True)
 
     t, delays = 0.0, []
-    for _ in conversations:
+    for _ in sessions:
         delays.append(t)
         t += rng.expovariate(rate)
+    start = time.perf_counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
-        await asyncio.gather(*(session(i, c, d, http) for i, (c, d) in enumerate(zip(conversations, delays))))
+        await asyncio.gather(*(run(i, s, d, http) for i, (s, d) in enumerate(zip(sessions, delays))))
+    makespan = time.perf_counter() - start
     if progress:
         print(file=sys.stderr)
-    return sorted(results, key=lambda r: (r.session, r.turn))
+    return sorted(results, key=lambda r: (r.session, r.turn)), makespan
 
 
-def summarize(stage: str, results: list[RequestResult], counters: dict[str, Any], moved_bytes: int) -> dict[str, Any]:
-    """One table row: latency statistics, hit ratio and KV moved."""
+def summarize(
+    stage: str, results: list[RequestResult], counters: dict[str, Any], moved_bytes: int, makespan: float = 0.0
+) -> dict[str, Any]:
+    """One table row: latency statistics, throughput, hit ratio and KV moved."""
 
     def stats(values: list[float]) -> tuple[float, float, float]:
         return statistics.mean(values), float(np.percentile(values, 50)), float(np.percentile(values, 99))
@@ -122,17 +123,25 @@ def summarize(stage: str, results: list[RequestResult], counters: dict[str, Any]
     for name in ("ttft", "tpot", "jct"):
         mean, p50, p99 = stats([getattr(r, name) for r in results])
         row.update({f"{name}_mean": mean, f"{name}_p50": p50, f"{name}_p99": p99})
+    row["tokens_per_s"] = sum(len(r.output) for r in results) / makespan if makespan else 0.0
     row["hit_ratio"] = sum(r.cached_tokens for r in results) / max(sum(r.prompt_tokens for r in results), 1)
     row["handoff_blocks"] = counters.get("handoff_blocks", 0)
     row["send_back_blocks"] = counters.get("send_back_blocks", 0)
+    row["pushes"] = counters.get("pushes", 0)
     row["moved_mb"] = moved_bytes / 1e6
     return row
 
 
-def save(rows: list[dict[str, Any]], out: Path) -> None:
-    """Write ``rows`` as JSON and draw TTFT / JCT per stage (matplotlib, if installed)."""
+def save(
+    rows: list[dict[str, Any]], out: Path, name: str = "stages", samples: dict[str, list[RequestResult]] | None = None
+) -> None:
+    """Write ``rows`` (and per-request ``samples``) as JSON; draw bars per mode and, with samples,
+    the CDFs of TTFT and JCT (matplotlib, if installed)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "stages.json").write_text(json.dumps(rows, indent=2))
+    payload: dict[str, Any] = {"rows": rows}
+    if samples:
+        payload["requests"] = {k: [asdict(r) for r in v] for k, v in samples.items()}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     try:
         import matplotlib
 
@@ -140,19 +149,27 @@ def save(rows: list[dict[str, Any]], out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    names = [r["stage"] for r in rows]
+    ncols = 5 if samples else 3
+    fig, axes = plt.subplots(1, ncols, figsize=(3.4 * ncols, 3.6))
+    modes = [r["stage"] for r in rows]
     for ax, (key, label) in zip(axes, (("ttft", "TTFT (s)"), ("jct", "JCT (s)"), ("hit_ratio", "hit ratio"))):
         if key == "hit_ratio":
-            ax.bar(names, [r[key] for r in rows])
+            ax.bar(modes, [r[key] for r in rows])
         else:
-            ax.bar(names, [r[f"{key}_mean"] for r in rows], label="mean")
-            ax.plot(names, [r[f"{key}_p99"] for r in rows], "k^", label="p99")
+            ax.bar(modes, [r[f"{key}_mean"] for r in rows], label="mean")
+            ax.plot(modes, [r[f"{key}_p99"] for r in rows], "k^", label="p99")
             ax.legend(fontsize=7)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=40, labelsize=7)
+    if samples:
+        for ax, key in zip(axes[3:], ("ttft", "jct")):
+            for mode, res in samples.items():
+                values = np.sort([getattr(r, key) for r in res])
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=mode)
+            ax.set(xlabel=f"{key.upper()} (s)", ylabel="CDF", xscale="log")
+            ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=110)
+    fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
 
 
@@ -162,13 +179,16 @@ def table(rows: list[dict[str, Any]]) -> str:
         "stage",
         "requests",
         "ttft_mean",
+        "ttft_p50",
         "ttft_p99",
         "tpot_mean",
         "jct_mean",
         "jct_p99",
+        "tokens_per_s",
         "hit_ratio",
         "handoff_blocks",
         "send_back_blocks",
+        "pushes",
         "moved_mb",
     ]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -176,7 +196,3 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(c.rjust(widths[c]) for c in cols)]
     lines += ["  ".join(fmt(r[c]).rjust(widths[c]) for c in cols) for r in rows]
     return "\n".join(lines)
-
-
-def asdicts(results: list[RequestResult]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in results]

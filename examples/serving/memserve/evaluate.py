@@ -1,0 +1,124 @@
+"""``python -m memserve.evaluate``: the paper's comparisons, each one command.
+
+    caching   colocated without vs with context caching        (ShareGPT and ReAct-like)
+    pd        PD-Basic vs PD-Caching-1/2/3                      (ShareGPT)
+    routing   least-load vs session-id vs prompt-tree routing   (LooGLE-like, 3 colocated instances)
+    all       the three above
+
+Each prints a table, writes JSON (rows + every request) and a figure (bars per mode, CDFs of TTFT and
+JCT) under ``--out``, and checks that every mode returned the same greedy tokens. ``--quick`` shrinks
+the workloads and uses the tiny model (the test suite's smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .bench import RequestResult, replay_http, save, summarize, table
+from .launch import Cluster
+from .tokenizer import Tokenizer
+from .workloads import SessionSpec, loogle, react, sharegpt
+
+
+@dataclass(frozen=True)
+class Mode:
+    label: str
+    stage: str
+    policy: str = "prompt-tree"
+    instances: int = 2  # colocated instances; disaggregated stages run 1 prefill + 1 decode
+
+
+def compare(
+    name: str,
+    modes: list[Mode],
+    sessions: list[SessionSpec],
+    *,
+    model: str,
+    rate: float,
+    out: Path,
+) -> tuple[list[dict[str, Any]], dict[str, list[RequestResult]], bool]:
+    """Run ``sessions`` through every mode; returns table rows, per-request results, same-tokens flag."""
+    rows, samples = [], {}
+    for mode in modes:
+        t = time.perf_counter()
+        with Cluster(
+            mode.stage, prefill=1, decode=1, colocated=mode.instances, policy=mode.policy, model=model
+        ) as cluster:
+            results, makespan = asyncio.run(replay_http(cluster.url, sessions, rate=rate, progress=f"{mode.label:>17}"))
+            with urllib.request.urlopen(f"{cluster.url}/admin/stats", timeout=60) as r:
+                stats = json.loads(r.read())
+        moved = sum(i["transport_stats"].get("bytes_sent", 0) for i in stats["instances"].values())
+        rows.append(summarize(mode.label, results, stats["counters"], moved, makespan))
+        samples[mode.label] = results
+        print(f"{mode.label:>17}: {len(results)} requests in {time.perf_counter() - t:.1f}s (launch included)")
+    first = next(iter(samples.values()))
+    same = all([r.output for r in v] == [r.output for r in first] for v in samples.values())
+    print(f"\n== {name} ==")
+    print(table(rows))
+    print(f"every mode gave the same greedy tokens: {same}")
+    save(rows, out, name, samples)
+    return rows, samples, same
+
+
+def _gain(rows: list[dict[str, Any]], base: str, better: str, key: str) -> float:
+    by = {r["stage"]: r for r in rows}
+    return 1.0 - by[better][key] / by[base][key]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m memserve.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("comparison", nargs="+", choices=("caching", "pd", "routing", "all"))
+    ap.add_argument("--quick", action="store_true", help="tiny model, small workloads (about a minute)")
+    ap.add_argument("--model", default=None, help="model preset (default: 'default', or 'tiny-llama3' with --quick)")
+    ap.add_argument("--rate", type=float, default=1.0, help="sessions arriving per second")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="memserve_results")
+    args = ap.parse_args(argv)
+    quick, out = args.quick, Path(args.out)
+    model = args.model or ("tiny-llama3" if quick else "default")
+    tok = Tokenizer("llama3")
+    ok, t0 = True, time.perf_counter()
+    todo = ("caching", "pd", "routing") if "all" in args.comparison else tuple(args.comparison)
+    chats = sharegpt(tok, 2 if quick else 8, max_turns=2 if quick else 4, max_reply=6 if quick else 64, seed=args.seed)
+    if "caching" in todo:
+        modes = [Mode("no-cache", "colocated"), Mode("cache", "colocated-caching")]
+        ok &= compare("caching_sharegpt", modes, chats, model=model, rate=args.rate, out=out)[2]
+        agents = react(
+            sessions=2 if quick else 4,
+            calls=(3, 4) if quick else (5, 10),
+            fewshot_tokens=200 if quick else 800,
+            seed=args.seed,
+        )
+        ok &= compare("caching_react", modes, agents, model=model, rate=args.rate, out=out)[2]
+    if "pd" in todo:
+        modes = [Mode(s, s) for s in ("pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")]
+        rows, _, same = compare("pd_sharegpt", modes, chats, model=model, rate=args.rate, out=out)
+        ok &= same
+        print(
+            f"PD-Caching-3 vs PD-Basic: mean TTFT -{_gain(rows, 'pd-basic', 'pd-caching-3', 'ttft_mean'):.0%} "
+            f"(paper -58%), mean JCT -{_gain(rows, 'pd-basic', 'pd-caching-3', 'jct_mean'):.0%} (paper -17%)"
+        )
+    if "routing" in todo:
+        docs = loogle(docs=3, doc_tokens=200 if quick else 2000, questions=2 if quick else 8, seed=args.seed)
+        modes = [
+            Mode(p, "colocated-caching", policy=p, instances=3) for p in ("least-load", "session-id", "prompt-tree")
+        ]
+        rows, _, same = compare("routing_loogle", modes, docs, model=model, rate=2 * args.rate, out=out)
+        ok &= same
+        print(
+            f"prompt-tree vs session-id: p99 TTFT -{_gain(rows, 'session-id', 'prompt-tree', 'ttft_p99'):.0%} "
+            f"(paper -59%)"
+        )
+    print(f"\nresults under {out}/; {time.perf_counter() - t0:.0f}s in all")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
