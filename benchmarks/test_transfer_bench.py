@@ -55,9 +55,10 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
             a.ok("alloc_fill", name=layout, n=BLOCKS, layout=layout, seed=1)
         # Rounds interleave the three measurements so that drift on this shared 2-core machine
         # hits all of them alike; the first round warms up (connections, registrations).
-        samples: dict[str, list[float]] = {"raw one message": [], "run": [], "scattered": []}
+        samples: dict[str, list[float]] = {"raw one message": [], "run": [], "scattered": [], "pieces": []}
         data_phase: dict[str, list[float]] = {"run": [], "scattered": []}
-        messages = {"raw one message": 1}
+        pieces = 2 * LAYOUT["num_layers"] * BLOCKS  # what a per-layer KV layout sends: K and V of each layer
+        messages = {"raw one message": 1, "pieces": pieces}
         for rnd in range(ROUNDS + 1):
             # 4 back-to-back messages; the first absorbs the receiver's start, the rest are timed
             b.ok("send_async", job=f"raw{rnd}", then="raw_recv", peer="a", nbytes=NBYTES, reps=4)
@@ -65,6 +66,13 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
             b.ok("wait", job=f"raw{rnd}")
             if rnd:
                 samples["raw one message"].append(raw)
+            # the per-layer layout's transfer: one message per (block, layer, K|V), all in flight at once
+            b.ok("send_async", job=f"pieces{rnd}", then="raw_pieces_recv", peer="a", count=pieces,
+                 nbytes=NBYTES // pieces)
+            t_pieces = a.ok("raw_pieces_send", peer="b", count=pieces, nbytes=NBYTES // pieces, timeout=300)["seconds"]
+            b.ok("wait", job=f"pieces{rnd}", timeout=300)
+            if rnd:
+                samples["pieces"].append(t_pieces)
             for layout in ("run", "scattered"):
                 key = f"{layout}{rnd}"
                 out = a.ok("bench_send", peer="b", handle=layout, key=key, reps=1, timeout=300)["runs"][0]
@@ -73,9 +81,9 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
                     samples[layout].append(out["seconds"])
                     data_phase[layout].append(out["data_seconds"])
                 messages[layout] = out["messages"]
+        names = {"raw one message": "raw one message", "pieces": f"per-layer pieces ({pieces} messages)"}
         rows = {
-            ("raw one message" if k.startswith("raw") else f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k])
-            for k, v in samples.items()
+            names.get(k, f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k]) for k, v in samples.items()
         }
         raw_gbs = NBYTES / rows["raw one message"][0] / 1e9
         per_layer_calls = 2 * LAYOUT["num_layers"] * BLOCKS

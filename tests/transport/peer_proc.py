@@ -6,6 +6,7 @@ Started by tests/transport/conftest.py: ``python peer_proc.py '<json config>'``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sys
@@ -144,6 +145,20 @@ class Peer:
                 agent._call(coro, 120)
                 times.append(time.perf_counter() - t0)
             return {"seconds": times}
+        if op in ("raw_pieces_send", "raw_pieces_recv"):  # count messages of nbytes, all in flight at once
+            agent = pool._agent
+            assert agent is not None
+            link = agent._peers[cmd["peer"]].link
+            count = cmd["count"]
+            pieces = torch.ones(count * cmd["nbytes"] // 8, dtype=torch.int64).view(count, -1)
+            move = link.send if op == "raw_pieces_send" else link.recv
+
+            async def everything() -> None:
+                await asyncio.gather(*(move(pieces[i], 0x100000 + i) for i in range(count)))
+
+            t0 = time.perf_counter()
+            agent._call(everything(), 300)
+            return {"seconds": time.perf_counter() - t0}
         if op == "bench_send":  # repeated transfers of one handle, timed here
             out = []
             for i in range(cmd["reps"]):

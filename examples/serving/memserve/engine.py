@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mempool import Blocks, MemPool, PoolConfig, Tier
-from mempool.errors import InvalidArgumentError
+from mempool.errors import BlockLockedError, InvalidArgumentError
 
 from .model import LlamaModel
 from .paged import Chunk, StepInput
@@ -296,7 +296,10 @@ class Engine:
     def _preempt(self, seq: Sequence) -> None:
         seq.metrics.preemptions += 1
         if self.config.preemption == "swap" and seq.own is not None and len(seq.own):
-            host = self.pool.swap_out(seq.own)
+            try:
+                host = self.pool.swap_out(seq.own)
+            except BlockLockedError:  # its cached blocks are in use by another request: recompute instead
+                host = None
             if host is not None:
                 seq.own, seq.swapped, seq.state = None, host, State.SWAPPED
                 self.swapped.append(seq)
@@ -327,6 +330,8 @@ class Engine:
         for i, (seq, token) in enumerate(zip(batch, tokens)):
             seq.metrics.computed_tokens += len(chunks[i].tokens)
             seq.num_computed = len(seq.tokens)
+            if self.config.caching and len(chunks[i].tokens) > 1:
+                self._cache(seq)  # a prefill's whole blocks are reusable now, by requests running beside it
             seq.tokens.append(token)
             row = logits[i].clone() if seq.params.return_logits else None
             if row is not None:

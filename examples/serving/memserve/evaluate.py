@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = [
             Mode(p, "colocated-caching", policy=p, instances=3) for p in ("least-load", "session-id", "prompt-tree")
         ]
-        rows, _, same = compare("routing_loogle", modes, docs, model=model, rate=2 * args.rate, out=out)
+        rows, _, same = compare("routing_loogle", modes, docs, model=model, rate=args.rate, out=out)
         ok &= same
         print(
             f"prompt-tree vs session-id: p99 TTFT -{_gain(rows, 'session-id', 'prompt-tree', 'ttft_p99'):.0%} "

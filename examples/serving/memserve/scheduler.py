@@ -204,6 +204,9 @@ class Scheduler:
         believed = await self._maybe_push(role, first, tokens, believed)
         n = len(tokens)
         predicted = self.cost.exec(n, believed / n)
+        if self._caches(role):  # optimistic: the instance will hold this prompt once its prefill ran, so
+            # requests arriving meanwhile with the same prefix follow it there (trimmed if it did not)
+            self.trees[role].insert(first.name, tokens, time.monotonic())
         max_tokens = int(params.get("max_tokens", 16))
         body: dict[str, Any] = {"id": rid, "tokens": tokens, "params": params}
         decode: InstanceHandle | None = None
