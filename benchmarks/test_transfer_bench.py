@@ -67,8 +67,14 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
             if rnd:
                 samples["raw one message"].append(raw)
             # the per-layer layout's transfer: one message per (block, layer, K|V), all in flight at once
-            b.ok("send_async", job=f"pieces{rnd}", then="raw_pieces_recv", peer="a", count=pieces,
-                 nbytes=NBYTES // pieces)
+            b.ok(
+                "send_async",
+                job=f"pieces{rnd}",
+                then="raw_pieces_recv",
+                peer="a",
+                count=pieces,
+                nbytes=NBYTES // pieces,
+            )
             t_pieces = a.ok("raw_pieces_send", peer="b", count=pieces, nbytes=NBYTES // pieces, timeout=300)["seconds"]
             b.ok("wait", job=f"pieces{rnd}", timeout=300)
             if rnd:
@@ -82,9 +88,7 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
                     data_phase[layout].append(out["data_seconds"])
                 messages[layout] = out["messages"]
         names = {"raw one message": "raw one message", "pieces": f"per-layer pieces ({pieces} messages)"}
-        rows = {
-            names.get(k, f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k]) for k, v in samples.items()
-        }
+        rows = {names.get(k, f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k]) for k, v in samples.items()}
         raw_gbs = NBYTES / rows["raw one message"][0] / 1e9
         per_layer_calls = 2 * LAYOUT["num_layers"] * BLOCKS
         for what, (secs, msgs) in rows.items():

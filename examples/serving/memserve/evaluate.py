@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, _, same = compare("pd_sharegpt", modes, chats, model=model, rate=args.rate, out=out)
         ok &= same
         print(
-            f"PD-Caching-3 vs PD-Basic: mean TTFT -{_gain(rows, 'pd-basic', 'pd-caching-3', 'ttft_mean'):.0%} "
-            f"(paper -58%), mean JCT -{_gain(rows, 'pd-basic', 'pd-caching-3', 'jct_mean'):.0%} (paper -17%)"
+            f"PD-Caching-3 vs PD-Basic: mean TTFT {-_gain(rows, 'pd-basic', 'pd-caching-3', 'ttft_mean'):+.0%} "
+            f"(paper -58%), mean JCT {-_gain(rows, 'pd-basic', 'pd-caching-3', 'jct_mean'):+.0%} (paper -17%)"
         )
     if "routing" in todo:
         docs = loogle(docs=3, doc_tokens=200 if quick else 2000, questions=2 if quick else 8, seed=args.seed)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, _, same = compare("routing_loogle", modes, docs, model=model, rate=args.rate, out=out)
         ok &= same
         print(
-            f"prompt-tree vs session-id: p99 TTFT -{_gain(rows, 'session-id', 'prompt-tree', 'ttft_p99'):.0%} "
+            f"prompt-tree vs session-id: p99 TTFT {-_gain(rows, 'session-id', 'prompt-tree', 'ttft_p99'):+.0%} "
             f"(paper -59%)"
         )
     print(f"\nresults under {out}/; {time.perf_counter() - t0:.0f}s in all")
