@@ -9,19 +9,55 @@ and ``/admin/register``, ``/admin/stats``.
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .scheduler import Scheduler, SchedulerError
+from .scheduler import RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
-_PARAMS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None, "ignore_eos": False}
+_PARAMS: dict[str, Any] = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None, "ignore_eos": False}
+# fields we act on, plus OpenAI fields that are safe to accept and ignore; anything else is a 400
+_COMMON = {
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "ignore_eos",
+    "stream",
+    "stream_options",
+    "user",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stop",
+}
+_FIELDS = {
+    False: _COMMON | {"prompt", "echo", "suffix", "best_of", "logprobs"},
+    True: _COMMON
+    | {
+        "messages",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "metadata",
+        "store",
+    },
+}
+MAX_TOKENS_LIMIT = 1 << 20
 
 
 class BadRequest(ValueError):
@@ -75,27 +111,53 @@ class Metrics:
 
 
 def _params(body: dict[str, Any]) -> dict[str, Any]:
-    out = {k: body.get(k, v) for k, v in _PARAMS.items()}
+    out: dict[str, Any] = {k: body.get(k, v) for k, v in _PARAMS.items()}
     if body.get("max_completion_tokens") is not None:
         out["max_tokens"] = body["max_completion_tokens"]
     if out["seed"] is None:
         del out["seed"]
-    if not isinstance(out["max_tokens"], int) or isinstance(out["max_tokens"], bool) or out["max_tokens"] < 1:
-        raise BadRequest("max_tokens must be a positive integer")
+    if (
+        not isinstance(out["max_tokens"], int)
+        or isinstance(out["max_tokens"], bool)
+        or not 1 <= out["max_tokens"] <= MAX_TOKENS_LIMIT
+    ):
+        raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}]")
+    if not isinstance(out["ignore_eos"], bool):
+        raise BadRequest("ignore_eos must be a boolean")
+    if "seed" in out and (not isinstance(out["seed"], int) or isinstance(out["seed"], bool) or out["seed"] < 0):
+        raise BadRequest("seed must be a non-negative integer")
     for k in ("temperature", "top_p"):
         if not isinstance(out[k], int | float) or isinstance(out[k], bool):
             raise BadRequest(f"{k} must be a number")
+    if not (0.0 <= out["temperature"] <= 2.0) or not (0.0 < out["top_p"] <= 1.0):
+        raise BadRequest("temperature must be in [0, 2] and top_p in (0, 1]")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
     return out
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "invalid_request_error"}}, status=status)
+def _error(status: int, message: str, code: str | None = None) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
 
 
-def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "memserve-default") -> web.Application:
-    app = web.Application()
+def make_app(
+    scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "memserve-default", api_key: str | None = None
+) -> web.Application:
+    """The API application; with ``api_key``, every ``/v1`` call needs ``Authorization: Bearer <key>``."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        if api_key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "a valid API key is required", "invalid_api_key")
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # 404 / 405 from routing: OpenAI-shaped too
+            return _error(exc.status, exc.reason or "error")
+
+    app = web.Application(middlewares=[guard], client_max_size=8 << 20)
     app[SCHEDULER] = scheduler
     metrics = Metrics()
 
@@ -119,8 +181,9 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
             raise BadRequest("prompt must be a string or a non-empty list of token ids")
         if not ids:
             raise BadRequest("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
-            raise BadRequest(f"token ids must be in [0, {tokenizer.vocab_size})")
+        vocab = min(tokenizer.vocab_size, scheduler.vocab_size or tokenizer.vocab_size)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise BadRequest(f"token ids must be in [0, {vocab})")
         return ids
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -128,9 +191,24 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
             body = await request.json()
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
+            unknown = sorted(set(body) - _FIELDS[chat])
+            if unknown:
+                raise BadRequest(f"unknown fields: {unknown}")
+            if body.get("model", model_name) != model_name:
+                return _error(
+                    404,
+                    f"the model {body.get('model')!r} does not exist; this server has {model_name!r}",
+                    "model_not_found",
+                )
             tokens = prompt_tokens(body, chat)
             params = _params(body)
-        except (BadRequest, json.JSONDecodeError) as exc:
+            limit = scheduler.max_context
+            if limit and len(tokens) + params["max_tokens"] > limit:
+                raise BadRequest(
+                    f"the prompt ({len(tokens)} tokens) plus max_tokens ({params['max_tokens']}) exceeds "
+                    f"the context window of {limit} tokens"
+                )
+        except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as exc:
             return _error(400, str(exc))
         session = body.get("user") or request.headers.get("x-session-id")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -149,6 +227,8 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
                         ids.append(e["token"])
                     else:
                         done = e
+            except RequestRefused as exc:
+                return _error(400, str(exc))
             except SchedulerError as exc:
                 return _error(503, str(exc))
             metrics.finished(done, first, time.perf_counter() - start)
@@ -173,6 +253,12 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
                     "usage": _usage(done),
                 }
             )
+        try:  # the first event before the headers: a refused or failed request still gets a status
+            head = await events.__anext__()
+        except RequestRefused as exc:
+            return _error(400, str(exc))
+        except SchedulerError as exc:
+            return _error(503, str(exc))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -193,7 +279,7 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         try:
-            async for e in events:
+            async for e in _chain(head, events):
                 if "token" in e:
                     first = first if first is not None else time.perf_counter() - start
                     ids.append(e["token"])
@@ -267,6 +353,12 @@ def make_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "mems
     app.router.add_post("/admin/register", register)
     app.router.add_get("/admin/stats", admin_stats)
     return app
+
+
+async def _chain(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield head
+    async for e in rest:
+        yield e
 
 
 def _content(message: dict[str, Any]) -> str:

@@ -134,6 +134,8 @@ class Instance:
             "caching": c.caching,
             "block_size": c.block_size,
             "block_bytes": self.pool.config.layout.block_bytes,
+            "capacity_tokens": c.device_blocks * c.block_size,
+            "vocab_size": self.worker.engine.model.config.vocab_size,
             "transport": list(self.transport),
             "pid": os.getpid(),
         }

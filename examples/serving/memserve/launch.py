@@ -47,6 +47,7 @@ class Cluster:
         backend: str = "ucx",
         threads: int | None = None,
         startup_timeout: float = 180.0,
+        api_key: str | None = None,
     ) -> None:
         self.stage: Stage = stage(stage_name)
         if self.stage.disaggregated:
@@ -58,6 +59,7 @@ class Cluster:
         cores = os.cpu_count() or 1
         self.threads = threads if threads is not None else max(1, cores // max(1, len(self.roles)))
         self.startup_timeout = startup_timeout
+        self.api_key = api_key
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
@@ -136,7 +138,7 @@ class Cluster:
             self.scheduler = Scheduler(self.stage, policy=self.policy)
             for info in infos:
                 await self.scheduler.register(info)
-            runner = web.AppRunner(make_app(self.scheduler, Tokenizer("llama3")))
+            runner = web.AppRunner(make_app(self.scheduler, Tokenizer("llama3"), api_key=self.api_key))
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
@@ -192,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     args = ap.parse_args(argv)
+    api_key = os.environ.get("MEMSERVE_API_KEY")  # optional: then /v1 needs "Authorization: Bearer <key>"
     with Cluster(
         args.stage,
         prefill=args.prefill,
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         backend=args.backend,
+        api_key=api_key,
     ) as cluster:
         print(
             f"memserve ({args.stage}, {len(cluster.roles)} instances) serving the OpenAI API at {cluster.url}/v1",

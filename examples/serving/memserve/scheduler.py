@@ -36,6 +36,10 @@ class SchedulerError(RuntimeError):
     """An instance failed or none can serve the request."""
 
 
+class RequestRefused(SchedulerError):
+    """An instance refused the request as invalid (the client's fault: a 400)."""
+
+
 @dataclass
 class InstanceHandle:
     name: str
@@ -84,6 +88,8 @@ class Scheduler:
         self.cost = CostModel()
         self.block_bytes, self.bandwidth = block_bytes, bandwidth
         self.counters = Counters()
+        self.max_context = 0  # the smallest instance's device capacity in tokens (0: no instance yet)
+        self.vocab_size = 0  # the smallest model vocabulary among the instances
         self._ids = itertools.count()
         self._session: aiohttp.ClientSession | None = None
         self.observers: list[Any] = []  # callables(event: dict) for metrics
@@ -118,6 +124,12 @@ class Scheduler:
                 other, "/connect", {"name": handle.name, "host": handle.transport[0], "port": handle.transport[1]}
             )
         self.instances[handle.name] = handle
+        if info.get("capacity_tokens"):
+            cap = int(info["capacity_tokens"])
+            self.max_context = cap if not self.max_context else min(self.max_context, cap)
+        if info.get("vocab_size"):
+            vocab = int(info["vocab_size"])
+            self.vocab_size = vocab if not self.vocab_size else min(self.vocab_size, vocab)
         return handle
 
     async def _post(self, inst: InstanceHandle, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -310,8 +322,10 @@ class Scheduler:
         s = await self.session()
         try:
             async with s.post(inst.url + "/generate", json=body) as r:
+                if r.status == 400:
+                    raise RequestRefused(f"{inst.name} refused the request: {(await r.json()).get('error')}")
                 if r.status != 200:
-                    raise SchedulerError(f"{inst.name} refused the request: {(await r.json()).get('error')}")
+                    raise SchedulerError(f"{inst.name} failed the request (HTTP {r.status})")
                 async for raw in r.content:
                     if raw.strip():
                         yield json.loads(raw)

@@ -1,0 +1,141 @@
+"""Bad input to the HTTP API: every case a 4xx with an OpenAI-style error body, nothing leaked."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from memserve.launch import Cluster
+
+KEY = "test-api-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with Cluster("pd-caching-2", model="tiny-llama3", device_blocks=64, host_blocks=64, api_key=KEY) as c:
+        yield c
+
+
+def request(c: Cluster, method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, Any]:
+    u = urlparse(c.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    conn.request(method, path, body=body, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    try:
+        return r.status, json.loads(data)
+    except json.JSONDecodeError:
+        return r.status, data.decode(errors="replace")
+
+
+def completion(c: Cluster, **fields: Any) -> tuple[int, Any]:
+    return request(c, "POST", "/v1/completions", json.dumps(fields).encode())
+
+
+OK = {"prompt": [1, 2, 3], "max_tokens": 2}
+CASES = [
+    ("malformed json", b'{"prompt": [1, 2', 400),
+    ("not an object", b"[1, 2, 3]", 400),
+    ("broken utf-8", b'{"prompt": "\xff\xfe"}', 400),
+    ("empty body", b"", 400),
+]
+FIELD_CASES = [
+    ({"prompt": []}, 400),
+    ({"prompt": ""}, 400),
+    ({"prompt": 42}, 400),
+    ({"prompt": [1, "a"]}, 400),
+    ({"prompt": [1, -5]}, 400),
+    ({"prompt": [1, 10**9]}, 400),
+    ({"prompt": [1.5]}, 400),
+    ({**OK, "max_tokens": -1}, 400),
+    ({**OK, "max_tokens": 0}, 400),
+    ({**OK, "max_tokens": 10**12}, 400),
+    ({**OK, "max_tokens": "3"}, 400),
+    ({**OK, "temperature": "hot"}, 400),
+    ({**OK, "temperature": -1}, 400),
+    ({**OK, "top_p": 0}, 400),
+    ({**OK, "seed": -3}, 400),
+    ({**OK, "ignore_eos": "yes"}, 400),
+    ({**OK, "n": 3}, 400),
+    ({**OK, "frobnicate": True}, 400),
+    ({**OK, "model": "gpt-9"}, 404),
+    ({"prompt": list(range(1000, 2100)), "max_tokens": 4}, 400),  # beyond the 1,024-token context window
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status"), CASES, ids=[c[0] for c in CASES])
+def test_malformed_bodies(cluster: Cluster, name: str, body: bytes, status: int) -> None:
+    got, data = request(cluster, "POST", "/v1/completions", body)
+    assert got == status and isinstance(data, dict) and data["error"]["message"], (name, data)
+
+
+@pytest.mark.parametrize(("fields", "status"), FIELD_CASES)
+def test_bad_fields(cluster: Cluster, fields: dict[str, Any], status: int) -> None:
+    got, data = completion(cluster, **fields)
+    assert got == status and data["error"]["type"] == "invalid_request_error", data
+
+
+def test_bad_chat_messages(cluster: Cluster) -> None:
+    for messages in (
+        [],
+        "hi",
+        [{"role": "user"}],
+        [{"role": "robot", "content": "x"}],
+        [{"content": "x"}],
+        [{"role": "user", "content": 5}],
+    ):
+        got, data = request(cluster, "POST", "/v1/chat/completions", json.dumps({"messages": messages}).encode())
+        assert got == 400 and data["error"]["message"], messages
+
+
+def test_api_key_routes_and_methods(cluster: Cluster) -> None:
+    assert request(cluster, "POST", "/v1/completions", json.dumps(OK).encode(), key=None)[0] == 401
+    assert request(cluster, "POST", "/v1/completions", json.dumps(OK).encode(), key="wrong")[0] == 401
+    assert request(cluster, "GET", "/v1/nothing-here")[0] == 404
+    assert request(cluster, "GET", "/v1/completions")[0] == 405
+    assert request(cluster, "GET", "/health", key=None)[0] == 200  # health and metrics stay open
+
+
+def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster) -> None:
+    u = urlparse(cluster.url)
+    body = json.dumps({"prompt": list(range(500, 560)), "max_tokens": 200, "stream": True, "ignore_eos": True})
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    assert b"data:" in sock.recv(4096)  # streaming has begun
+    sock.close()  # gone mid-stream
+    assert_drained(cluster)
+
+
+def assert_drained(c: Cluster) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        _, stats = request(c, "GET", "/admin/stats")
+        busy = [i for i in stats["instances"].values() if i["running"] or i["waiting"] or i["held"]]
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not busy, busy
+    for inst in stats["instances"].values():
+        pool = inst["pool"]["device"]
+        assert pool["used"] == pool["cached"], inst["name"]  # only cached blocks remain
+
+
+def test_the_server_still_works_after_all_that(cluster: Cluster) -> None:
+    got, data = completion(cluster, **OK, temperature=0)
+    assert got == 200 and len(data["choices"][0]["token_ids"]) == 2
+    assert_drained(cluster)
