@@ -59,7 +59,7 @@ class PoolFuzz(RuleBasedStateMachine):
 
     @rule(n=COUNTS, tier=TIERS)
     def alloc(self, n: Any, tier: Any) -> None:
-        ok, got = self.call(self.pool.alloc, n, tier)
+        _, got = self.call(self.pool.alloc, n, tier)
         if got is not None:
             assert len(got) == n
             self.own(got, 1)
@@ -107,7 +107,7 @@ class PoolFuzz(RuleBasedStateMachine):
         blocks = self.pick(data)
         if not all(self.refs[(blocks.tier, i)] for i in blocks.tolist()):
             return  # moving references we do not own would steal another holder's
-        ok, moved = self.call(self.pool.swap_out if out else self.pool.swap_in, blocks)
+        _, moved = self.call(self.pool.swap_out if out else self.pool.swap_in, blocks)
         if moved is not None:
             self.own(blocks, -1)
             self.own(moved, 1)
