@@ -318,9 +318,11 @@ def make_app(
         )
 
     async def health(_: web.Request) -> web.Response:
-        ok = bool(scheduler.instances)
+        live = sum(i.alive for i in scheduler.instances.values())
+        down = sorted(i.name for i in scheduler.instances.values() if not i.alive)
         return web.json_response(
-            {"ok": ok, "stage": scheduler.stage.name, "instances": len(scheduler.instances)}, status=200 if ok else 503
+            {"ok": live > 0, "stage": scheduler.stage.name, "instances": live, "down": down},
+            status=200 if live else 503,
         )
 
     async def prometheus(_: web.Request) -> web.Response:

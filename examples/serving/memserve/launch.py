@@ -48,6 +48,7 @@ class Cluster:
         threads: int | None = None,
         startup_timeout: float = 180.0,
         api_key: str | None = None,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self.stage: Stage = stage(stage_name)
         if self.stage.disaggregated:
@@ -60,6 +61,7 @@ class Cluster:
         self.threads = threads if threads is not None else max(1, cores // max(1, len(self.roles)))
         self.startup_timeout = startup_timeout
         self.api_key = api_key
+        self.heartbeat_s = heartbeat_s
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
@@ -138,6 +140,7 @@ class Cluster:
             self.scheduler = Scheduler(self.stage, policy=self.policy)
             for info in infos:
                 await self.scheduler.register(info)
+            heartbeat = asyncio.ensure_future(self.scheduler.heartbeat(self.heartbeat_s))
             runner = web.AppRunner(make_app(self.scheduler, Tokenizer("llama3"), api_key=self.api_key))
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
@@ -149,6 +152,7 @@ class Cluster:
             try:
                 await self._stop.wait()
             finally:
+                heartbeat.cancel()
                 await self.scheduler.close()
                 await runner.cleanup()
 

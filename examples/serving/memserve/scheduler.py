@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -40,6 +41,10 @@ class RequestRefused(SchedulerError):
     """An instance refused the request as invalid (the client's fault: a 400)."""
 
 
+class InstanceLost(SchedulerError):
+    """An instance died or stopped answering in the middle of a request."""
+
+
 @dataclass
 class InstanceHandle:
     name: str
@@ -48,6 +53,8 @@ class InstanceHandle:
     transport: tuple[str, int]
     caching: bool
     block_bytes: int = 0
+    pid: int = 0
+    alive: bool = True
     inflight: int = 0
     queued_seconds: float = 0.0
     requests: int = 0
@@ -60,6 +67,8 @@ class Counters:
     cached_tokens: int = 0
     output_tokens: int = 0
     pushes: int = 0
+    retries: int = 0  # requests re-run elsewhere after their instance died before any token
+    instance_failures: int = 0
     removals: int = 0  # evicted prefixes instances reported
     handoff_blocks: int = 0
     handoff_bytes: int = 0
@@ -113,16 +122,27 @@ class Scheduler:
             (str(info["transport"][0]), int(info["transport"][1])),
             bool(info.get("caching", True)),
             int(info.get("block_bytes", 0)),
+            int(info.get("pid", 0)),
         )
-        if handle.name in self.instances:
+        old = self.instances.get(handle.name)
+        if old is not None and old.alive and old.pid == handle.pid:
             raise SchedulerError(f"an instance named {handle.name!r} is registered already")
-        for other in self.instances.values():
-            await self._post(
-                handle, "/connect", {"name": other.name, "host": other.transport[0], "port": other.transport[1]}
-            )
-            await self._post(
-                other, "/connect", {"name": handle.name, "host": handle.transport[0], "port": handle.transport[1]}
-            )
+        if old is not None:  # a new incarnation of a dead (or restarted) instance takes its place
+            self.mark_down(old, "replaced by a new incarnation")
+            del self.instances[handle.name]
+        for other in [o for o in self.instances.values() if o.alive]:
+            try:
+                await self._post(
+                    handle, "/connect", {"name": other.name, "host": other.transport[0], "port": other.transport[1]}
+                )
+                await self._post(
+                    other, "/connect", {"name": handle.name, "host": handle.transport[0], "port": handle.transport[1]}
+                )
+            except (SchedulerError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if not await self._healthy(other):
+                    self.mark_down(other, f"unreachable while linking {handle.name}: {exc}")
+                    continue
+                raise SchedulerError(f"cannot link {handle.name} and {other.name}: {exc}") from exc
         self.instances[handle.name] = handle
         if info.get("capacity_tokens"):
             cap = int(info["capacity_tokens"])
@@ -149,7 +169,33 @@ class Scheduler:
             self._apply_removed(inst, stats.get("removed", ()))
             return inst.name, stats
 
-        return dict(await asyncio.gather(*(one(i) for i in self.instances.values())))
+        return dict(await asyncio.gather(*(one(i) for i in self.instances.values() if i.alive)))
+
+    def mark_down(self, inst: InstanceHandle, reason: str) -> None:
+        """Stop routing to ``inst`` and forget what the prompt trees believed it caches."""
+        if inst.alive:
+            inst.alive = False
+            self.counters.instance_failures += 1
+            for tree in self.trees.values():
+                tree.forget(inst.name)
+            logging.getLogger(__name__).warning("instance %s is down: %s", inst.name, reason)
+
+    async def _healthy(self, inst: InstanceHandle, timeout: float = 2.0) -> bool:
+        s = await self.session()
+        try:
+            async with s.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def heartbeat(self, interval: float = 1.0) -> None:
+        """Probe every live instance each ``interval`` seconds; one that does not answer is marked down."""
+        while True:
+            await asyncio.sleep(interval)
+            live = [i for i in self.instances.values() if i.alive]
+            for inst, ok in zip(live, await asyncio.gather(*(self._healthy(i) for i in live))):
+                if not ok:
+                    self.mark_down(inst, "no heartbeat")
 
     def _apply_removed(self, inst: InstanceHandle, keys: Any) -> None:
         """An instance's eviction report: it no longer caches these prefixes."""
@@ -164,9 +210,9 @@ class Scheduler:
 
     def pick(self, role: str, tokens: list[int], session: str | None) -> tuple[InstanceHandle, int]:
         """The instance of ``role`` to run ``tokens``, and how many tokens it is believed to cache."""
-        cands = sorted((i for i in self.instances.values() if i.role == role), key=lambda i: i.name)
+        cands = sorted((i for i in self.instances.values() if i.role == role and i.alive), key=lambda i: i.name)
         if not cands:
-            raise SchedulerError(f"no {role} instance is registered")
+            raise SchedulerError(f"no live {role} instance")
         hits = self.trees[role].match(tokens, time.monotonic()) if self._caches(role) else {}
         if self.policy == "session-id" and session:
             chosen = cands[zlib.crc32(session.encode()) % len(cands)]
@@ -210,39 +256,45 @@ class Scheduler:
         self, tokens: list[int], params: dict[str, Any], session: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Run one request; yields ``{"token": t}`` events then one ``{"done": ...}`` summary."""
-        rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
         role = self._role_of_first()
-        first, believed = self.pick(role, tokens, session)
-        believed = await self._maybe_push(role, first, tokens, believed)
         n = len(tokens)
-        predicted = self.cost.exec(n, believed / n)
-        if self._caches(role):  # optimistic: the instance will hold this prompt once its prefill ran, so
-            # requests arriving meanwhile with the same prefix follow it there (trimmed if it did not)
-            self.trees[role].insert(first.name, tokens, time.monotonic())
         max_tokens = int(params.get("max_tokens", 16))
-        body: dict[str, Any] = {"id": rid, "tokens": tokens, "params": params}
-        decode: InstanceHandle | None = None
-        if self.stage.disaggregated:
-            decode, _ = self.pick("decode", tokens, session)
-            body["params"] = {**params, "max_tokens": 1}
-            if max_tokens > 1:
-                body["handoff"] = {"peer": decode.name, "mode": self.stage.handoff}
         output: list[int] = []
         summary: dict[str, Any] = {}
-        first.inflight += 1
-        first.requests += 1
-        first.queued_seconds += predicted
-        try:
-            async for event in self._stream(first, body):
-                if "token" in event:
-                    output.append(event["token"])
-                    yield event
-                else:
-                    summary = event
-                    self._apply_removed(first, event.get("removed", ()))
-        finally:
-            first.inflight -= 1
-            first.queued_seconds -= predicted
+        for attempt in range(2):  # an instance lost before any token was sent: retried once elsewhere
+            rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
+            first, believed = self.pick(role, tokens, session)
+            believed = await self._maybe_push(role, first, tokens, believed)
+            predicted = self.cost.exec(n, believed / n)
+            if self._caches(role):  # optimistic: the instance will hold this prompt once its prefill ran, so
+                # requests arriving meanwhile with the same prefix follow it there (trimmed if it did not)
+                self.trees[role].insert(first.name, tokens, time.monotonic())
+            body: dict[str, Any] = {"id": rid, "tokens": tokens, "params": params}
+            decode: InstanceHandle | None = None
+            if self.stage.disaggregated:
+                decode, _ = self.pick("decode", tokens, session)
+                body["params"] = {**params, "max_tokens": 1}
+                if max_tokens > 1:
+                    body["handoff"] = {"peer": decode.name, "mode": self.stage.handoff}
+            first.inflight += 1
+            first.requests += 1
+            first.queued_seconds += predicted
+            try:
+                async for event in self._stream(first, body):
+                    if "token" in event:
+                        output.append(event["token"])
+                        yield event
+                    else:
+                        summary = event
+                        self._apply_removed(first, event.get("removed", ()))
+                break
+            except InstanceLost:
+                if output or attempt:
+                    raise
+                self.counters.retries += 1
+            finally:
+                first.inflight -= 1
+                first.queued_seconds -= predicted
         metrics = summary.get("metrics", {})
         cached = int(metrics.get("cached_tokens", 0))
         self._learn(role, first, tokens, output, cached, believed, metrics)
@@ -326,8 +378,15 @@ class Scheduler:
                     raise RequestRefused(f"{inst.name} refused the request: {(await r.json()).get('error')}")
                 if r.status != 200:
                     raise SchedulerError(f"{inst.name} failed the request (HTTP {r.status})")
+                done = False
                 async for raw in r.content:
                     if raw.strip():
-                        yield json.loads(raw)
+                        event = json.loads(raw)
+                        done = done or bool(event.get("done"))
+                        yield event
+                if not done:
+                    raise aiohttp.ClientPayloadError("the stream ended before the request did")
         except aiohttp.ClientError as exc:
-            raise SchedulerError(f"{inst.name} failed: {exc}") from exc
+            if not await self._healthy(inst):
+                self.mark_down(inst, str(exc))
+            raise InstanceLost(f"{inst.name} failed: {exc}") from exc

@@ -1,0 +1,122 @@
+"""Faults: an instance killed mid-request; the scheduler notices, routes around it, takes it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from memserve.launch import Cluster
+
+SMALL = dict(model="tiny-llama3", device_blocks=256, host_blocks=256, heartbeat_s=0.5)
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_instance_mid_request_then_a_new_incarnation(monkeypatch: Any) -> None:
+    monkeypatch.setenv("MEMSERVE_SECRET", "fault-test-secret-0123456789abcdef")
+    with Cluster("colocated-caching", colocated=2, **SMALL) as c:
+        victim = c.procs[0]  # colocated-0
+        long = {"prompt": list(range(100, 140)), "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+        results: list[tuple[int, dict[str, Any]]] = []
+        # two long requests: the idle cluster spreads them round-robin, one lands on colocated-0
+        threads = [
+            threading.Thread(target=lambda: results.append(post(f"{c.url}/v1/completions", long))) for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: get(f"{c.url}/admin/stats")["instances"].get("colocated-0", {}).get("running", 0) > 0)
+        started = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert time.monotonic() - started < 60  # nobody hangs
+        codes = sorted(code for code, _ in results)
+        assert 503 in codes  # the request on the dead instance got a clear error ...
+        failed = next(body for code, body in results if code == 503)
+        assert failed["error"]["type"] == "server_error" and "colocated-0" in failed["error"]["message"]
+        assert wait_for(lambda: get(f"{c.url}/health")["down"] == ["colocated-0"])
+        # ... and new requests go to the survivor only
+        for k in range(3):
+            code, _ = post(f"{c.url}/v1/completions", {"prompt": [7, 8, k], "max_tokens": 2, "temperature": 0})
+            assert code == 200
+        counters = get(f"{c.url}/admin/stats")["counters"]
+        assert counters["instance_failures"] == 1
+        survivor = get(f"{c.url}/admin/stats")["instances"]["colocated-1"]
+        assert wait_for(lambda: get(f"{c.url}/admin/stats")["instances"]["colocated-1"]["running"] == 0)
+        survivor = get(f"{c.url}/admin/stats")["instances"]["colocated-1"]
+        assert survivor["pool"]["device"]["used"] == survivor["pool"]["device"]["cached"]  # drained: no leak
+        # the instance comes back as a new incarnation under the same name and is used again
+        back = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memserve.instance",
+                "--name",
+                "colocated-0",
+                "--role",
+                "colocated",
+                "--model",
+                "tiny-llama3",
+                "--device-blocks",
+                "256",
+                "--host-blocks",
+                "256",
+                "--scheduler",
+                c.url,
+                "--exit-with-parent",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ},
+        )
+        try:
+            assert wait_for(lambda: get(f"{c.url}/health")["instances"] == 2, timeout=60)
+            before = get(f"{c.url}/admin/stats")["counters"]["by_instance"].get("colocated-0", 0)
+            for k in range(4):
+                assert post(f"{c.url}/v1/completions", {"prompt": [9, k], "max_tokens": 1})[0] == 200
+            assert get(f"{c.url}/admin/stats")["counters"]["by_instance"]["colocated-0"] > before
+        finally:
+            back.terminate()
+            back.wait(timeout=30)
+            assert back.stdout is not None
+            back.stdout.close()
+
+
+def test_a_request_whose_instance_is_gone_before_it_starts_is_retried() -> None:
+    with Cluster("colocated", colocated=2, heartbeat_s=3600, model="tiny-llama3", device_blocks=64, host_blocks=0) as c:
+        c.procs[0].send_signal(signal.SIGKILL)
+        c.procs[0].wait(timeout=30)
+        for k in range(4):  # round-robin would send some to the dead one: each is retried on the survivor
+            code, body = post(f"{c.url}/v1/completions", {"prompt": [5, k], "max_tokens": 2, "temperature": 0})
+            assert code == 200 and len(body["choices"][0]["token_ids"]) == 2
+        counters = get(f"{c.url}/admin/stats")["counters"]
+        assert counters["retries"] >= 1 and counters["instance_failures"] == 1
