@@ -380,3 +380,19 @@ def test_removal_watcher_sees_each_prefix_that_leaves_every_tier() -> None:
     assert seen[-1] == (None, [7, 8])
     pool.watch_removals(None)
     pool.check_invariants()
+
+
+def test_a_failing_removal_watcher_changes_nothing_it_should_not() -> None:
+    from mempool import MemPool, PoolConfig
+
+    pool = MemPool(PoolConfig(num_layers=1, num_kv_heads=1, head_dim=2, block_size=2, device_blocks=2, dtype="float32"))
+
+    def broken(namespace: object, tokens: object) -> None:
+        raise RuntimeError("observer bug")
+
+    pool.watch_removals(broken)
+    a = pool.alloc(2)
+    pool.insert([1, 2, 3, 4], a)
+    pool.free(a)
+    assert pool.alloc(2) is not None  # the eviction went through despite the observer
+    pool.check_invariants()

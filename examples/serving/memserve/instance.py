@@ -112,6 +112,7 @@ class Instance:
         # prefixes this pool stopped caching, as prompt-tree keys, until the scheduler collects them
         self._removed: deque[str] = deque(maxlen=4096)
         self.pool.watch_removals(self._on_removed)
+        self._count_lock = threading.Lock()
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
         self.prefill_samples: list[tuple[int, int, float]] = []  # (prompt, cached, seconds), newest last
 
@@ -173,6 +174,8 @@ class Instance:
         def on_output(out: RequestOutput) -> None:
             for t in out.new_token_ids:
                 emit({"token": t})
+            with self._count_lock:
+                self.counters["output_tokens"] += len(out.new_token_ids)
             if out.finished:
                 self._finished(rid, out, tokens, prompt_len, handoff or send_back, bool(handoff), emit)
 
@@ -186,7 +189,8 @@ class Instance:
             self.worker.listen(rid, on_output)
 
         self.worker.call(add).result(timeout=60)
-        self.counters["requests"] += 1
+        with self._count_lock:
+            self.counters["requests"] += 1
 
     def _finished(
         self,
@@ -201,9 +205,9 @@ class Instance:
         m = out.metrics
         if m.first_scheduled is not None and m.first_token is not None and prompt_len == len(tokens):
             self.prefill_samples.append((prompt_len, m.cached_tokens, m.first_token - m.first_scheduled))
-        self.counters["prompt_tokens"] += prompt_len
-        self.counters["cached_tokens"] += m.cached_tokens
-        self.counters["output_tokens"] += len(out.new_token_ids)
+        with self._count_lock:  # the HTTP threads count requests concurrently
+            self.counters["prompt_tokens"] += prompt_len
+            self.counters["cached_tokens"] += m.cached_tokens
         metrics = {k: v for k, v in asdict(m).items()}
         done = {"done": True, "finish_reason": out.finish_reason, "metrics": metrics, "removed": self.take_removed()}
         if peer is None or out.finish_reason == "abort":

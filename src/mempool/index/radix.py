@@ -11,6 +11,7 @@ Not thread-safe on its own: :class:`~mempool.pool.MemPool` serialises calls, and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -506,7 +507,10 @@ class RadixIndex:
             prefix = b"".join(n.key for n in path[:-1]) + top.key[: self._tb]
             root = path[0].parent
             namespace = next(ns for ns, r in self._roots.items() if r is root)
-            self.on_removed(namespace, np.frombuffer(prefix, dtype=np.int32))
+            try:
+                self.on_removed(namespace, np.frombuffer(prefix, dtype=np.int32))
+            except Exception:  # an observer's bug must never stop (or half-do) an eviction
+                logging.getLogger(__name__).exception("the on_removed callback failed")
         freed = [0, 0]
         for node in _subtree(top):
             if node.device is not None:
