@@ -120,3 +120,23 @@ def test_a_request_whose_instance_is_gone_before_it_starts_is_retried() -> None:
             assert code == 200 and len(body["choices"][0]["token_ids"]) == 2
         counters = get(f"{c.url}/admin/stats")["counters"]
         assert counters["retries"] >= 1 and counters["instance_failures"] == 1
+
+
+def test_heartbeats_tolerate_a_stall_then_mark_down_and_take_back() -> None:
+    with Cluster("colocated", colocated=2, heartbeat_s=0.3, model="tiny-llama3", device_blocks=64, host_blocks=0) as c:
+        proc = c.procs[1]
+        proc.send_signal(signal.SIGSTOP)  # a stall shorter than three heartbeats is tolerated
+        time.sleep(0.45)
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(1.0)
+        assert get(f"{c.url}/health")["down"] == []
+        proc.send_signal(signal.SIGSTOP)  # a long stall: marked down, routed around
+        try:
+            assert wait_for(lambda: get(f"{c.url}/health")["down"] == ["colocated-1"], timeout=20)
+            for k in range(3):
+                assert post(f"{c.url}/v1/completions", {"prompt": [3, k], "max_tokens": 1})[0] == 200
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        # the same incarnation answers again: taken back
+        assert wait_for(lambda: get(f"{c.url}/health")["down"] == [], timeout=20)
+        assert get(f"{c.url}/admin/stats")["counters"]["instance_failures"] == 1

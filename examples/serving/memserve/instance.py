@@ -271,7 +271,9 @@ def make_app(instance: Instance) -> web.Application:
         app[STOP] = asyncio.Event()
 
     async def health(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "name": instance.config.name, "role": instance.config.role})
+        return web.json_response(
+            {"ok": True, "name": instance.config.name, "role": instance.config.role, "pid": os.getpid()}
+        )
 
     async def info(_: web.Request) -> web.Response:
         return web.json_response(instance.info())

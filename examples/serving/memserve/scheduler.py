@@ -55,6 +55,7 @@ class InstanceHandle:
     block_bytes: int = 0
     pid: int = 0
     alive: bool = True
+    misses: int = 0  # consecutive failed heartbeats
     inflight: int = 0
     queued_seconds: float = 0.0
     requests: int = 0
@@ -180,22 +181,34 @@ class Scheduler:
                 tree.forget(inst.name)
             logging.getLogger(__name__).warning("instance %s is down: %s", inst.name, reason)
 
-    async def _healthy(self, inst: InstanceHandle, timeout: float = 2.0) -> bool:
+    async def _probe(self, inst: InstanceHandle, timeout: float = 2.0) -> dict[str, Any] | None:
         s = await self.session()
         try:
             async with s.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+                return dict(await r.json()) if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
 
-    async def heartbeat(self, interval: float = 1.0) -> None:
-        """Probe every live instance each ``interval`` seconds; one that does not answer is marked down."""
+    async def _healthy(self, inst: InstanceHandle) -> bool:
+        return await self._probe(inst) is not None
+
+    async def heartbeat(self, interval: float = 1.0, misses: int = 3) -> None:
+        """Probe every instance each ``interval`` seconds. ``misses`` failures in a row mark one down
+        (one slow answer under load does not); a down instance of the same incarnation (pid) that
+        answers again is taken back."""
         while True:
             await asyncio.sleep(interval)
-            live = [i for i in self.instances.values() if i.alive]
-            for inst, ok in zip(live, await asyncio.gather(*(self._healthy(i) for i in live))):
-                if not ok:
-                    self.mark_down(inst, "no heartbeat")
+            insts = list(self.instances.values())
+            for inst, answer in zip(insts, await asyncio.gather(*(self._probe(i) for i in insts))):
+                if answer is None:
+                    inst.misses += 1
+                    if inst.alive and inst.misses >= misses:
+                        self.mark_down(inst, f"{inst.misses} heartbeats missed")
+                    continue
+                inst.misses = 0
+                if not inst.alive and int(answer.get("pid", -1)) == inst.pid:
+                    inst.alive = True
+                    logging.getLogger(__name__).warning("instance %s answers again", inst.name)
 
     def _apply_removed(self, inst: InstanceHandle, keys: Any) -> None:
         """An instance's eviction report: it no longer caches these prefixes."""
