@@ -83,6 +83,7 @@ class Metrics:
         self.queue = Gauge("memserve_queue_length", "requests per engine queue", ["instance", "queue"], registry=r)
         self.moved = Gauge("memserve_transfer_bytes", "bytes an instance sent to other pools", ["instance"], registry=r)
         self.moved_blocks = Gauge("memserve_transfer_blocks", "blocks an instance sent", ["instance"], registry=r)
+        self.rejected = Counter("memserve_rejected", "requests refused with 429 (back-pressure)", registry=r)
         self._totals = [0, 0]  # prompt, cached tokens
 
     def finished(self, done: dict[str, Any], ttft: float | None, total: float) -> None:
@@ -142,9 +143,17 @@ def _error(status: int, message: str, code: str | None = None) -> web.Response:
 
 
 def make_app(
-    scheduler: Scheduler, tokenizer: Tokenizer, model_name: str = "memserve-default", api_key: str | None = None
+    scheduler: Scheduler,
+    tokenizer: Tokenizer,
+    model_name: str = "memserve-default",
+    api_key: str | None = None,
+    max_inflight: int = 256,
 ) -> web.Application:
-    """The API application; with ``api_key``, every ``/v1`` call needs ``Authorization: Bearer <key>``."""
+    """The API application; with ``api_key``, every ``/v1`` call needs ``Authorization: Bearer <key>``.
+
+    At most ``max_inflight`` completions run at once; more get a 429 with ``Retry-After`` (back-pressure
+    instead of an unbounded queue)."""
+    inflight = [0]
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -306,11 +315,25 @@ def make_app(
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    async def admitted(request: web.Request, chat: bool) -> web.StreamResponse:
+        if inflight[0] >= max_inflight:
+            metrics.rejected.inc()
+            response = _error(
+                429, f"the server is at its limit of {max_inflight} requests; retry shortly", "rate_limit_exceeded"
+            )
+            response.headers["Retry-After"] = "1"
+            return response
+        inflight[0] += 1
+        try:
+            return await complete(request, chat)
+        finally:
+            inflight[0] -= 1
+
     async def completions(request: web.Request) -> web.StreamResponse:
-        return await complete(request, chat=False)
+        return await admitted(request, chat=False)
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await complete(request, chat=True)
+        return await admitted(request, chat=True)
 
     async def models(_: web.Request) -> web.Response:
         return web.json_response(

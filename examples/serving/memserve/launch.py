@@ -49,6 +49,7 @@ class Cluster:
         startup_timeout: float = 180.0,
         api_key: str | None = None,
         heartbeat_s: float = 1.0,
+        max_inflight: int = 256,
     ) -> None:
         self.stage: Stage = stage(stage_name)
         if self.stage.disaggregated:
@@ -62,6 +63,7 @@ class Cluster:
         self.startup_timeout = startup_timeout
         self.api_key = api_key
         self.heartbeat_s = heartbeat_s
+        self.max_inflight = max_inflight
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
@@ -141,7 +143,9 @@ class Cluster:
             for info in infos:
                 await self.scheduler.register(info)
             heartbeat = asyncio.ensure_future(self.scheduler.heartbeat(self.heartbeat_s))
-            runner = web.AppRunner(make_app(self.scheduler, Tokenizer("llama3"), api_key=self.api_key))
+            runner = web.AppRunner(
+                make_app(self.scheduler, Tokenizer("llama3"), api_key=self.api_key, max_inflight=self.max_inflight)
+            )
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
