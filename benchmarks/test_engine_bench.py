@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.timing import best
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, Tokenizer, load_pretrained, preset
 
 transformers = pytest.importorskip("transformers")
@@ -49,16 +49,6 @@ def models() -> tuple[LlamaModel, Any]:
     return ours, hf
 
 
-def best(fn: Any, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        a = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - a)
-    return float(np.median(times))
-
-
 def engine_for(model: LlamaModel, **kw: Any) -> Engine:
     return Engine(model, EngineConfig(device_blocks=2048, host_blocks=0, **kw))
 
@@ -80,6 +70,9 @@ def test_prefill_vs_transformers(report: Any, models: tuple[LlamaModel, Any], n:
 
     reps = 5 if n <= 1000 else 3
     t_ours, t_hf = best(ttft, reps), best(hf_prefill, reps)
+    with torch.inference_mode():  # the two did the same work: the same next token
+        want = int(hf(ids, logits_to_keep=1).logits[0, -1].argmax())
+    assert engine.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True)) == [[want]]
     report.note("engine_prefill", "seconds for one prompt (ours: a whole request through the engine, cache off)")
     report.add("engine_prefill", tokens=n, memserve=t_ours, hf_eager=t_hf, speedup=t_hf / t_ours)
     report.plot(
@@ -103,7 +96,9 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
     for p in prompts.tolist():
         engine.add_request(p, SamplingParams(max_tokens=64, ignore_eos=True))
     engine.step()  # the prefill
-    t_ours = best(lambda: engine.step(), 15)
+    steps: list[int] = []
+    t_ours = best(lambda: steps.append(len(engine.step())), 15)
+    assert steps == [batch] * 16  # every step decoded the whole batch
 
     with torch.inference_mode():
         out = hf(prompts, use_cache=True, logits_to_keep=1)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.timing import best
 from mempool import Blocks, MemPool, PoolConfig, Tier
 
 SIZES = [1, 16, 256, 2048]
@@ -46,16 +47,6 @@ def blocks_for(pool: MemPool, n: int, layout: str) -> Blocks:
     assert run is not None
     pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
     return Blocks(Tier.DEVICE, run.ids[::2], owner=pool)
-
-
-def best(fn: Any, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        a = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - a)
-    return float(np.median(times))
 
 
 def naive_copy(pool: MemPool, src: Blocks, dst: Blocks) -> None:

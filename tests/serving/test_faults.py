@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from memserve.launch import Cluster
 
+from .helpers import drained, get, hand_started, post, wait_for
+
 SMALL = dict(model="tiny-llama3", device_blocks=256, host_blocks=256, heartbeat_s=0.5)
-
-
-def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        return json.loads(r.read())
-
-
-def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_killed_instance_mid_request_then_a_new_incarnation(monkeypatch: Any) -> None:
@@ -68,47 +41,15 @@ def test_killed_instance_mid_request_then_a_new_incarnation(monkeypatch: Any) ->
         for k in range(3):
             code, _ = post(f"{c.url}/v1/completions", {"prompt": [7, 8, k], "max_tokens": 2, "temperature": 0})
             assert code == 200
-        counters = get(f"{c.url}/admin/stats")["counters"]
-        assert counters["instance_failures"] == 1
-        survivor = get(f"{c.url}/admin/stats")["instances"]["colocated-1"]
-        assert wait_for(lambda: get(f"{c.url}/admin/stats")["instances"]["colocated-1"]["running"] == 0)
-        survivor = get(f"{c.url}/admin/stats")["instances"]["colocated-1"]
-        assert survivor["pool"]["device"]["used"] == survivor["pool"]["device"]["cached"]  # drained: no leak
+        assert get(f"{c.url}/admin/stats")["counters"]["instance_failures"] == 1
+        drained(c.url)  # the survivor: no request left, only cached blocks
         # the instance comes back as a new incarnation under the same name and is used again
-        back = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memserve.instance",
-                "--name",
-                "colocated-0",
-                "--role",
-                "colocated",
-                "--model",
-                "tiny-llama3",
-                "--device-blocks",
-                "256",
-                "--host-blocks",
-                "256",
-                "--scheduler",
-                c.url,
-                "--exit-with-parent",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ},
-        )
-        try:
+        with hand_started(c.url, "colocated-0"):
             assert wait_for(lambda: get(f"{c.url}/health")["instances"] == 2, timeout=60)
             before = get(f"{c.url}/admin/stats")["counters"]["by_instance"].get("colocated-0", 0)
             for k in range(4):
                 assert post(f"{c.url}/v1/completions", {"prompt": [9, k], "max_tokens": 1})[0] == 200
             assert get(f"{c.url}/admin/stats")["counters"]["by_instance"]["colocated-0"] > before
-        finally:
-            back.terminate()
-            back.wait(timeout=30)
-            assert back.stdout is not None
-            back.stdout.close()
 
 
 def test_a_request_whose_instance_is_gone_before_it_starts_is_retried() -> None:

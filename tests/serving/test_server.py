@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.request
-from typing import Any
 
 import pytest
 
 from memserve.launch import Cluster
 from memserve.stages import STAGES
 
+from .helpers import get, hand_started, wait_for
+from .helpers import post_ok as post
+
 pytest.importorskip("aiohttp")
 
 MODEL = "tiny-llama3"
 CHAT = [{"role": "user", "content": "Tell me about memory pools for serving language models, briefly."}]
 SMALL = dict(model=MODEL, device_blocks=256, host_blocks=256)
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
-
-
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=60) as r:
-        body = r.read()
-        return json.loads(body) if r.headers.get("Content-Type", "").startswith("application/json") else body.decode()
 
 
 def conversation(url: str, user: str = "u") -> list[list[int]]:
@@ -179,52 +168,15 @@ def _alive(pid: int) -> bool:
 
 
 def test_an_instance_started_by_hand_joins_the_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-    import sys
-
     monkeypatch.setenv("MEMSERVE_SECRET", "a-shared-test-secret-0123456789")
-    with Cluster("colocated-caching", colocated=1, **SMALL) as c:
-        extra = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memserve.instance",
-                "--name",
-                "late-0",
-                "--role",
-                "colocated",
-                "--model",
-                MODEL,
-                "--device-blocks",
-                "256",
-                "--host-blocks",
-                "256",
-                "--scheduler",
-                c.url,
-                "--exit-with-parent",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert extra.stdout is not None
-            assert any(line.startswith("READY ") for line in extra.stdout)  # after any UCX warnings
-            for _ in range(100):
-                if get(f"{c.url}/health")["instances"] == 2:
-                    break
-                import time
-
-                time.sleep(0.1)
-            for user in range(2):
-                post(
-                    f"{c.url}/v1/completions",
-                    {"prompt": list(range(7000 + 50 * user, 7040 + 50 * user)), "max_tokens": 2, "temperature": 0},
-                )
-            assert set(get(f"{c.url}/admin/stats")["counters"]["by_instance"]) == {"colocated-0", "late-0"}
-        finally:
-            extra.terminate()
-            extra.wait(timeout=30)
-            extra.stdout.close()
+    with Cluster("colocated-caching", colocated=1, **SMALL) as c, hand_started(c.url, "late-0"):
+        assert wait_for(lambda: get(f"{c.url}/health")["instances"] == 2)
+        for user in range(2):
+            post(
+                f"{c.url}/v1/completions",
+                {"prompt": list(range(7000 + 50 * user, 7040 + 50 * user)), "max_tokens": 2, "temperature": 0},
+            )
+        assert set(get(f"{c.url}/admin/stats")["counters"]["by_instance"]) == {"colocated-0", "late-0"}
 
 
 def test_a_busy_holder_pushes_its_prefix_instead_of_recompute() -> None:
@@ -271,3 +223,26 @@ def test_session_id_policy_keeps_a_session_on_one_instance() -> None:
                 placed.setdefault(user, set()).update(k for k in after if after[k] != before.get(k, 0))
         assert all(len(where) == 1 for where in placed.values())  # each session stayed put
         assert len(set().union(*placed.values())) == 2  # and the sessions used both instances
+
+
+def test_streamed_chunks_carry_every_token_and_the_same_text() -> None:
+    import urllib.request
+
+    with Cluster("colocated", colocated=1, **SMALL) as c:
+        body = {"prompt": "Grüße, 世界! Ünïcödé ✓", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+        whole = post(f"{c.url}/v1/completions", body)["choices"][0]
+        req = urllib.request.Request(
+            f"{c.url}/v1/completions",
+            data=json.dumps({**body, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        ids, text = [], ""
+        with urllib.request.urlopen(req, timeout=60) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    ids += choice.get("token_ids", [])
+                    text += choice.get("text", "")
+        assert ids == whole["token_ids"]  # no id lost while a character waited for its last byte
+        assert text == whole["text"]

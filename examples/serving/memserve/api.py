@@ -287,21 +287,27 @@ def make_app(
         ids, sent, first = [], "", None
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+        pending: list[int] = []  # ids whose text is not out yet (an incomplete UTF-8 sequence)
         try:
             async for e in _chain(head, events):
                 if "token" in e:
                     first = first if first is not None else time.perf_counter() - start
                     ids.append(e["token"])
+                    pending.append(e["token"])
                     text = tokenizer.decode(ids)
                     if text.endswith("\ufffd"):
-                        continue  # an incomplete UTF-8 sequence: wait for the next token
+                        continue  # wait for the next token to complete the character
                     delta, sent = text[len(sent) :], text
                     body_delta = {"delta": {"content": delta}} if chat else {"text": delta}
-                    await send({"index": 0, **body_delta, "token_ids": [e["token"]], "finish_reason": None})
+                    await send({"index": 0, **body_delta, "token_ids": pending, "finish_reason": None})
+                    pending = []
                 else:
                     done = e
         except SchedulerError as exc:
             await response.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
+            return response
+        except ConnectionResetError:  # the client left: stop the request on its instance now, not at GC
+            await events.aclose()
             return response
         metrics.finished(done, first, time.perf_counter() - start)
         text = tokenizer.decode(ids)
@@ -309,7 +315,7 @@ def make_app(
             "delta": {"content": text[len(sent) :]} if chat else {},
             **({} if chat else {"text": text[len(sent) :]}),
         }
-        await send({"index": 0, **tail, "finish_reason": done["finish_reason"]})
+        await send({"index": 0, **tail, "token_ids": pending, "finish_reason": done["finish_reason"]})
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({}, _usage(done))
         await response.write(b"data: [DONE]\n\n")

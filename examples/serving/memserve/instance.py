@@ -306,8 +306,11 @@ def make_app(instance: Instance) -> web.Application:
                 await response.write((json.dumps(line) + "\n").encode())
                 if line.get("done"):
                     break
-        except (ConnectionResetError, asyncio.CancelledError):
-            instance.worker.call(lambda e: e.abort(str(body["id"])))  # the client left: stop the work
+        except ConnectionResetError:  # the client (the scheduler) left: stop the work, nothing to answer
+            instance.worker.call(lambda e: e.abort(str(body["id"])))
+            return response
+        except asyncio.CancelledError:
+            instance.worker.call(lambda e: e.abort(str(body["id"])))
             raise
         await response.write_eof()
         return response

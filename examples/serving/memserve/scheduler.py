@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,13 +267,13 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------------
     async def generate(
         self, tokens: list[int], params: dict[str, Any], session: str | None = None
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Run one request; yields ``{"token": t}`` events then one ``{"done": ...}`` summary."""
         role = self._role_of_first()
         n = len(tokens)
         max_tokens = int(params.get("max_tokens", 16))
         output: list[int] = []
-        summary: dict[str, Any] = {}
+        box: dict[str, dict[str, Any]] = {"summary": {}}  # the last instance's summary
         for attempt in range(2):  # an instance lost before any token was sent: retried once elsewhere
             rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
             first, believed = self.pick(role, tokens, session)
@@ -293,13 +293,8 @@ class Scheduler:
             first.requests += 1
             first.queued_seconds += predicted
             try:
-                async for event in self._stream(first, body):
-                    if "token" in event:
-                        output.append(event["token"])
-                        yield event
-                    else:
-                        summary = event
-                        self._apply_removed(first, event.get("removed", ()))
+                async for event in self._relay(first, body, output, box):
+                    yield event
                 break
             except InstanceLost:
                 if output or attempt:
@@ -308,6 +303,7 @@ class Scheduler:
             finally:
                 first.inflight -= 1
                 first.queued_seconds -= predicted
+        summary = box["summary"]
         metrics = summary.get("metrics", {})
         cached = int(metrics.get("cached_tokens", 0))
         self._learn(role, first, tokens, output, cached, believed, metrics)
@@ -326,15 +322,11 @@ class Scheduler:
             decode.inflight += 1
             decode.requests += 1
             try:
-                async for event in self._stream(decode, dbody):
-                    if "token" in event:
-                        output.append(event["token"])
-                        yield event
-                    else:
-                        summary = event
-                        self._apply_removed(decode, event.get("removed", ()))
+                async for event in self._relay(decode, dbody, output, box):
+                    yield event
             finally:
                 decode.inflight -= 1
+            summary = box["summary"]
             reason = summary.get("finish_reason")
             if self.stage.decode_caching:
                 self.trees["decode"].insert(decode.name, (tokens + output)[:-1], time.monotonic())
@@ -382,6 +374,19 @@ class Scheduler:
             tree.trim(inst.name, tokens, cached)
         kv = tokens if role == "prefill" else (tokens + output)[:-1]
         tree.insert(inst.name, kv, now)
+
+    async def _relay(
+        self, inst: InstanceHandle, body: dict[str, Any], output: list[int], box: dict[str, dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield ``inst``'s token events (appended to ``output``); its summary lands in ``box["summary"]``
+        and its eviction report in the prompt tree."""
+        async for event in self._stream(inst, body):
+            if "token" in event:
+                output.append(event["token"])
+                yield event
+            else:
+                box["summary"] = event
+                self._apply_removed(inst, event.get("removed", ()))
 
     async def _stream(self, inst: InstanceHandle, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         s = await self.session()

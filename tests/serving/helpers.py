@@ -1,0 +1,98 @@
+"""HTTP helpers for the server tests: JSON calls, polling, draining, instances started by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """POST ``body`` as JSON; the status and the JSON answer (error answers included)."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def post_ok(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST that must succeed; its JSON answer."""
+    status, answer = post(url, body)
+    assert status == 200, answer
+    return answer
+
+
+def get(url: str) -> Any:
+    """GET; JSON decoded when the answer is JSON, else text."""
+    with urllib.request.urlopen(url, timeout=60) as r:
+        body = r.read()
+        return json.loads(body) if r.headers.get("Content-Type", "").startswith("application/json") else body.decode()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` every 0.1 s until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until no instance has work; assert each pool holds only cached blocks; the stats."""
+
+    def idle() -> bool:
+        stats = get(f"{url}/admin/stats")
+        return not any(i["running"] or i["waiting"] or i["held"] or i["swapped"] for i in stats["instances"].values())
+
+    assert wait_for(idle, timeout), get(f"{url}/admin/stats")["instances"]
+    stats: dict[str, Any] = get(f"{url}/admin/stats")
+    for name, inst in stats["instances"].items():
+        pool = inst["pool"]["device"]
+        assert pool["used"] == pool["cached"], name  # nothing but cached prefixes
+    return stats
+
+
+@contextmanager
+def hand_started(scheduler: str, name: str, model: str = "tiny-llama3") -> Iterator[subprocess.Popen[str]]:
+    """An instance started by hand, registering with ``scheduler`` (MEMSERVE_SECRET from the environment)."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memserve.instance",
+            "--name",
+            name,
+            "--role",
+            "colocated",
+            "--model",
+            model,
+            "--device-blocks",
+            "256",
+            "--host-blocks",
+            "256",
+            "--scheduler",
+            scheduler,
+            "--exit-with-parent",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert any(line.startswith("READY ") for line in proc.stdout)  # after any UCX warnings
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
