@@ -104,7 +104,9 @@ class LlamaModel(nn.Module):
     """The decoder. ``forward(step, kv)`` runs one engine step and returns next-token logits.
 
     ``kv`` is the pool's device tensor ``[blocks, layers, 2, block_size, kv_heads, head_dim]``;
-    the step writes its new tokens' K/V there and reads context K/V from there.
+    the step writes its new tokens' K/V there and reads context K/V from there. One forward at a
+    time per model object (its gather buffers are reused); engines on separate threads need
+    separate models.
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
