@@ -310,8 +310,9 @@ class MemPool:
         return agent.claim(key)
 
     def transport_stats(self) -> dict[str, int]:
-        """Transfers, blocks, bytes and messages sent and received, failures, refusals, expiries."""
-        return {} if self._agent is None else dict(self._agent.stats)
+        """Transfers, blocks, bytes and messages sent and received, failures, refusals, expiries
+        (counts since ``serve``), and the transfers ``sending`` / ``receiving`` right now."""
+        return {} if self._agent is None else {**self._agent.stats, **self._agent.in_flight()}
 
     def _transport(self) -> TransferAgent:
         agent = self._agent

@@ -48,15 +48,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 
 def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Wait until no instance has work; assert each pool holds only cached blocks; the stats."""
+    """Wait until no instance has work; assert each pool passes ``check_invariants()`` and holds only
+    cached blocks; the stats."""
 
     def idle() -> bool:
         stats = get(f"{url}/admin/stats")
         return not any(i["running"] or i["waiting"] or i["held"] or i["swapped"] for i in stats["instances"].values())
 
     assert wait_for(idle, timeout), get(f"{url}/admin/stats")["instances"]
-    stats: dict[str, Any] = get(f"{url}/admin/stats")
+    stats: dict[str, Any] = get(f"{url}/admin/stats?check=1")
     for name, inst in stats["instances"].items():
+        assert inst["invariants"] == "ok", (name, inst["invariants"])
         pool = inst["pool"]["device"]
         assert pool["used"] == pool["cached"], name  # nothing but cached prefixes
     return stats

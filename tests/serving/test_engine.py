@@ -163,6 +163,21 @@ def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> 
     assert other[0] != alone
 
 
+def test_a_seeded_request_continued_elsewhere_samples_the_same(make_engine: Callable[..., Engine]) -> None:
+    """A handoff or a resume re-sends prompt + output so far; the sampler picks up where it was."""
+    prompt = make_prompts([14], seed=12)[0]
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_k=40, seed=7, ignore_eos=True)
+    whole = make_engine().generate([prompt], params)[0]
+    for cut in (1, 4, 9):
+        rest = make_engine()
+        rid = rest.add_request(prompt + whole[:cut], params, prompt_len=len(prompt))
+        got = {rid: whole[:cut]}
+        while rest.has_work():
+            for out in rest.step():
+                got[out.request_id] = got[out.request_id] + out.new_token_ids
+        assert got[rid] == whole, cut
+
+
 def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine(device_blocks=16)
     before = engine.pool.stats()

@@ -124,10 +124,14 @@ def test_sender_killed_mid_transfer(spawn, backend: str) -> None:
     a.ok("set_delay", seconds=0.2)
     a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
     time.sleep(1.0)
-    assert b.ok("state")["device_used"] == 64  # allocated for the transfer in flight
+    mid = b.ok("state")
+    assert mid["device_used"] == 64  # allocated for the transfer in flight
+    assert mid["transport"]["receiving"] == 1 and mid["transport"]["sending"] == 0
+    assert a.ok("state")["transport"]["sending"] == 1
     a.kill()
     state = b.wait_state(lambda s: s["device_used"] == 0 and not s["peers"])
     assert state["device_used"] == 0 and state["peers"] == {}, state
+    assert state["transport"]["receiving"] == 0
     assert b.ok("claim", key="k")["claimed"] is None  # nothing half-received is claimable
 
 

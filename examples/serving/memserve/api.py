@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .scheduler import RequestRefused, Scheduler, SchedulerError
+from .scheduler import InstanceBusy, RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -142,6 +142,14 @@ def _error(status: int, message: str, code: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
 
 
+def _unavailable(exc: SchedulerError) -> web.Response:
+    """503 for a failed request; when every instance was busy, with ``Retry-After`` (back-pressure)."""
+    response = _error(503, str(exc), "overloaded" if isinstance(exc, InstanceBusy) else None)
+    if isinstance(exc, InstanceBusy):
+        response.headers["Retry-After"] = "1"
+    return response
+
+
 def make_app(
     scheduler: Scheduler,
     tokenizer: Tokenizer,
@@ -239,7 +247,7 @@ def make_app(
             except RequestRefused as exc:
                 return _error(400, str(exc))
             except SchedulerError as exc:
-                return _error(503, str(exc))
+                return _unavailable(exc)
             metrics.finished(done, first, time.perf_counter() - start)
             text = tokenizer.decode(ids)
             choice: dict[str, Any] = {
@@ -267,7 +275,7 @@ def make_app(
         except RequestRefused as exc:
             return _error(400, str(exc))
         except SchedulerError as exc:
-            return _error(503, str(exc))
+            return _unavailable(exc)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
@@ -365,14 +373,14 @@ def make_app(
             return _error(409, str(exc))
         return web.json_response({"ok": True, "name": handle.name})
 
-    async def admin_stats(_: web.Request) -> web.Response:
+    async def admin_stats(request: web.Request) -> web.Response:
         c = scheduler.counters
         return web.json_response(
             {
                 "stage": scheduler.stage.name,
                 "policy": scheduler.policy,
                 "counters": c.__dict__,
-                "instances": await scheduler.instance_stats(),
+                "instances": await scheduler.instance_stats(request.query.get("check") == "1"),
             }
         )
 

@@ -24,7 +24,7 @@ from mempool.errors import BlockLockedError, InvalidArgumentError
 
 from .model import LlamaModel
 from .paged import Chunk, StepInput
-from .sampling import SamplingParams, sample_batch
+from .sampling import SamplingParams, reseed, sample_batch
 from .sequence import Metrics, Sequence, State
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -157,7 +157,7 @@ class Engine:
             raise InvalidArgumentError(f"request id {rid!r} is in use")
         seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}/{rid}".encode())
         gen = None if params.greedy else torch.Generator().manual_seed(seed)
-        seq = Sequence(rid, tokens, plen, params, gen, hold=hold)
+        seq = Sequence(rid, tokens, plen, params, gen, seed, hold=hold)
         self._by_id[rid] = seq
         if kv is None:
             self.waiting.append(seq)
@@ -324,7 +324,8 @@ class Engine:
         chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
         step = StepInput.build(chunks, self.block_size, self.model.device)
         logits = self.model(step, self.pool.kv(Tier.DEVICE))
-        tokens = sample_batch(logits, [s.params for s in batch], [s.generator for s in batch])
+        gens = [None if s.generator is None else reseed(s.generator, s.seed, len(s.output)) for s in batch]
+        tokens = sample_batch(logits, [s.params for s in batch], gens)
         outputs = []
         now = None
         for i, (seq, token) in enumerate(zip(batch, tokens)):

@@ -6,11 +6,13 @@ moves between instances only through MemPool ``transfer`` / ``transfer_with_inse
 
 Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
 
-    GET  /health, /info, /stats
+    GET  /health, /info, /stats (``?check=1``: run the pool's ``check_invariants()`` too)
     POST /connect   {"name", "host", "port"}          open a transfer link to a peer instance
     POST /generate  {"id", "tokens", "prompt_len"?, "params", "handoff"?, "kv_key"?, "send_back"?}
                     -> NDJSON: {"token": t} per token, then {"done": true, "finish_reason", "metrics",
-                       "transfer"?: {...}}
+                       "transfer"?: {...}}; a blank line every ``KEEPALIVE_S`` while nothing else
+                       is due (so that the scheduler tells a slow request from a stalled instance);
+                       503 ``{"error", "busy": true}`` when ``max_waiting`` requests wait already
     POST /push      {"peer", "tokens"}                 send this pool's cached prefix of tokens to a peer
     POST /shutdown
 
@@ -32,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ from mempool import Blocks, TransportConfig
 
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
+from .faults import Faults
 from .model import LlamaModel
 from .prompt_tree import chain_keys
 from .sampling import SamplingParams
@@ -50,6 +53,11 @@ from .worker import EngineWorker
 ROLES = ("colocated", "prefill", "decode")
 SECRET_ENV = "MEMSERVE_SECRET"
 STOP = web.AppKey("stop", asyncio.Event)
+KEEPALIVE_S = 1.0
+
+
+class Busy(RuntimeError):
+    """The instance's queue is at its limit; the scheduler tries another instance."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +75,7 @@ class InstanceConfig:
     backend: str = "ucx"
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"
+    max_waiting: int = 256  # requests queued before their prefill; past it new ones are refused (503)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -81,11 +90,23 @@ def params_from(body: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**p)
 
 
+def _check_invariants(engine: Engine) -> str:
+    """``"ok"``, or what the engine's pool ``check_invariants()`` found wrong (run on the engine thread)."""
+    try:
+        engine.pool.check_invariants()
+    except AssertionError as exc:
+        return f"broken: {exc}"
+    return "ok"
+
+
 class Instance:
     """The engine worker plus the transfer plumbing; the HTTP handlers call into this."""
 
-    def __init__(self, config: InstanceConfig, secret: str, stop_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, config: InstanceConfig, secret: str, stop_ids: frozenset[int] = frozenset(), faults: Faults | None = None
+    ) -> None:
         self.config = config
+        faults = faults or Faults()
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.weights:
@@ -105,9 +126,14 @@ class Instance:
             stop_ids=stop_ids,
         )
         self.pool = engine.pool
-        self.transport = self.pool.serve(
-            TransportConfig(name=config.name, secret=secret, backend=config.backend, host=config.host)
-        )
+        transport = TransportConfig(name=config.name, secret=secret, backend=config.backend, host=config.host)
+        if faults.chunk_bytes:
+            transport = replace(transport, chunk_bytes=faults.chunk_bytes)
+        self.transport = self.pool.serve(transport)
+        if faults.forward_delay_s:
+            model.register_forward_pre_hook(lambda *_: time.sleep(faults.forward_delay_s))
+        if faults.segment_delay_s:
+            self.pool._agent.segment_delay_s = faults.segment_delay_s  # type: ignore[union-attr]  # test hook
         self.worker = EngineWorker(engine)
         # prefixes this pool stopped caching, as prompt-tree keys, until the scheduler collects them
         self._removed: deque[str] = deque(maxlen=4096)
@@ -137,21 +163,29 @@ class Instance:
             "block_bytes": self.pool.config.layout.block_bytes,
             "capacity_tokens": c.device_blocks * c.block_size,
             "vocab_size": self.worker.engine.model.config.vocab_size,
+            "stop_ids": sorted(self.worker.engine.stop_ids),
+            "max_waiting": c.max_waiting,
             "transport": list(self.transport),
             "pid": os.getpid(),
         }
 
-    def stats(self) -> dict[str, Any]:
-        def snapshot(e: Engine) -> dict[str, Any]:
-            return {
-                "waiting": len(e.waiting),
-                "running": len(e.running),
-                "swapped": len(e.swapped),
-                "held": len(e.held),
-                "queued_tokens": sum(len(s.tokens) - s.num_computed for s in e.waiting),
-            }
+    def stats(self, check: bool = False) -> dict[str, Any]:
+        """Queues, pool and transport figures; with ``check``, also ``invariants``: ``"ok"`` or what
+        ``check_invariants()`` found wrong.
 
-        queues = self.worker.call(snapshot).result(timeout=30)
+        The queue lengths are read without waiting for the engine thread (a long step must not stall
+        monitoring): a request counts as running while its step is under way."""
+        e = self.worker.engine
+        waiting = list(e.waiting)  # (copies are atomic under the GIL; the engine thread may be mid-step)
+        queues: dict[str, Any] = {
+            "waiting": len(waiting),
+            "running": len(e.running),
+            "swapped": len(e.swapped),
+            "held": len(e.held),
+            "queued_tokens": sum(len(s.tokens) - s.num_computed for s in waiting),
+        }
+        if check:
+            queues["invariants"] = self.worker.call(_check_invariants).result(timeout=60)
         return {
             **self.info(),
             **queues,
@@ -181,6 +215,8 @@ class Instance:
 
         def add(engine: Engine) -> None:
             try:
+                if len(engine.waiting) >= self.config.max_waiting:
+                    raise Busy(f"{self.config.name} has {len(engine.waiting)} requests waiting (its limit)")
                 engine.add_request(tokens, params, rid, prompt_len=prompt_len, kv=kv, hold=bool(handoff or send_back))
             except Exception:
                 if kv is not None:
@@ -278,8 +314,9 @@ def make_app(instance: Instance) -> web.Application:
     async def info(_: web.Request) -> web.Response:
         return web.json_response(instance.info())
 
-    async def stats(_: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(instance.stats))
+    async def stats(request: web.Request) -> web.Response:
+        check = request.query.get("check") == "1"
+        return web.json_response(await asyncio.to_thread(instance.stats, check))
 
     async def connect(request: web.Request) -> web.Response:
         body = await request.json()
@@ -296,13 +333,19 @@ def make_app(instance: Instance) -> web.Application:
 
         try:
             await asyncio.to_thread(instance.start, body, emit)
+        except Busy as exc:  # (KV claimed for it is freed)
+            return web.json_response({"error": str(exc), "busy": True}, status=503)
         except (ValueError, TypeError, KeyError) as exc:
             return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
             while True:
-                line = await lines.get()
+                try:
+                    line = await asyncio.wait_for(lines.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    await response.write(b"\n")  # alive, nothing to say yet
+                    continue
                 await response.write((json.dumps(line) + "\n").encode())
                 if line.get("done"):
                     break
@@ -357,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before new ones get 503")
     ap.add_argument("--scheduler", default=None, help="register with the scheduler at this URL")
     ap.add_argument("--exit-with-parent", action="store_true")
     args = ap.parse_args(argv)
@@ -381,8 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         threads=args.threads,
         device=args.device,
+        max_waiting=args.max_waiting,
     )
-    instance = Instance(config, secret, Tokenizer("llama3").stop_ids)
+    instance = Instance(config, secret, Tokenizer("llama3").stop_ids, Faults.from_env())
     app = make_app(instance)
 
     async def announce(app: web.Application) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import make_app
+from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
 from .scheduler import Scheduler
 from .stages import Stage, stage
@@ -50,7 +51,11 @@ class Cluster:
         api_key: str | None = None,
         heartbeat_s: float = 1.0,
         max_inflight: int = 256,
+        max_waiting: int = 256,
+        stall_timeout_s: float = 15.0,
+        faults: dict[str, dict[str, float]] | None = None,
     ) -> None:
+        """``faults``: instance name -> what :mod:`memserve.faults` injects there (tests)."""
         self.stage: Stage = stage(stage_name)
         if self.stage.disaggregated:
             self.roles = ["prefill"] * prefill + ["decode"] * decode
@@ -63,7 +68,8 @@ class Cluster:
         self.startup_timeout = startup_timeout
         self.api_key = api_key
         self.heartbeat_s = heartbeat_s
-        self.max_inflight = max_inflight
+        self.max_inflight, self.max_waiting, self.stall_timeout_s = max_inflight, max_waiting, stall_timeout_s
+        self.faults = faults or {}
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
@@ -84,14 +90,24 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def names(self) -> list[str]:
+        """The instances' names, in the order of :attr:`procs`."""
+        return [f"{role}-{i}" for i, role in enumerate(self.roles)]
+
+    def process(self, name: str) -> subprocess.Popen[str]:
+        """The process of instance ``name``."""
+        return self.procs[self.names.index(name)]
+
     def _spawn(self, index: int, role: str) -> subprocess.Popen[str]:
         caching = self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
+        name = self.names[index]
         cmd = [
             sys.executable,
             "-m",
             "memserve.instance",
             "--name",
-            f"{role}-{index}",
+            name,
             "--role",
             role,
             "--caching",
@@ -108,9 +124,13 @@ class Cluster:
             self.backend,
             "--threads",
             str(self.threads),
+            "--max-waiting",
+            str(self.max_waiting),
             "--exit-with-parent",
         ]
         env = {**os.environ, SECRET_ENV: self.secret}
+        if name in self.faults:
+            env[FAULTS_ENV] = json.dumps(self.faults[name])
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
     def start(self) -> None:
@@ -139,7 +159,7 @@ class Cluster:
     def _serve(self, infos: list[dict[str, Any]], ready: threading.Event, errors: list[BaseException]) -> None:
         async def main() -> None:
             self._stop = asyncio.Event()
-            self.scheduler = Scheduler(self.stage, policy=self.policy)
+            self.scheduler = Scheduler(self.stage, policy=self.policy, stall_timeout_s=self.stall_timeout_s)
             for info in infos:
                 await self.scheduler.register(info)
             heartbeat = asyncio.ensure_future(self.scheduler.heartbeat(self.heartbeat_s))

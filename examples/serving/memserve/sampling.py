@@ -57,6 +57,15 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def reseed(generator: torch.Generator, seed: int, index: int) -> torch.Generator:
+    """``generator`` set to the stream of output position ``index`` of a request seeded ``seed``.
+
+    Each position draws from its own stream, so a request continued elsewhere (a prefill -> decode
+    handoff, a resume after its instance died) samples exactly what it would have in one place.
+    """
+    return generator.manual_seed((seed * 0x9E3779B97F4A7C15 + index) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def sample_batch(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:

@@ -10,6 +10,13 @@ caches which prefix, and picks an instance by policy:
   instances' measured prefills. When another instance of the role holds more of the prefix and
   sending those blocks is predicted cheaper than recomputing them, the holder is asked to push
   them first (``transfer_with_insert``).
+
+Faults: a request whose instance dies, stalls (no byte, not even a keep-alive, for
+``stall_timeout_s``) or refuses it as busy is run again on another live instance of the role, at
+most ``attempts`` times in all. Before its first token it simply starts over; after, it *resumes*:
+the new instance gets prompt + the tokens already streamed (``prompt_len`` marks the prompt) and
+continues, so the client sees one uninterrupted answer, the same tokens a fault-free run gives
+(greedy, or seeded: each output position samples from its own stream).
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class InstanceLost(SchedulerError):
     """An instance died or stopped answering in the middle of a request."""
 
 
+class InstanceBusy(SchedulerError):
+    """Every live instance of a role refused the request for a full queue (retry later: a 503)."""
+
+
 @dataclass
 class InstanceHandle:
     name: str
@@ -69,6 +80,8 @@ class Counters:
     output_tokens: int = 0
     pushes: int = 0
     retries: int = 0  # requests re-run elsewhere after their instance died before any token
+    resumes: int = 0  # requests continued elsewhere after their instance died or stalled mid-answer
+    busy: int = 0  # refusals by instances whose queue was full
     instance_failures: int = 0
     removals: int = 0  # evicted prefixes instances reported
     handoff_blocks: int = 0
@@ -89,6 +102,8 @@ class Scheduler:
         ttl: float = 600.0,
         block_bytes: int = 8 * 2 * 16 * 4 * 64 * 4,
         bandwidth: float = 2e9,
+        stall_timeout_s: float = 15.0,
+        attempts: int = 3,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -97,6 +112,8 @@ class Scheduler:
         self.trees = {role: PromptTree(block_size, ttl) for role in ("colocated", "prefill", "decode")}
         self.cost = CostModel()
         self.block_bytes, self.bandwidth = block_bytes, bandwidth
+        self.stall_timeout_s, self.attempts = stall_timeout_s, attempts
+        self.stop_ids: set[int] = set()  # every instance's tokenizer stop ids
         self.counters = Counters()
         self.max_context = 0  # the smallest instance's device capacity in tokens (0: no instance yet)
         self.vocab_size = 0  # the smallest model vocabulary among the instances
@@ -148,6 +165,7 @@ class Scheduler:
         if info.get("capacity_tokens"):
             cap = int(info["capacity_tokens"])
             self.max_context = cap if not self.max_context else min(self.max_context, cap)
+        self.stop_ids.update(int(t) for t in info.get("stop_ids", ()))
         if info.get("vocab_size"):
             vocab = int(info["vocab_size"])
             self.vocab_size = vocab if not self.vocab_size else min(self.vocab_size, vocab)
@@ -161,11 +179,12 @@ class Scheduler:
                 raise SchedulerError(f"{inst.name}{path}: {data.get('error', r.status)}")
             return data
 
-    async def instance_stats(self) -> dict[str, dict[str, Any]]:
+    async def instance_stats(self, check: bool = False) -> dict[str, dict[str, Any]]:
+        """Every live instance's ``/stats`` (``check``: with its pool's invariants checked)."""
         s = await self.session()
 
         async def one(inst: InstanceHandle) -> tuple[str, dict[str, Any]]:
-            async with s.get(inst.url + "/stats") as r:
+            async with s.get(inst.url + "/stats" + ("?check=1" if check else "")) as r:
                 stats: dict[str, Any] = await r.json()
             self._apply_removed(inst, stats.get("removed", ()))
             return inst.name, stats
@@ -221,10 +240,16 @@ class Scheduler:
     def _role_of_first(self) -> str:
         return "prefill" if self.stage.disaggregated else "colocated"
 
-    def pick(self, role: str, tokens: list[int], session: str | None) -> tuple[InstanceHandle, int]:
-        """The instance of ``role`` to run ``tokens``, and how many tokens it is believed to cache."""
-        cands = sorted((i for i in self.instances.values() if i.role == role and i.alive), key=lambda i: i.name)
+    def pick(
+        self, role: str, tokens: list[int], session: str | None, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> tuple[InstanceHandle, int]:
+        """The instance of ``role`` (not in ``exclude``) to run ``tokens``, and how many tokens it is
+        believed to cache."""
+        live = [i for i in self.instances.values() if i.role == role and i.alive]
+        cands = sorted((i for i in live if i.name not in exclude), key=lambda i: i.name)
         if not cands:
+            if live:
+                raise InstanceBusy(f"every live {role} instance failed or refused this request as busy")
             raise SchedulerError(f"no live {role} instance")
         hits = self.trees[role].match(tokens, time.monotonic()) if self._caches(role) else {}
         if self.policy == "session-id" and session:
@@ -274,18 +299,20 @@ class Scheduler:
         max_tokens = int(params.get("max_tokens", 16))
         output: list[int] = []
         box: dict[str, dict[str, Any]] = {"summary": {}}  # the last instance's summary
-        for attempt in range(2):  # an instance lost before any token was sent: retried once elsewhere
-            rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
-            first, believed = self.pick(role, tokens, session)
-            believed = await self._maybe_push(role, first, tokens, believed)
-            predicted = self.cost.exec(n, believed / n)
+        rid = f"r{next(self._ids)}-{time.monotonic_ns()}"
+        tried: set[str] = set()  # instances that failed or refused this request
+        decode: InstanceHandle | None = None
+        for attempt in range(self.attempts):
+            context = tokens + output
+            first, believed = self.pick(role, context, session, tried)
+            believed = await self._maybe_push(role, first, context, believed)
+            predicted = self.cost.exec(len(context), believed / len(context))
             if self._caches(role):  # optimistic: the instance will hold this prompt once its prefill ran, so
                 # requests arriving meanwhile with the same prefix follow it there (trimmed if it did not)
-                self.trees[role].insert(first.name, tokens, time.monotonic())
-            body: dict[str, Any] = {"id": rid, "tokens": tokens, "params": params}
-            decode: InstanceHandle | None = None
+                self.trees[role].insert(first.name, context, time.monotonic())
+            body: dict[str, Any] = {"id": rid, "tokens": context, "prompt_len": n, "params": params}
             if self.stage.disaggregated:
-                decode, _ = self.pick("decode", tokens, session)
+                decode, _ = self.pick("decode", tokens, session, tried)
                 body["params"] = {**params, "max_tokens": 1}
                 if max_tokens > 1:
                     body["handoff"] = {"peer": decode.name, "mode": self.stage.handoff}
@@ -296,13 +323,12 @@ class Scheduler:
                 async for event in self._relay(first, body, output, box):
                     yield event
                 break
-            except InstanceLost:
-                if output or attempt:
-                    raise
-                self.counters.retries += 1
+            except (InstanceLost, InstanceBusy) as exc:
+                if not self._recover(first, exc, output, params, max_tokens, attempt, tried, box):
+                    break  # the answer is complete, or the prefill's token is: decode goes on
             finally:
-                first.inflight -= 1
-                first.queued_seconds -= predicted
+                first.inflight -= 1  # (idle: exactly 0, not a float residue that would skew the ties)
+                first.queued_seconds = first.queued_seconds - predicted if first.inflight else 0.0
         summary = box["summary"]
         metrics = summary.get("metrics", {})
         cached = int(metrics.get("cached_tokens", 0))
@@ -314,21 +340,30 @@ class Scheduler:
         self.counters.handoff_bytes += int(transfer.get("bytes", 0))
         reason = summary.get("finish_reason")
         if decode is not None and reason == "length" and max_tokens > 1:
-            dbody: dict[str, Any] = {"id": rid, "tokens": tokens + output, "prompt_len": n, "params": params}
-            if self.stage.handoff == "transfer" and "error" not in transfer:
-                dbody["kv_key"] = rid
-            if self.stage.send_back:
-                dbody["send_back"] = {"peer": first.name}
-            decode.inflight += 1
-            decode.requests += 1
-            try:
-                async for event in self._relay(decode, dbody, output, box):
-                    yield event
-            finally:
-                decode.inflight -= 1
+            kv_key = rid if self.stage.handoff == "transfer" and "error" not in transfer else None
+            for attempt in range(self.attempts):
+                dbody: dict[str, Any] = {"id": rid, "tokens": tokens + output, "prompt_len": n, "params": params}
+                if kv_key is not None:
+                    dbody["kv_key"] = kv_key
+                if self.stage.send_back and first.alive:
+                    dbody["send_back"] = {"peer": first.name}
+                target = decode
+                target.inflight += 1
+                target.requests += 1
+                try:
+                    async for event in self._relay(target, dbody, output, box):
+                        yield event
+                    break
+                except (InstanceLost, InstanceBusy) as exc:
+                    if not self._recover(target, exc, output, params, max_tokens, attempt, tried, box):
+                        break
+                    kv_key = None  # the KV went to the failed instance: the next one computes it
+                    decode, _ = self.pick("decode", tokens + output, session, tried)
+                finally:
+                    target.inflight -= 1
             summary = box["summary"]
             reason = summary.get("finish_reason")
-            if self.stage.decode_caching:
+            if self.stage.decode_caching and "metrics" in summary:
                 self.trees["decode"].insert(decode.name, (tokens + output)[:-1], time.monotonic())
             back = summary.get("transfer") or {}
             self.counters.send_back_blocks += int(back.get("sent_blocks", 0))
@@ -353,6 +388,47 @@ class Scheduler:
         for observe in self.observers:
             observe(done)
         yield done
+
+    def _recover(
+        self,
+        inst: InstanceHandle,
+        exc: SchedulerError,
+        output: list[int],
+        params: dict[str, Any],
+        max_tokens: int,
+        attempt: int,
+        tried: set[str],
+        box: dict[str, dict[str, Any]],
+    ) -> bool:
+        """After ``inst`` failed or refused a request: ``True`` to run it again elsewhere; ``False``
+        when what was streamed already ends the phase (``box`` then holds its summary); raises
+        ``exc`` when the attempts are used up."""
+        tried.add(inst.name)
+        reason = self._finish_reason(output, params, max_tokens)
+        if reason is not None:  # the instance died after the last token, before its summary
+            box["summary"] = {"finish_reason": reason}
+            return False
+        if output and inst.role == "prefill":  # the first token came, its KV did not: decode recomputes it
+            box["summary"] = {"finish_reason": "length", "transfer": {"error": str(exc)}}
+            return False
+        if attempt + 1 >= self.attempts:
+            raise exc
+        if isinstance(exc, InstanceBusy):
+            self.counters.busy += 1
+        elif output:
+            self.counters.resumes += 1
+        else:
+            self.counters.retries += 1
+        return True
+
+    def _finish_reason(self, output: list[int], params: dict[str, Any], max_tokens: int) -> str | None:
+        """Why a request whose tokens so far are ``output`` is finished, or ``None`` if it is not."""
+        if not output:
+            return None
+        stops = self.stop_ids | set(params.get("stop_token_ids", ()))
+        if not params.get("ignore_eos") and output[-1] in stops:
+            return "stop"
+        return "length" if len(output) >= max_tokens else None
 
     def _learn(
         self,
@@ -390,10 +466,14 @@ class Scheduler:
 
     async def _stream(self, inst: InstanceHandle, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         s = await self.session()
+        # instances send a keep-alive line every second: silence this long means a stalled instance
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.stall_timeout_s)
         try:
-            async with s.post(inst.url + "/generate", json=body) as r:
+            async with s.post(inst.url + "/generate", json=body, timeout=timeout) as r:
                 if r.status == 400:
                     raise RequestRefused(f"{inst.name} refused the request: {(await r.json()).get('error')}")
+                if r.status == 503:
+                    raise InstanceBusy(f"{inst.name} is busy: {(await r.json()).get('error')}")
                 if r.status != 200:
                     raise SchedulerError(f"{inst.name} failed the request (HTTP {r.status})")
                 done = False
@@ -404,7 +484,8 @@ class Scheduler:
                         yield event
                 if not done:
                     raise aiohttp.ClientPayloadError("the stream ended before the request did")
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            what = f"no answer for {self.stall_timeout_s} s" if isinstance(exc, asyncio.TimeoutError) else str(exc)
             if not await self._healthy(inst):
-                self.mark_down(inst, str(exc))
-            raise InstanceLost(f"{inst.name} failed: {exc}") from exc
+                self.mark_down(inst, what)
+            raise InstanceLost(f"{inst.name} failed: {what}") from exc

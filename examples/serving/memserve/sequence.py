@@ -50,6 +50,7 @@ class Sequence:
     prompt_len: int
     params: SamplingParams
     generator: torch.Generator | None
+    seed: int = 0  # the sampling seed; output position i draws from stream (seed, i)
     hold: bool = False  # keep the blocks after finishing, until the engine's release()
     state: State = State.WAITING
     num_computed: int = 0

@@ -167,6 +167,11 @@ class TransferAgent:
         """Connected peers: name -> incarnation."""
         return {p.name: p.incarnation for p in list(self._peers.values()) if p.alive}
 
+    def in_flight(self) -> dict[str, int]:
+        """Transfers under way now: ``sending`` (this agent's) and ``receiving`` (peers' to it)."""
+        peers = list(self._peers.values())
+        return {"sending": sum(len(p.waiting) for p in peers), "receiving": sum(len(p.serving) for p in peers)}
+
     def connect(self, name: str, host: str, port: int) -> None:
         """Handshake with the pool listening at ``host:port``, which must call itself ``name``.
 
