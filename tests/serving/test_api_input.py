@@ -10,6 +10,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from memserve.launch import Cluster
 
@@ -123,6 +125,89 @@ def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster) -> None:
         seen += chunk
     sock.close()  # gone mid-stream
     drained(cluster.url)
+
+
+# -- fuzzing: random bodies, valid and not, against both endpoints --------------------------------
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.integers(-3, 9)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+JSON = st.recursive(SCALARS, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=3))
+PROMPTS = st.lists(st.integers(0, 128_255), min_size=1, max_size=24) | st.text(max_size=40) | JSON
+MESSAGES = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]) | st.text(max_size=6), "content": st.text() | JSON},
+        optional={"name": JSON},
+    ),
+    max_size=3,
+)
+COMMON = {
+    "max_tokens": st.integers(-2, 6) | st.sampled_from([10**9, 2**63]) | JSON,
+    "temperature": st.floats(0, 2) | JSON,
+    "top_p": st.floats(0, 1) | JSON,
+    "seed": st.integers(-5, 2**64) | JSON,
+    "stream": st.booleans() | JSON,
+    "ignore_eos": st.booleans() | JSON,
+    "n": st.integers(-1, 3) | JSON,
+    "model": st.sampled_from(["memserve-default"]) | st.text(max_size=10),
+    "user": st.text(max_size=10) | JSON,
+    "stop": JSON,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
+}
+EXTRA = st.dictionaries(st.text(max_size=10), JSON, max_size=2)
+
+
+def _body(prompt_key: str, prompt: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    fields = st.fixed_dictionaries({}, optional={prompt_key: prompt, **COMMON})
+    dumped = st.builds(lambda f, extra: json.dumps({**extra, **f}).encode(), fields, EXTRA)  # NaN: invalid JSON
+    return dumped | st.binary(max_size=48) | JSON.map(lambda v: json.dumps(v).encode())
+
+
+VALID = {
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "seed": st.integers(0, 2**32),
+    "stream": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+
+
+def _valid(prompt_key: str, prompt: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
+    """Bodies that should succeed: the fuzz must reach generation and streaming too, not only refusals."""
+    fields = st.fixed_dictionaries({prompt_key: prompt, "max_tokens": st.integers(1, 6)}, optional=VALID)
+    return fields.map(lambda f: json.dumps(f).encode())
+
+
+CHAT = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]), "content": st.text()}), min_size=1)
+FUZZ = st.one_of(
+    st.tuples(st.just("/v1/completions"), _body("prompt", PROMPTS)),
+    st.tuples(st.just("/v1/chat/completions"), _body("messages", MESSAGES)),
+    st.tuples(st.just("/v1/completions"), _valid("prompt", st.lists(st.integers(0, 128_255), min_size=1) | st.text())),
+    st.tuples(st.just("/v1/chat/completions"), _valid("messages", CHAT)),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(FUZZ)
+def test_fuzzed_bodies_get_an_answer_or_a_4xx_never_a_500(cluster: Cluster, case: tuple[str, bytes]) -> None:
+    path, body = case
+    status, data = request(cluster, "POST", path, body)
+    event(f"HTTP {status}")  # the mix shows under --hypothesis-show-statistics
+    assert status in (200, 400, 404, 413, 429), (status, data, body)
+    if status != 200:
+        err = data["error"]  # an OpenAI-style error body
+        assert isinstance(err["message"], str) and err["message"] and err["type"] == "invalid_request_error"
+    elif isinstance(data, str):  # a stream: chunks, then the end marker
+        assert data.startswith("data: ") and data.rstrip().endswith("data: [DONE]"), data[-200:]
+    else:
+        (choice,) = data["choices"]
+        assert all(isinstance(t, int) for t in choice["token_ids"]) and choice["finish_reason"] in ("stop", "length")
+        assert data["usage"]["completion_tokens"] == len(choice["token_ids"]) >= 1
 
 
 def test_the_server_still_works_after_all_that(cluster: Cluster) -> None:
