@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -173,6 +174,9 @@ def make_app(
             return await handler(request)
         except web.HTTPException as exc:  # 404 / 405 from routing: OpenAI-shaped too
             return _error(exc.status, exc.reason or "error")
+        except Exception:  # a bug of ours: logged, and still an OpenAI-shaped answer
+            logging.getLogger(__name__).exception("%s %s failed", request.method, request.path)
+            return _error(500, "internal error (logged by the server)")
 
     app = web.Application(middlewares=[guard], client_max_size=8 << 20)
     app[SCHEDULER] = scheduler
@@ -403,7 +407,9 @@ async def _chain(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> A
 def _content(message: dict[str, Any]) -> str:
     content = message["content"]
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        return "".join(part["text"] for part in content if part.get("type") == "text")
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise TypeError("content parts must be {'type': 'text', 'text': str} objects")
+        return "".join(part["text"] for part in content)
     if not isinstance(content, str):
         raise TypeError("content must be a string or a list of text parts")
     return content

@@ -109,6 +109,7 @@ class Engine:
         self.held: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.steps = {"prefill": 0, "decode": 0}
+        self.in_step: list[Sequence] = []  # the batch of the step under way (what a failed step ran)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(
@@ -320,7 +321,7 @@ class Engine:
             self.running.append(seq)
 
     def _run(self, batch: list[Sequence]) -> list[RequestOutput]:
-        batch = list(batch)  # finished sequences leave self.running while we walk the batch
+        batch = self.in_step = list(batch)  # finished sequences leave self.running while we walk the batch
         chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
         step = StepInput.build(chunks, self.block_size, self.model.device)
         logits = self.model(step, self.pool.kv(Tier.DEVICE))
@@ -344,6 +345,7 @@ class Engine:
                 self.running.remove(seq)
                 self._finish(seq, reason, cache=self.config.caching)
             outputs.append(RequestOutput(seq.id, [token], reason is not None, reason, seq.metrics, row))
+        self.in_step = []
         return outputs
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -246,7 +246,7 @@ class Instance:
             self.counters["cached_tokens"] += m.cached_tokens
         metrics = {k: v for k, v in asdict(m).items()}
         done = {"done": True, "finish_reason": out.finish_reason, "metrics": metrics, "removed": self.take_removed()}
-        if peer is None or out.finish_reason == "abort":
+        if peer is None or out.finish_reason in ("abort", "error"):
             emit(done)
             return
         kv_tokens, blocks = self.worker.engine.held_kv(rid)  # we are on the engine thread
@@ -307,8 +307,10 @@ def make_app(instance: Instance) -> web.Application:
         app[STOP] = asyncio.Event()
 
     async def health(_: web.Request) -> web.Response:
+        ok = instance.worker.alive  # an engine thread that died makes the instance useless: report it down
         return web.json_response(
-            {"ok": True, "name": instance.config.name, "role": instance.config.role, "pid": os.getpid()}
+            {"ok": ok, "name": instance.config.name, "role": instance.config.role, "pid": os.getpid()},
+            status=200 if ok else 503,
         )
 
     async def info(_: web.Request) -> web.Response:

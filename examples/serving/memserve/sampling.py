@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops.
 
-    ``temperature == 0`` is greedy. A ``seed`` makes a sampled request reproducible whatever else
+    ``temperature`` below ``GREEDY_BELOW`` (1e-5) is greedy (dividing logits by less overflows). A ``seed makes a sampled request reproducible whatever else
     runs beside it. ``ignore_eos`` keeps generating through stop tokens (benchmarks); ``stop_token_ids``
     add to the tokenizer's stop set. ``return_logits`` attaches each step's float32 logits to the output.
     """
@@ -37,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -463,6 +463,8 @@ class Scheduler:
             else:
                 box["summary"] = event
                 self._apply_removed(inst, event.get("removed", ()))
+                if event.get("finish_reason") == "error":  # the engine failed it (see the instance's log)
+                    raise SchedulerError(f"{inst.name} failed the request: its engine step raised")
 
     async def _stream(self, inst: InstanceHandle, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         s = await self.session()

@@ -64,8 +64,18 @@ class EngineWorker:
             self._run(*item)
         self.engine.close()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (``/health`` reports an instance whose thread died as down)."""
+        return self._thread.is_alive() and not self._stopped
+
     def _step(self) -> None:
-        for out in self.engine.step():
+        try:
+            outputs = self.engine.step()
+        except Exception:  # a failed step loses the requests it ran, never the engine or the others
+            logging.getLogger(__name__).exception("an engine step failed; its requests end with 'error'")
+            outputs = self._fail_running()
+        for out in outputs:
             listener = self._listeners.get(out.request_id)
             if out.finished:
                 self._listeners.pop(out.request_id, None)
@@ -74,6 +84,16 @@ class EngineWorker:
                     listener(out)
                 except Exception:  # a broken listener loses its own request, never the engine
                     logging.getLogger(__name__).exception("listener of %s failed", out.request_id)
+
+    def _fail_running(self) -> list[RequestOutput]:
+        """Abort the requests of the failed step (every running one if it failed before its batch
+        was formed: the same failure would recur); a finished ``error`` output for each."""
+        failed = []
+        for seq in self.engine.in_step or list(self.engine.running):
+            self.engine.abort(seq.id)
+            failed.append(RequestOutput(seq.id, [], True, "error", seq.metrics))
+        self.engine.in_step = []
+        return failed
 
     def _run(self, fn: Callable[[Engine], Any], fut: Future[Any]) -> None:
         if not fut.set_running_or_notify_cancel():
