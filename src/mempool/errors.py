@@ -2,7 +2,9 @@
 
 Three kinds of failure, three styles (see docs/architecture.md):
 
-* shortage (no free blocks, target tier full) is not an error: calls return ``None``;
+* shortage (no free blocks, target tier full) is not an error: calls return ``None``; only
+  adapters inside engines that cannot take a ``None`` (``mempool.integrations``) raise
+  :class:`OutOfBlocksError`, after releasing what they held;
 * misuse (a bad argument, a block that is not yours, a lock released twice) raises a
   subclass of :class:`MemPoolError` and changes nothing;
 * a broken internal invariant is an ``AssertionError`` with context.
@@ -26,6 +28,7 @@ __all__ = [
     "LayoutMismatchError",
     "LockUnderflowError",
     "MemPoolError",
+    "OutOfBlocksError",
     "TierUnavailableError",
     "WrongTierError",
 ]
@@ -109,6 +112,11 @@ class HandshakeError(TransferError):
 
 class AuthenticationError(HandshakeError):
     """The peer does not know the shared secret (or we do not know its)."""
+
+
+class OutOfBlocksError(MemPoolError):
+    """An adapter needed blocks the device tier could not supply even after eviction (shortage
+    where the host engine has no way to wait); the adapter released everything it held."""
 
 
 class BackendUnavailableError(MemPoolError, ImportError):

@@ -1,0 +1,287 @@
+"""Hugging Face transformers on MemPool: a ``Cache`` whose K/V live in pool blocks, and prefix
+caching around ``model.generate``.
+
+    pool = MemPool(pool_config_for(model, device_blocks=4096, host_blocks=16384))
+    gen = PoolGenerator(model, pool)
+    out = gen.generate(input_ids, max_new_tokens=64)   # what model.generate returns
+
+Per request, :class:`PoolGenerator` matches the prompt in the pool, hands HF a
+:class:`MemPoolCache` that already holds the cached prefix (HF then runs only the rest of the
+prompt through the model), and inserts prompt + output into the pool when generation ends. Many
+conversations (threads) may share one pool; eviction and host-tier demotion are the pool's own.
+
+Scope: decoder-only models with full attention (Llama, Qwen2, Mistral without sliding window,
+...), one sequence per cache (batch size 1), greedy or sampled decoding, no beam search. Needs the
+``hf`` extra (``transformers``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from mempool.config import PoolConfig
+from mempool.errors import BackendUnavailableError, InvalidArgumentError, OutOfBlocksError
+from mempool.index.match import Match
+from mempool.pool import MemPool
+from mempool.types import Blocks, Tier
+
+try:
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise BackendUnavailableError(
+        "mempool.integrations.transformers needs transformers: pip install 'mempool[hf]'"
+    ) from exc
+
+__all__ = ["MemPoolCache", "MemPoolLayer", "PoolGenerator", "pool_config_for"]
+
+
+def pool_config_for(
+    model: Any,
+    *,
+    device_blocks: int,
+    host_blocks: int = 0,
+    block_size: int = 16,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> PoolConfig:
+    """A :class:`PoolConfig` whose block layout fits ``model`` (a ``PreTrainedModel`` or its config):
+    its layers, KV heads, head size, and (for a model) its dtype and device."""
+    config = getattr(model, "config", model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    is_model = isinstance(model, torch.nn.Module)
+    kv_dtype: torch.dtype | str = dtype if dtype is not None else (model.dtype if is_model else torch.float32)
+    where = device if device is not None else (model.device if is_model else "cpu")
+    return PoolConfig(
+        num_layers=int(text.num_hidden_layers),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        device_blocks=device_blocks,
+        host_blocks=host_blocks,
+        dtype=kv_dtype,
+        device=str(where),
+    )
+
+
+class _BlockTable:
+    """One sequence's device blocks: the locked cached prefix, then blocks of its own."""
+
+    def __init__(self, pool: MemPool, prefix: Match | None) -> None:
+        self.pool = pool
+        self.block_size = pool.config.block_size
+        self.storage = pool.storage(Tier.DEVICE)
+        self.match = prefix
+        self.own: Blocks | None = None
+        self.ids: list[int] = [] if prefix is None else prefix.blocks.tolist()
+        self._index: torch.Tensor | None = None
+
+    def reserve(self, tokens: int) -> None:
+        """Blocks for ``tokens`` tokens; :class:`OutOfBlocksError` if the pool has none to give."""
+        need = -(-tokens // self.block_size) - len(self.ids)
+        if need <= 0:
+            return
+        more = self.pool.alloc(need)
+        if more is None:
+            raise OutOfBlocksError(f"the device tier cannot supply {need} more blocks for this sequence")
+        self.own = more if self.own is None else self.own.concat(more)
+        self.ids += more.tolist()
+        self._index = None
+
+    def index(self) -> torch.Tensor:
+        """The block ids as a tensor on the storage's device."""
+        if self._index is None:
+            self._index = torch.tensor(self.ids, dtype=torch.long, device=self.storage.device)
+        return self._index
+
+    def release(self) -> None:
+        """Unlock the prefix and free the own blocks (idempotent)."""
+        match, own, self.match, self.own, self.ids, self._index = self.match, self.own, None, None, [], None
+        if match is not None:
+            match.release()
+        if own is not None and len(own):
+            self.pool.free(own)
+
+
+class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
+    """One decoder layer's K/V, stored in the pool blocks of a :class:`MemPoolCache`.
+
+    ``update`` writes the new K/V into the blocks and returns the layer's whole K/V gathered from
+    them, ``[1, kv_heads, length, head_dim]``.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, table: _BlockTable, layer: int, length: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.table, self.layer, self.length = table, layer, length
+        self.keys = self.values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = self.table
+        keys, values = t.storage.keys(self.layer), t.storage.values(self.layer)  # [blocks, bs, heads, dim]
+        if key_states.shape[0] != 1:
+            raise InvalidArgumentError(f"a MemPoolCache holds one sequence, got a batch of {key_states.shape[0]}")
+        if tuple(key_states.shape[1::2]) != (keys.shape[2], keys.shape[3]) or key_states.dtype != keys.dtype:
+            raise InvalidArgumentError(
+                f"K/V of {tuple(key_states.shape)} {key_states.dtype} do not fit the pool's blocks "
+                f"({keys.shape[2]} heads x {keys.shape[3]}, {keys.dtype}): see pool_config_for"
+            )
+        start, end = self.length, self.length + key_states.shape[-2]
+        t.reserve(end)
+        index = t.index()
+        pos = torch.arange(start, end, device=index.device)
+        block, offset = index[pos // t.block_size], pos % t.block_size
+        keys[block, offset] = key_states[0].transpose(0, 1)
+        values[block, offset] = value_states[0].transpose(0, 1)
+        self.length = end
+        used = index[: -(-end // t.block_size)]
+        k = keys[used].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        v = values[used].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:  # the blocks live in the pool: nothing to move
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        raise InvalidArgumentError("a MemPoolCache cannot be reset; make a new one per sequence")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise InvalidArgumentError("a MemPoolCache holds one sequence: beam search is not supported")
+
+
+class MemPoolCache(Cache):  # type: ignore[misc]
+    """An HF ``Cache`` for one sequence whose K/V live in MemPool blocks.
+
+    Made with a ``prompt``, it starts holding the longest cached prefix of it (whole blocks on the
+    device tier, promoted from the host tier when there is room, locked while the cache lives),
+    so HF computes only the rest. :meth:`commit` caches the sequence's whole blocks in the pool;
+    :meth:`close` (or leaving the ``with`` block) gives the cache's blocks back. A cache is used by
+    one thread at a time; many caches may share one pool across threads.
+    """
+
+    def __init__(self, pool: MemPool, prompt: Iterable[int] = (), *, namespace: Any = None) -> None:
+        self.pool, self.namespace = pool, namespace
+        self.prompt = [int(t) for t in prompt]
+        # keep the last prompt token uncached: its logits pick the first new token
+        match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
+        self.cached_tokens = 0 if match is None else match.num_tokens
+        self._table = _BlockTable(pool, match)
+        self._layers = [MemPoolLayer(self._table, i, self.cached_tokens) for i in range(pool.config.num_layers)]
+        layers: list[Any] = list(self._layers)
+        super().__init__(layers=layers)
+        self._closed = False
+
+    @property
+    def computed_tokens(self) -> int:
+        """Positions the model computed into this cache (beyond the cached prefix)."""
+        return self._layers[0].length - self.cached_tokens
+
+    def commit(self, tokens: Iterable[int]) -> int:
+        """Cache the whole blocks of ``tokens`` (the sequence: prompt + output) that hold K/V;
+        returns how many blocks the pool newly indexed."""
+        if self._closed:
+            raise InvalidArgumentError("the cache is closed")
+        seq = [int(t) for t in tokens]
+        length = min(layer.length for layer in self._layers)
+        if len(seq) < length or seq[: len(self.prompt)] != self.prompt[: len(seq)]:
+            raise InvalidArgumentError("tokens must be the cache's sequence: its prompt, then what was generated")
+        full = length // self._table.block_size
+        if not full:
+            return 0
+        blocks = Blocks(Tier.DEVICE, self._table.ids[:full])
+        return self.pool.insert(seq[: full * self._table.block_size], blocks, self.namespace)
+
+    def close(self) -> None:
+        """Give the blocks back: unlock the prefix, free the rest (what was committed stays cached)."""
+        if not self._closed:
+            self._closed = True
+            self._table.release()
+
+    def __enter__(self) -> MemPoolCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a cache dropped without close() must not leak blocks or locks
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class PoolGenerator:
+    """``model.generate`` with prefix caching in ``pool``: a drop-in for one sequence at a time.
+
+    Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
+    model's forward must tolerate that, as HF models do in inference).
+    """
+
+    def __init__(self, model: Any, pool: MemPool, *, namespace: Any = None) -> None:
+        self.model, self.pool, self.namespace = model, pool, namespace
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0}
+
+    def generate(self, input_ids: torch.Tensor | Iterable[int], **kwargs: Any) -> Any:
+        """Run ``model.generate`` on one prompt (``[1, n]`` ids, or a list), reusing and extending the
+        pool's cache; returns what ``model.generate`` returns.
+
+        Raises:
+            InvalidArgumentError: a batch, padding, beam search, more than one return sequence, or
+                a ``past_key_values`` of the caller's.
+            OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
+        """
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
+        if "past_key_values" in kwargs:
+            raise InvalidArgumentError("PoolGenerator brings its own cache; do not pass past_key_values")
+        for name in ("num_beams", "num_return_sequences"):
+            if int(kwargs.get(name) or 1) != 1:
+                raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache)")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(torch.all(mask == 1)):
+            raise InvalidArgumentError("padding is not supported: pass one unpadded prompt")
+        prompt = ids[0].tolist()
+        with MemPoolCache(self.pool, prompt, namespace=self.namespace) as cache:
+            out = self.model.generate(ids, past_key_values=cache, **kwargs)
+            sequence = out if isinstance(out, torch.Tensor) else out.sequences
+            cache.commit(sequence[0].tolist())
+        with self._lock:
+            s = self.stats
+            s["requests"] += 1
+            s["prompt_tokens"] += len(prompt)
+            s["cached_tokens"] += cache.cached_tokens
+            s["computed_tokens"] += cache.computed_tokens
+        return out

@@ -1,0 +1,209 @@
+"""HF transformers with a MemPool cache: exact tokens, only the new suffix computed, a shared pool."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from mempool import MemPool, Tier
+from mempool.errors import InvalidArgumentError, OutOfBlocksError
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+from mempool.integrations.transformers import MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
+
+VOCAB = 256
+
+
+def tiny(kind: str = "llama") -> Any:
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    return model.eval()
+
+
+class Counted:
+    """Counts the positions the model computes (the embedding layer sees every input token)."""
+
+    def __init__(self, model: Any) -> None:
+        self.positions = 0
+        self.model = model
+
+    def __enter__(self) -> Counted:
+        self._handle = self.model.get_input_embeddings().register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _hook(self, _: Any, args: tuple[torch.Tensor, ...], __: Any) -> None:
+        self.positions += args[0].numel()
+
+
+@pytest.fixture(scope="module")
+def llama() -> Any:
+    return tiny("llama")
+
+
+@pytest.fixture
+def pool(llama: Any) -> Iterator[MemPool]:
+    p = MemPool(pool_config_for(llama, device_blocks=64, host_blocks=64, block_size=4))
+    yield p
+    p.close()
+
+
+def ids(tokens: list[int]) -> torch.Tensor:
+    return torch.tensor([tokens], dtype=torch.long)
+
+
+def hf(model: Any, tokens: list[int], n: int) -> list[int]:
+    """HF with its default cache: the reference."""
+    out = model.generate(ids(tokens), max_new_tokens=n, do_sample=False)
+    return list(out[0].tolist())
+
+
+def assert_nothing_held(pool: MemPool) -> None:
+    pool.check_invariants()
+    for tier, s in pool.stats().items():
+        if tier in ("device", "host"):
+            assert s["used"] == s["cached"] == s["evictable"], (tier, s)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_tokens_equal_hf_default_cache(kind: str) -> None:
+    model = tiny(kind)
+    pool = MemPool(pool_config_for(model, device_blocks=64, block_size=4))
+    gen = PoolGenerator(model, pool)
+    rng = random.Random(1)
+    for n in (1, 3, 4, 17, 40):
+        prompt = [rng.randrange(VOCAB) for _ in range(n)]
+        assert gen.generate(ids(prompt), max_new_tokens=12, do_sample=False)[0].tolist() == hf(model, prompt, 12)
+    assert_nothing_held(pool)
+    pool.close()
+
+
+def test_second_turn_computes_only_the_new_suffix(llama: Any, pool: MemPool) -> None:
+    gen = PoolGenerator(llama, pool)
+    turn1 = [random.Random(2).randrange(VOCAB) for _ in range(30)]
+    out1 = gen.generate(ids(turn1), max_new_tokens=10, do_sample=False)[0].tolist()
+    assert gen.stats["cached_tokens"] == 0
+    turn2 = out1 + [7, 8, 9, 10, 11]  # the conversation so far, then the user's next message
+    with Counted(llama) as counted:
+        out2 = gen.generate(ids(turn2), max_new_tokens=6, do_sample=False)[0].tolist()
+    assert out2 == hf(llama, turn2, 6)
+    # turn 1 cached the whole blocks of the 39 tokens that had K/V: 36 tokens
+    cached = (len(out1) - 1) // 4 * 4
+    assert gen.stats["cached_tokens"] == cached == 36
+    assert counted.positions == (len(turn2) - cached) + (6 - 1)  # the suffix, then one per decode step
+    assert_nothing_held(pool)
+
+
+def test_second_turn_after_the_prefix_went_to_the_host_tier_and_back(llama: Any, pool: MemPool) -> None:
+    gen = PoolGenerator(llama, pool)
+    turn1 = [random.Random(3).randrange(VOCAB) for _ in range(25)]
+    out1 = gen.generate(ids(turn1), max_new_tokens=8, do_sample=False)[0].tolist()
+    cached = pool.stats()["device"]["cached"]
+    assert pool.evict(cached, Tier.DEVICE) == cached  # demoted: device -> host
+    assert pool.stats()["device"]["cached"] == 0 and pool.stats()["host"]["cached"] == cached
+    turn2 = out1 + [1, 2, 3]
+    with Counted(llama) as counted:
+        out2 = gen.generate(ids(turn2), max_new_tokens=5, do_sample=False)[0].tolist()
+    assert out2 == hf(llama, turn2, 5)
+    assert gen.stats["cached_tokens"] == (len(out1) - 1) // 4 * 4
+    assert counted.positions == len(turn2) - gen.stats["cached_tokens"] + 4
+    assert pool.stats()["index"]["promoted"] >= cached  # brought back to the device, not recomputed
+    assert_nothing_held(pool)
+
+
+def test_seeded_sampling_equals_hf_default_cache(llama: Any, pool: MemPool) -> None:
+    gen = PoolGenerator(llama, pool)
+    prompt = list(range(40, 70))
+    for _ in range(2):  # the second time from the cache
+        torch.manual_seed(5)
+        ours = gen.generate(ids(prompt), max_new_tokens=8, do_sample=True, top_k=20)[0].tolist()
+        torch.manual_seed(5)
+        theirs = llama.generate(ids(prompt), max_new_tokens=8, do_sample=True, top_k=20)[0].tolist()
+        assert ours == theirs
+    assert gen.stats["cached_tokens"] > 0
+
+
+def test_many_conversations_share_a_small_pool(llama: Any) -> None:
+    """Threads run interleaved multi-turn conversations through a pool that must evict and demote."""
+    pool = MemPool(pool_config_for(llama, device_blocks=40, host_blocks=24, block_size=4))
+    gen = PoolGenerator(llama, pool)
+    rng = random.Random(4)
+    system = [rng.randrange(VOCAB) for _ in range(12)]  # a shared system prompt
+
+    def conversation(k: int) -> list[tuple[list[int], list[int]]]:
+        turns, history = [], system + [k, k + 1]
+        for turn in range(3):
+            history = history + [(k * 7 + turn * 3 + j) % VOCAB for j in range(5)]
+            out = gen.generate(ids(history), max_new_tokens=6, do_sample=False)[0].tolist()
+            turns.append((history, out))
+            history = out
+        return turns
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(conversation, range(8)))
+    for turns in results:
+        for prompt, out in turns:
+            assert out == hf(llama, prompt, 6)
+    s = pool.stats()
+    assert s["index"]["demoted"] > 0 and gen.stats["cached_tokens"] > 0  # evicted, demoted, and reused
+    assert_nothing_held(pool)
+    pool.close()
+
+
+def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
+    gen = PoolGenerator(llama, pool)
+    gen.generate(ids(list(range(20))), max_new_tokens=3, do_sample=False)
+    before = pool.stats()
+    for args, kwargs in [
+        ((torch.zeros((2, 5), dtype=torch.long),), {}),  # a batch
+        ((torch.zeros((1, 0), dtype=torch.long),), {}),  # empty
+        ((ids([1, 2, 3]),), {"num_beams": 2}),
+        ((ids([1, 2, 3]),), {"num_return_sequences": 2, "do_sample": True}),
+        ((ids([1, 2, 3]),), {"attention_mask": torch.tensor([[0, 1, 1]])}),
+        ((ids([1, 2, 3]),), {"past_key_values": None}),
+    ]:
+        with pytest.raises(InvalidArgumentError):
+            gen.generate(*args, max_new_tokens=2, **kwargs)
+    assert pool.stats() == before
+
+
+def test_a_sequence_larger_than_the_pool_raises_and_holds_nothing(llama: Any) -> None:
+    pool = MemPool(pool_config_for(llama, device_blocks=6, block_size=4))  # 24 tokens
+    gen = PoolGenerator(llama, pool)
+    gen.generate(ids(list(range(10))), max_new_tokens=2, do_sample=False)  # leaves a cached prefix
+    with pytest.raises(OutOfBlocksError):
+        gen.generate(ids(list(range(10)) + list(range(50, 70))), max_new_tokens=4, do_sample=False)
+    assert_nothing_held(pool)
+    assert gen.generate(ids(list(range(10))), max_new_tokens=2, do_sample=False)[0].tolist() == hf(
+        llama, list(range(10)), 2
+    )
+    pool.close()
+
+
+def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
+    wrong = MemPool(pool_config_for(llama, device_blocks=8, block_size=4, dtype=torch.float16))
+    with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match="do not fit"):
+        llama(ids([1, 2, 3]), past_key_values=cache)
+    assert_nothing_held(wrong)
+    with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
+        cache.commit([9, 9, 9])  # not the cache's sequence
+    wrong.close()
