@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.hf_models import hf_llama
 from benchmarks.timing import best
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, Tokenizer, load_pretrained, preset
 
@@ -28,21 +29,7 @@ DECODE_CONTEXT = 256
 @pytest.fixture(scope="module")
 def models() -> tuple[LlamaModel, Any]:
     """The default memserve model and an HF LlamaForCausalLM holding the same weights."""
-    c = preset("default")
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=c.tie_embeddings,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf = hf_llama(preset("default"))
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = load_pretrained(Path(folder))

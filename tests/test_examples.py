@@ -90,3 +90,13 @@ def test_evaluation_smoke(tmp_path: Path) -> None:
     rows = {r["stage"]: r for r in json.loads((tmp_path / "pd_sharegpt.json").read_text())["rows"]}
     assert rows["pd-basic"]["hit_ratio"] == 0 < rows["pd-caching-3"]["hit_ratio"]
     assert rows["pd-caching-2"]["handoff_blocks"] < rows["pd-basic"]["handoff_blocks"]
+
+
+def test_engine_lifecycle_example_runs_clean() -> None:
+    """docs/engine-guide.md's runnable example: reuse, demotion and promotion, DLPack, no leaks."""
+    path = ROOT / "examples" / "engine_lifecycle.py"
+    assert len(path.read_text().splitlines()) < 60
+    out = subprocess.run([sys.executable, str(path)], check=True, capture_output=True, text=True, timeout=120)
+    assert "turn 1 reused 0 tokens; turn 2 reused 12 tokens" in out.stdout
+    assert "again reused 16 tokens (promoted back from host)" in out.stdout
+    assert "no leaks" in out.stdout and out.stderr == ""
