@@ -142,6 +142,22 @@ def test_decode_killed_while_a_transfer_to_it_is_in_flight() -> None:
         drained(c.url)  # prefill and the surviving decode: invariants hold, nothing but cached blocks
 
 
+def test_decode_killed_while_decoding_resumes_on_another_decode_instance() -> None:
+    with Cluster("pd-caching-2", prefill=1, decode=2, **SMALL) as c:
+        body = {"prompt": list(range(700, 740)), "max_tokens": 800, "ignore_eos": True, "temperature": 0}
+        reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
+        base = {n: streamed(c.url, n) for n in c.names if n.startswith("decode")}
+        results: list[tuple[int, dict[str, Any]]] = []
+        thread = _in_thread(c.url, body, results)
+        victim = _poll(lambda: next((n for n in base if streamed(c.url, n) > base[n] + 10), None))
+        c.process(victim).send_signal(signal.SIGKILL)
+        thread.join(timeout=90)
+        assert results[0][0] == 200 and results[0][1]["choices"][0]["token_ids"] == reference
+        assert get(f"{c.url}/admin/stats")["counters"]["resumes"] == 1
+        assert get(f"{c.url}/health")["down"] == [victim]
+        drained(c.url)
+
+
 def test_prefill_killed_mid_prefill_is_retried_on_another() -> None:
     slow = {"forward_delay_s": 2.0}  # every forward of the prefill instances takes 2 s more
     faults = {"prefill-0": slow, "prefill-1": slow}
