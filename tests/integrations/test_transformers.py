@@ -16,25 +16,9 @@ from mempool.errors import InvalidArgumentError, OutOfBlocksError
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 from mempool.integrations.transformers import MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
 
-VOCAB = 256
+from ..hf_models import SMALL_HF, tiny_hf  # noqa: E402
 
-
-def tiny(kind: str = "llama") -> Any:
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    if kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    return model.eval()
+VOCAB = SMALL_HF["vocab_size"]
 
 
 class Counted:
@@ -57,7 +41,7 @@ class Counted:
 
 @pytest.fixture(scope="module")
 def llama() -> Any:
-    return tiny("llama")
+    return tiny_hf("llama")
 
 
 @pytest.fixture
@@ -86,7 +70,7 @@ def assert_nothing_held(pool: MemPool) -> None:
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_greedy_tokens_equal_hf_default_cache(kind: str) -> None:
-    model = tiny(kind)
+    model = tiny_hf(kind)
     pool = MemPool(pool_config_for(model, device_blocks=64, block_size=4))
     gen = PoolGenerator(model, pool)
     rng = random.Random(1)

@@ -12,36 +12,16 @@ import torch
 from memserve import Engine, EngineConfig, ModelConfig, ModelConfigError, SamplingParams, load_pretrained
 from memserve.model import rope_inv_freq
 
+from ..hf_models import SMALL_HF, tiny_hf
 from .conftest import make_prompts, run
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(
-    vocab_size=384,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-)
-
 
 def save_hf(tmp_path: Path, kind: str = "llama", **overrides: Any) -> Any:
     """Build, randomise and save a tiny HF model; returns it (eval mode, float32)."""
-    torch.manual_seed(0)
-    fields = {**SMALL, **overrides}
-    if kind == "qwen2":
-        config = transformers.Qwen2Config(**fields)
-        model = transformers.Qwen2ForCausalLM(config)
-    else:
-        config = transformers.LlamaConfig(**fields)
-        model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():  # HF zero-initialises biases; random ones make the bias path count
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.eval().save_pretrained(tmp_path)
+    model = tiny_hf(kind, **overrides)
+    model.save_pretrained(tmp_path)
     return model
 
 
@@ -71,7 +51,7 @@ def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str) -> None
     kind, overrides = CASES[case]
     hf = save_hf(tmp_path, kind, **overrides)
     ours = load_pretrained(tmp_path)
-    prompts = make_prompts([7, 33, 90], vocab=SMALL["vocab_size"], seed=3)
+    prompts = make_prompts([7, 33, 90], vocab=SMALL_HF["vocab_size"], seed=3)
     engine = Engine(ours, EngineConfig(block_size=8, device_blocks=64, host_blocks=0, caching=False))
     steps = 12
     tokens, logits = run(engine, prompts, SamplingParams(max_tokens=steps, ignore_eos=True, return_logits=True))
@@ -87,7 +67,7 @@ def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str) -> None
 
 def test_hf_generate_agrees_with_engine(tmp_path: Path) -> None:
     hf = save_hf(tmp_path)
-    prompt = make_prompts([21], vocab=SMALL["vocab_size"], seed=5)[0]
+    prompt = make_prompts([21], vocab=SMALL_HF["vocab_size"], seed=5)[0]
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
         0, len(prompt) :
     ].tolist()
