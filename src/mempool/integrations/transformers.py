@@ -190,15 +190,20 @@ class MemPoolCache(Cache):  # type: ignore[misc]
 
     def __init__(self, pool: MemPool, prompt: Iterable[int] = (), *, namespace: Any = None) -> None:
         self.pool, self.namespace = pool, namespace
+        self._closed = True  # until the table exists: close() (and __del__) have nothing to give back
         self.prompt = [int(t) for t in prompt]
         # keep the last prompt token uncached: its logits pick the first new token
         match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
         self.cached_tokens = 0 if match is None else match.num_tokens
         self._table = _BlockTable(pool, match)
+        self._closed = False
         self._layers = [MemPoolLayer(self._table, i, self.cached_tokens) for i in range(pool.config.num_layers)]
         layers: list[Any] = list(self._layers)
-        super().__init__(layers=layers)
-        self._closed = False
+        try:
+            super().__init__(layers=layers)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def computed_tokens(self) -> int:
