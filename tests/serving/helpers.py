@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from memserve.launch import instance_command
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -68,24 +69,7 @@ def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
 def hand_started(scheduler: str, name: str, model: str = "tiny-llama3") -> Iterator[subprocess.Popen[str]]:
     """An instance started by hand, registering with ``scheduler`` (MEMSERVE_SECRET from the environment)."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "memserve.instance",
-            "--name",
-            name,
-            "--role",
-            "colocated",
-            "--model",
-            model,
-            "--device-blocks",
-            "256",
-            "--host-blocks",
-            "256",
-            "--scheduler",
-            scheduler,
-            "--exit-with-parent",
-        ],
+        instance_command(name, model=model, device_blocks=256, host_blocks=256, scheduler=scheduler),
         stdout=subprocess.PIPE,
         text=True,
     )

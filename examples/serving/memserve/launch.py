@@ -29,6 +29,29 @@ from .stages import Stage, stage
 from .tokenizer import Tokenizer
 
 
+def instance_command(
+    name: str,
+    role: str = "colocated",
+    *,
+    model: str = "default",
+    caching: bool = True,
+    host: str = "127.0.0.1",
+    device_blocks: int = 2048,
+    host_blocks: int = 2048,
+    backend: str = "ucx",
+    threads: int = 0,
+    max_waiting: int = 256,
+    scheduler: str | None = None,
+) -> list[str]:
+    """The command line of one instance process that exits with its parent (``scheduler``: register
+    there by itself, as an instance started by hand does)."""
+    cmd = [sys.executable, "-m", "memserve.instance", "--name", name, "--role", role]
+    cmd += ["--caching", "on" if caching else "off", "--model", model, "--host", host]
+    cmd += ["--device-blocks", str(device_blocks), "--host-blocks", str(host_blocks), "--backend", backend]
+    cmd += ["--threads", str(threads), "--max-waiting", str(max_waiting), "--exit-with-parent"]
+    return cmd + (["--scheduler", scheduler] if scheduler else [])
+
+
 class Cluster:
     """Instances (processes) + the scheduler's HTTP server (a thread of this process); a context manager."""
 
@@ -102,32 +125,18 @@ class Cluster:
     def _spawn(self, index: int, role: str) -> subprocess.Popen[str]:
         caching = self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
         name = self.names[index]
-        cmd = [
-            sys.executable,
-            "-m",
-            "memserve.instance",
-            "--name",
+        cmd = instance_command(
             name,
-            "--role",
             role,
-            "--caching",
-            "on" if caching else "off",
-            "--model",
-            self.model,
-            "--host",
-            self.host,
-            "--device-blocks",
-            str(self.device_blocks),
-            "--host-blocks",
-            str(self.host_blocks),
-            "--backend",
-            self.backend,
-            "--threads",
-            str(self.threads),
-            "--max-waiting",
-            str(self.max_waiting),
-            "--exit-with-parent",
-        ]
+            model=self.model,
+            caching=caching,
+            host=self.host,
+            device_blocks=self.device_blocks,
+            host_blocks=self.host_blocks,
+            backend=self.backend,
+            threads=self.threads,
+            max_waiting=self.max_waiting,
+        )
         env = {**os.environ, SECRET_ENV: self.secret}
         if name in self.faults:
             env[FAULTS_ENV] = json.dumps(self.faults[name])
