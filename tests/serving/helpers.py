@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -63,6 +64,34 @@ def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
         pool = inst["pool"]["device"]
         assert pool["used"] == pool["cached"], name  # nothing but cached prefixes
     return stats
+
+
+def streamed(url: str, name: str) -> int:
+    """How many tokens instance ``name`` has produced so far."""
+    inst = get(f"{url}/admin/stats")["instances"].get(name, {})
+    return int(inst.get("counters", {}).get("output_tokens", 0))
+
+
+def busy(url: str, role: str, key: str) -> str | None:
+    """The live instance of ``role`` whose stats show ``key`` > 0 (one with work of that kind), if any."""
+    for name, inst in get(f"{url}/admin/stats")["instances"].items():
+        if inst["role"] == role and (inst.get(key) or inst["transport_stats"].get(key)):
+            return str(name)
+    return None
+
+
+def poll(probe: Callable[[], str | None], timeout: float = 30.0) -> str:
+    """Poll ``probe`` until it names something; that name."""
+    found: list[str] = []
+    assert wait_for(lambda: bool(found.append(probe() or "") or found[-1]), timeout)
+    return found[-1]
+
+
+def in_thread(url: str, body: dict[str, Any], into: list[tuple[int, dict[str, Any]]]) -> threading.Thread:
+    """POST ``body`` to the completions API on a thread; ``(status, answer)`` is appended to ``into``."""
+    t = threading.Thread(target=lambda: into.append(post(f"{url}/v1/completions", body)))
+    t.start()
+    return t
 
 
 @contextmanager

@@ -5,19 +5,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from memserve.launch import Cluster
 
-from .helpers import drained, get, hand_started, post, post_ok, wait_for
-
-
-def streamed(url: str, name: str) -> int:
-    """How many tokens instance ``name`` has produced so far."""
-    inst = get(f"{url}/admin/stats")["instances"].get(name, {})
-    return int(inst.get("counters", {}).get("output_tokens", 0))
-
+from .helpers import busy, drained, get, hand_started, in_thread, poll, post, post_ok, streamed, wait_for
 
 SMALL = dict(model="tiny-llama3", device_blocks=256, host_blocks=256, heartbeat_s=0.5)
 
@@ -99,27 +91,6 @@ def test_heartbeats_tolerate_a_stall_then_mark_down_and_take_back() -> None:
 GREEDY = {"max_tokens": 40, "ignore_eos": True, "temperature": 0}
 
 
-def _busy(url: str, role: str, key: str) -> str | None:
-    """The live instance of ``role`` whose stats show ``key`` > 0 (one with work of that kind), if any."""
-    for name, inst in get(f"{url}/admin/stats")["instances"].items():
-        if inst["role"] == role and (inst.get(key) or inst["transport_stats"].get(key)):
-            return str(name)
-    return None
-
-
-def _poll(probe: Callable[[], str | None], timeout: float = 30.0) -> str:
-    """Poll ``probe`` until it names something; that name."""
-    found: list[str] = []
-    assert wait_for(lambda: bool(found.append(probe() or "") or found[-1]), timeout)
-    return found[-1]
-
-
-def _in_thread(url: str, body: dict[str, Any], into: list[tuple[int, dict[str, Any]]]) -> threading.Thread:
-    t = threading.Thread(target=lambda: into.append(post(f"{url}/v1/completions", body)))
-    t.start()
-    return t
-
-
 def test_decode_killed_while_a_transfer_to_it_is_in_flight() -> None:
     """The prefill instance's handoff fails (PeerLostError), the request goes on another decode
     instance, which recomputes the prompt's KV: the client gets the fault-free tokens."""
@@ -128,15 +99,17 @@ def test_decode_killed_while_a_transfer_to_it_is_in_flight() -> None:
         body = {"prompt": list(range(300, 364)), **GREEDY}  # 64 tokens: a 4-message transfer
         reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
         results: list[tuple[int, dict[str, Any]]] = []
-        thread = _in_thread(c.url, body, results)
-        victim = _poll(lambda: _busy(c.url, "decode", "receiving"))
+        thread = in_thread(c.url, body, results)
+        victim = poll(lambda: busy(c.url, "decode", "receiving"))
         c.process(victim).send_signal(signal.SIGKILL)
         started = time.monotonic()
         thread.join(timeout=90)
         assert time.monotonic() - started < 60
         assert results[0][0] == 200 and results[0][1]["choices"][0]["token_ids"] == reference
         stats = get(f"{c.url}/admin/stats")
-        assert stats["counters"]["resumes"] == 1 and stats["counters"]["instance_failures"] == 1
+        # (resumed after a failed decode attempt, or, when the heartbeat marked it down first, sent
+        # straight to the other decode instance)
+        assert stats["counters"]["resumes"] <= 1 and stats["counters"]["instance_failures"] == 1
         assert get(f"{c.url}/health")["down"] == [victim]
         assert stats["instances"]["prefill-0"]["transport_stats"]["failed"] >= 1  # the handoff failed
         drained(c.url)  # prefill and the surviving decode: invariants hold, nothing but cached blocks
@@ -148,8 +121,8 @@ def test_decode_killed_while_decoding_resumes_on_another_decode_instance() -> No
         reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
         base = {n: streamed(c.url, n) for n in c.names if n.startswith("decode")}
         results: list[tuple[int, dict[str, Any]]] = []
-        thread = _in_thread(c.url, body, results)
-        victim = _poll(lambda: next((n for n in base if streamed(c.url, n) > base[n] + 10), None))
+        thread = in_thread(c.url, body, results)
+        victim = poll(lambda: next((n for n in base if streamed(c.url, n) > base[n] + 10), None))
         c.process(victim).send_signal(signal.SIGKILL)
         thread.join(timeout=90)
         assert results[0][0] == 200 and results[0][1]["choices"][0]["token_ids"] == reference
@@ -165,8 +138,8 @@ def test_prefill_killed_mid_prefill_is_retried_on_another() -> None:
         body = {"prompt": list(range(500, 530)), **GREEDY}
         reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
         results: list[tuple[int, dict[str, Any]]] = []
-        thread = _in_thread(c.url, body, results)
-        victim = _poll(lambda: _busy(c.url, "prefill", "running"))
+        thread = in_thread(c.url, body, results)
+        victim = poll(lambda: busy(c.url, "prefill", "running"))
         c.process(victim).send_signal(signal.SIGKILL)
         thread.join(timeout=90)
         assert results[0][0] == 200 and results[0][1]["choices"][0]["token_ids"] == reference
@@ -187,8 +160,8 @@ def test_an_instance_stalled_past_the_deadline_is_routed_around() -> None:
         reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
         base = {name: streamed(c.url, name) for name in ("colocated-0", "colocated-1")}
         results: list[tuple[int, dict[str, Any]]] = []
-        thread = _in_thread(c.url, body, results)
-        victim = _poll(lambda: next((n for n in base if streamed(c.url, n) > base[n] + 10), None))
+        thread = in_thread(c.url, body, results)
+        victim = poll(lambda: next((n for n in base if streamed(c.url, n) > base[n] + 10), None))
         proc = c.process(victim)
         proc.send_signal(signal.SIGSTOP)
         started = time.monotonic()
@@ -211,7 +184,7 @@ def test_a_full_instance_queue_answers_503_not_a_longer_queue() -> None:
         faults={"colocated-0": {"forward_delay_s": 0.3}},
     ) as c:  # fmt: skip
         results: list[tuple[int, dict[str, Any]]] = []
-        threads = [_in_thread(c.url, {"prompt": [9, k], "max_tokens": 3, "temperature": 0}, results) for k in range(6)]
+        threads = [in_thread(c.url, {"prompt": [9, k], "max_tokens": 3, "temperature": 0}, results) for k in range(6)]
         for t in threads:
             t.join(timeout=60)
         codes = sorted(code for code, _ in results)

@@ -384,6 +384,12 @@ def make_app(
                 "stage": scheduler.stage.name,
                 "policy": scheduler.policy,
                 "counters": c.__dict__,
+                "members": {
+                    i.name: {"role": i.role, "url": i.url, "alive": i.alive, "incarnation": i.incarnation}
+                    for i in scheduler.instances.values()
+                },
+                "links": {f"{a} -> {b}": round(e.bandwidth) for (a, b), e in scheduler.links.items()},
+                "decisions": list(scheduler.decisions),
                 "instances": await scheduler.instance_stats(request.query.get("check") == "1"),
             }
         )

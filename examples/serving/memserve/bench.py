@@ -128,6 +128,7 @@ def summarize(
     row["handoff_blocks"] = counters.get("handoff_blocks", 0)
     row["send_back_blocks"] = counters.get("send_back_blocks", 0)
     row["pushes"] = counters.get("pushes", 0)
+    row["recomputed"] = counters.get("handoffs_recomputed", 0)
     row["moved_mb"] = moved_bytes / 1e6
     return row
 
@@ -189,6 +190,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "handoff_blocks",
         "send_back_blocks",
         "pushes",
+        "recomputed",
         "moved_mb",
     ]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731

@@ -3,7 +3,9 @@
     caching   colocated without vs with context caching        (ShareGPT and ReAct-like)
     pd        PD-Basic vs PD-Caching-1/2/3                      (ShareGPT)
     routing   least-load vs session-id vs prompt-tree routing   (LooGLE-like, 3 colocated instances)
-    all       the three above
+    links     PD-Caching-2 over a fast link, and over a slow one (``--link-rate``) with a link-blind
+              scheduler (always transfers) vs the cost model (recomputes when moving is slower)
+    all       the four above
 
 Each prints a table, writes JSON (rows + every request) and a figure (bars per mode, CDFs of TTFT and
 JCT) under ``--out``, and checks that every mode returned the same greedy tokens. ``--quick`` shrinks
@@ -33,6 +35,8 @@ class Mode:
     stage: str
     policy: str = "prompt-tree"
     instances: int = 2  # colocated instances; disaggregated stages run 1 prefill + 1 decode
+    link_rate: float = 0.0  # bytes per second of the prefill -> decode link (0: as fast as it is)
+    link_aware: bool = True
 
 
 def compare(
@@ -48,8 +52,16 @@ def compare(
     rows, samples = [], {}
     for mode in modes:
         t = time.perf_counter()
+        slow = {"prefill-0": {"link_bytes_per_s": {"decode-1": mode.link_rate}}} if mode.link_rate else None
         with Cluster(
-            mode.stage, prefill=1, decode=1, colocated=mode.instances, policy=mode.policy, model=model
+            mode.stage,
+            prefill=1,
+            decode=1,
+            colocated=mode.instances,
+            policy=mode.policy,
+            model=model,
+            faults=slow,
+            link_aware=mode.link_aware,
         ) as cluster:
             results, makespan = asyncio.run(replay_http(cluster.url, sessions, rate=rate, progress=f"{mode.label:>17}"))
             with urllib.request.urlopen(f"{cluster.url}/admin/stats", timeout=60) as r:
@@ -74,18 +86,21 @@ def _gain(rows: list[dict[str, Any]], base: str, better: str, key: str) -> float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("comparison", nargs="+", choices=("caching", "pd", "routing", "all"))
+    ap.add_argument("comparison", nargs="+", choices=("caching", "pd", "routing", "links", "all"))
     ap.add_argument("--quick", action="store_true", help="tiny model, small workloads (about a minute)")
     ap.add_argument("--model", default=None, help="model preset (default: 'default', or 'tiny-llama3' with --quick)")
     ap.add_argument("--rate", type=float, default=1.0, help="sessions arriving per second")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--link-rate", type=float, default=None, help="the slow link's bytes/s (default 10e6; 1e6 with --quick)"
+    )
     ap.add_argument("--out", default="memserve_results")
     args = ap.parse_args(argv)
     quick, out = args.quick, Path(args.out)
     model = args.model or ("tiny-llama3" if quick else "default")
     tok = Tokenizer("llama3")
     ok, t0 = True, time.perf_counter()
-    todo = ("caching", "pd", "routing") if "all" in args.comparison else tuple(args.comparison)
+    todo = ("caching", "pd", "routing", "links") if "all" in args.comparison else tuple(args.comparison)
     chats = sharegpt(tok, 2 if quick else 8, max_turns=2 if quick else 4, max_reply=6 if quick else 64, seed=args.seed)
     if "caching" in todo:
         modes = [Mode("no-cache", "colocated"), Mode("cache", "colocated-caching")]
@@ -115,6 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"prompt-tree vs session-id: p99 TTFT {-_gain(rows, 'session-id', 'prompt-tree', 'ttft_p99'):+.0%} "
             f"(paper -59%)"
+        )
+    if "links" in todo:
+        rate = args.link_rate or (1e6 if quick else 10e6)
+        modes = [
+            Mode("fast link", "pd-caching-2"),
+            Mode("slow, always move", "pd-caching-2", link_rate=rate, link_aware=False),
+            Mode("slow, cost model", "pd-caching-2", link_rate=rate),
+        ]
+        rows, _, same = compare("links_sharegpt", modes, chats, model=model, rate=args.rate, out=out)
+        ok &= same
+        print(
+            f"over a {rate / 1e6:g} MB/s link, the cost model vs always moving KV: mean TPOT "
+            f"{-_gain(rows, 'slow, always move', 'slow, cost model', 'tpot_mean'):+.0%}, mean JCT "
+            f"{-_gain(rows, 'slow, always move', 'slow, cost model', 'jct_mean'):+.0%}"
         )
     print(f"\nresults under {out}/; {time.perf_counter() - t0:.0f}s in all")
     return 0 if ok else 1

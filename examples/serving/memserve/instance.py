@@ -41,6 +41,7 @@ import torch
 from aiohttp import web
 
 from mempool import Blocks, TransportConfig
+from mempool.errors import MemPoolError
 
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
@@ -48,6 +49,7 @@ from .faults import Faults
 from .model import LlamaModel
 from .prompt_tree import chain_keys
 from .sampling import SamplingParams
+from .stages import STAGES
 from .worker import EngineWorker
 
 ROLES = ("colocated", "prefill", "decode")
@@ -76,10 +78,14 @@ class InstanceConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"
     max_waiting: int = 256  # requests queued before their prefill; past it new ones are refused (503)
+    ucx_shared_memory: bool = True  # off: KV to peers on this machine takes the network too
+    transfer_deadline_s: float = 30.0  # the longest one wait of a transfer may take (a lost peer)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.host in ("0.0.0.0", "::", ""):  # the scheduler and the peers are told this address
+            raise ValueError(f"host must be the address others reach this instance at, got {self.host!r}")
 
 
 def params_from(body: dict[str, Any]) -> SamplingParams:
@@ -126,14 +132,24 @@ class Instance:
             stop_ids=stop_ids,
         )
         self.pool = engine.pool
-        transport = TransportConfig(name=config.name, secret=secret, backend=config.backend, host=config.host)
+        transport = TransportConfig(
+            name=config.name,
+            secret=secret,
+            backend=config.backend,
+            host=config.host,
+            deadline_s=config.transfer_deadline_s,
+            ucx_shared_memory=config.ucx_shared_memory,
+        )
         if faults.chunk_bytes:
             transport = replace(transport, chunk_bytes=faults.chunk_bytes)
         self.transport = self.pool.serve(transport)
         if faults.forward_delay_s:
             model.register_forward_pre_hook(lambda *_: time.sleep(faults.forward_delay_s))
+        agent = self.pool._agent  # the transport's test hooks
         if faults.segment_delay_s:
-            self.pool._agent.segment_delay_s = faults.segment_delay_s  # type: ignore[union-attr]  # test hook
+            agent.segment_delay_s = faults.segment_delay_s  # type: ignore[union-attr]
+        if faults.link_bytes_per_s:
+            agent.link_rate = dict(faults.link_bytes_per_s)  # type: ignore[union-attr]
         self.worker = EngineWorker(engine)
         # prefixes this pool stopped caching, as prompt-tree keys, until the scheduler collects them
         self._removed: deque[str] = deque(maxlen=4096)
@@ -290,7 +306,12 @@ class Instance:
             result = self.pool.transfer_with_insert(peer, tokens[: hit.num_tokens], hit.blocks)
         if result is None:
             return {"error": "the peer has no room"}
-        return {"sent_blocks": result.sent_blocks, "skipped_blocks": result.skipped_blocks, "bytes": result.bytes}
+        return {
+            "sent_blocks": result.sent_blocks,
+            "skipped_blocks": result.skipped_blocks,
+            "bytes": result.bytes,
+            "seconds": result.seconds,
+        }
 
     def close(self) -> None:
         self.worker.stop()
@@ -322,7 +343,10 @@ def make_app(instance: Instance) -> web.Application:
 
     async def connect(request: web.Request) -> web.Response:
         body = await request.json()
-        await asyncio.to_thread(instance.pool.connect, str(body["name"]), str(body["host"]), int(body["port"]))
+        try:
+            await asyncio.to_thread(instance.pool.connect, str(body["name"]), str(body["host"]), int(body["port"]))
+        except MemPoolError as exc:  # unreachable, refused, timed out: the scheduler tries again later
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=502)
         return web.json_response({"ok": True})
 
     async def generate(request: web.Request) -> web.StreamResponse:
@@ -394,11 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", choices=ROLES, default="colocated")
     ap.add_argument("--model", default="default")
     ap.add_argument("--weights", default=None, help="a Llama/Qwen2 folder (config.json + safetensors)")
-    ap.add_argument("--caching", choices=("on", "off"), default="on")
+    ap.add_argument("--caching", choices=("on", "off"), default=None, help="default: on, or as --stage says")
+    ap.add_argument("--stage", choices=list(STAGES), default=None, help="cache as this design stage's role does")
     ap.add_argument("--device-blocks", type=int, default=2048)
     ap.add_argument("--host-blocks", type=int, default=2048)
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on, which others reach it at")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ucx-shared-memory", choices=("on", "off"), default="on")
+    ap.add_argument("--transfer-deadline", type=float, default=30.0, help="seconds before a silent peer is lost")
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -419,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         role=args.role,
         model=args.model,
         weights=args.weights,
-        caching=args.caching == "on",
+        caching=args.caching == "on"
+        if args.caching
+        else (STAGES[args.stage].caches(args.role) if args.stage else True),
         device_blocks=args.device_blocks,
         host_blocks=args.host_blocks,
         host=args.host,
@@ -428,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         device=args.device,
         max_waiting=args.max_waiting,
+        ucx_shared_memory=args.ucx_shared_memory == "on",
+        transfer_deadline_s=args.transfer_deadline,
     )
     instance = Instance(config, secret, Tokenizer("llama3").stop_ids, Faults.from_env())
     app = make_app(instance)

@@ -3,6 +3,10 @@
 ``python -m memserve.launch --stage pd-caching-2 --prefill 1 --decode 1`` serves the OpenAI API
 until interrupted. Instances are child processes that exit with the launcher (no orphans); an
 instance started by hand elsewhere joins with ``python -m memserve.instance --scheduler URL``.
+
+Across hosts (``docs/multihost.md``): ``--prefill 0 --decode 0 --host ADDR`` runs the scheduler
+alone, listening on ``ADDR``; each instance runs on its own host with ``--host`` its own address
+and ``--scheduler http://ADDR:PORT``, the same ``MEMSERVE_SECRET`` and ``--stage``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def instance_command(
     threads: int = 0,
     max_waiting: int = 256,
     scheduler: str | None = None,
+    ucx_shared_memory: bool = True,
+    transfer_deadline_s: float = 30.0,
 ) -> list[str]:
     """The command line of one instance process that exits with its parent (``scheduler``: register
     there by itself, as an instance started by hand does)."""
@@ -49,7 +55,31 @@ def instance_command(
     cmd += ["--caching", "on" if caching else "off", "--model", model, "--host", host]
     cmd += ["--device-blocks", str(device_blocks), "--host-blocks", str(host_blocks), "--backend", backend]
     cmd += ["--threads", str(threads), "--max-waiting", str(max_waiting), "--exit-with-parent"]
+    cmd += ["--ucx-shared-memory", "on" if ucx_shared_memory else "off"]
+    cmd += ["--transfer-deadline", str(transfer_deadline_s)]
     return cmd + (["--scheduler", scheduler] if scheduler else [])
+
+
+def roles_for(stage: Stage, prefill: int, decode: int, colocated: int | None) -> list[str]:
+    """The instances' roles of a deployment of ``stage`` (colocated stages: ``colocated``, or
+    ``prefill + decode``, instances)."""
+    if stage.disaggregated:
+        return ["prefill"] * prefill + ["decode"] * decode
+    return ["colocated"] * (colocated if colocated is not None else prefill + decode)
+
+
+def ready_info(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The ``READY`` line an instance process prints once it serves (lines before it are skipped)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"an instance exited during startup (code {proc.wait()})")
+        if line.startswith("READY "):
+            info: dict[str, Any] = json.loads(line[6:])
+            return info
+    raise RuntimeError("an instance did not become ready in time")
 
 
 class Cluster:
@@ -76,14 +106,13 @@ class Cluster:
         max_inflight: int = 256,
         max_waiting: int = 256,
         stall_timeout_s: float = 15.0,
-        faults: dict[str, dict[str, float]] | None = None,
+        link_aware: bool = True,
+        faults: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """``faults``: instance name -> what :mod:`memserve.faults` injects there (tests)."""
+        """``faults``: instance name -> what :mod:`memserve.faults` injects there (tests);
+        ``prefill=decode=0`` (or ``colocated=0``): the scheduler alone, instances join it."""
         self.stage: Stage = stage(stage_name)
-        if self.stage.disaggregated:
-            self.roles = ["prefill"] * prefill + ["decode"] * decode
-        else:
-            self.roles = ["colocated"] * (colocated if colocated is not None else prefill + decode)
+        self.roles = roles_for(self.stage, prefill, decode, colocated)
         self.policy, self.model, self.host, self.port = policy, model, host, port
         self.device_blocks, self.host_blocks, self.backend = device_blocks, host_blocks, backend
         cores = os.cpu_count() or 1
@@ -92,6 +121,7 @@ class Cluster:
         self.api_key = api_key
         self.heartbeat_s = heartbeat_s
         self.max_inflight, self.max_waiting, self.stall_timeout_s = max_inflight, max_waiting, stall_timeout_s
+        self.link_aware = link_aware
         self.faults = faults or {}
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
@@ -123,7 +153,7 @@ class Cluster:
         return self.procs[self.names.index(name)]
 
     def _spawn(self, index: int, role: str) -> subprocess.Popen[str]:
-        caching = self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
+        caching = self.stage.caches(role)
         name = self.names[index]
         cmd = instance_command(
             name,
@@ -145,7 +175,7 @@ class Cluster:
     def start(self) -> None:
         """Spawn the instances, wait until each is ready, start the scheduler and register them."""
         self.procs = [self._spawn(i, role) for i, role in enumerate(self.roles)]
-        infos = [self._ready(p) for p in self.procs]
+        infos = [ready_info(p, self.startup_timeout) for p in self.procs]
         ready = threading.Event()
         errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._serve, args=(infos, ready, errors), daemon=True)
@@ -153,22 +183,12 @@ class Cluster:
         if not ready.wait(self.startup_timeout) or errors:
             raise RuntimeError(f"the scheduler did not start: {errors[:1]}")
 
-    def _ready(self, proc: subprocess.Popen[str]) -> dict[str, Any]:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"an instance exited during startup (code {proc.wait()})")
-            if line.startswith("READY "):
-                info: dict[str, Any] = json.loads(line[6:])
-                return info
-        raise RuntimeError("an instance did not become ready in time")
-
     def _serve(self, infos: list[dict[str, Any]], ready: threading.Event, errors: list[BaseException]) -> None:
         async def main() -> None:
             self._stop = asyncio.Event()
-            self.scheduler = Scheduler(self.stage, policy=self.policy, stall_timeout_s=self.stall_timeout_s)
+            self.scheduler = Scheduler(
+                self.stage, policy=self.policy, stall_timeout_s=self.stall_timeout_s, link_aware=self.link_aware
+            )
             for info in infos:
                 await self.scheduler.register(info)
             heartbeat = asyncio.ensure_future(self.scheduler.heartbeat(self.heartbeat_s))
@@ -230,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
+    ap.add_argument("--heartbeat", type=float, default=1.0, help="seconds between health probes of instances")
+    ap.add_argument("--stall-timeout", type=float, default=15.0, help="seconds of silence that mean a stall")
+    ap.add_argument("--link-aware", choices=("on", "off"), default="on", help="skip handoffs slower than recompute")
     args = ap.parse_args(argv)
     api_key = os.environ.get("MEMSERVE_API_KEY")  # optional: then /v1 needs "Authorization: Bearer <key>"
     with Cluster(
@@ -242,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         backend=args.backend,
         api_key=api_key,
+        heartbeat_s=args.heartbeat,
+        stall_timeout_s=args.stall_timeout,
+        link_aware=args.link_aware == "on",
     ) as cluster:
         print(
             f"memserve ({args.stage}, {len(cluster.roles)} instances) serving the OpenAI API at {cluster.url}/v1",

@@ -11,6 +11,12 @@ caches which prefix, and picks an instance by policy:
   sending those blocks is predicted cheaper than recomputing them, the holder is asked to push
   them first (``transfer_with_insert``).
 
+Moving KV or recomputing it: a push, and (with ``link_aware``) a prefill -> decode handoff, happen
+only when ``blocks x block_bytes / bandwidth(src -> dst)`` is less than the prefill seconds they
+save by the cost model. Each link's bandwidth is learned from the transfers it carried (the
+configured ``bandwidth`` until then, and again once a figure is ``link_ttl_s`` old, so that a link
+that got faster is measured anew). Every such decision is kept in :attr:`Scheduler.decisions`.
+
 Faults: a request whose instance dies, stalls (no byte, not even a keep-alive, for
 ``stall_timeout_s``) or refuses it as busy is run again on another live instance of the role, at
 most ``attempts`` times in all. Before its first token it simply starts over; after, it *resumes*:
@@ -27,6 +33,7 @@ import json
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +72,7 @@ class InstanceHandle:
     caching: bool
     block_bytes: int = 0
     pid: int = 0
+    incarnation: int = 1  # the scheduler's count of this name's (re)joins
     alive: bool = True
     misses: int = 0  # consecutive failed heartbeats
     inflight: int = 0
@@ -79,6 +87,8 @@ class Counters:
     cached_tokens: int = 0
     output_tokens: int = 0
     pushes: int = 0
+    rejoins: int = 0  # instances taken back as a new incarnation after they were marked down
+    handoffs_recomputed: int = 0  # handoffs skipped: decode recomputing was predicted faster
     retries: int = 0  # requests re-run elsewhere after their instance died before any token
     resumes: int = 0  # requests continued elsewhere after their instance died or stalled mid-answer
     busy: int = 0  # refusals by instances whose queue was full
@@ -88,6 +98,12 @@ class Counters:
     handoff_bytes: int = 0
     send_back_blocks: int = 0
     by_instance: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LinkEstimate:
+    bandwidth: float  # bytes per second, moving average of the transfers measured
+    measured: float  # time.monotonic() of the last one
 
 
 class Scheduler:
@@ -104,7 +120,12 @@ class Scheduler:
         bandwidth: float = 2e9,
         stall_timeout_s: float = 15.0,
         attempts: int = 3,
+        link_aware: bool = True,
+        link_ttl_s: float = 60.0,
     ) -> None:
+        """``bandwidth``: bytes per second assumed of a link until it is measured; ``link_aware``:
+        skip a handoff whose transfer is predicted slower than decode recomputing the prompt
+        (off: always hand off, as a link-blind deployment does)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.stage, self.policy = stage, policy
@@ -112,6 +133,9 @@ class Scheduler:
         self.trees = {role: PromptTree(block_size, ttl) for role in ("colocated", "prefill", "decode")}
         self.cost = CostModel()
         self.block_bytes, self.bandwidth = block_bytes, bandwidth
+        self.link_aware, self.link_ttl_s = link_aware, link_ttl_s
+        self.links: dict[tuple[str, str], LinkEstimate] = {}
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # transfer-or-recompute, newest last
         self.stall_timeout_s, self.attempts = stall_timeout_s, attempts
         self.stop_ids: set[int] = set()  # every instance's tokenizer stop ids
         self.counters = Counters()
@@ -145,10 +169,7 @@ class Scheduler:
         old = self.instances.get(handle.name)
         if old is not None and old.alive and old.pid == handle.pid:
             raise SchedulerError(f"an instance named {handle.name!r} is registered already")
-        if old is not None:  # a new incarnation of a dead (or restarted) instance takes its place
-            self.mark_down(old, "replaced by a new incarnation")
-            del self.instances[handle.name]
-        for other in [o for o in self.instances.values() if o.alive]:
+        for other in [o for o in self.instances.values() if o.alive and o.name != handle.name]:
             try:
                 await self._post(
                     handle, "/connect", {"name": other.name, "host": other.transport[0], "port": other.transport[1]}
@@ -161,6 +182,10 @@ class Scheduler:
                     self.mark_down(other, f"unreachable while linking {handle.name}: {exc}")
                     continue
                 raise SchedulerError(f"cannot link {handle.name} and {other.name}: {exc}") from exc
+        if old is not None:  # a new incarnation of a dead (or restarted) instance takes its place
+            self.mark_down(old, "replaced by a new incarnation")
+            handle.incarnation = old.incarnation + 1
+            self.links = {k: v for k, v in self.links.items() if handle.name not in k}
         self.instances[handle.name] = handle
         if info.get("capacity_tokens"):
             cap = int(info["capacity_tokens"])
@@ -179,17 +204,23 @@ class Scheduler:
                 raise SchedulerError(f"{inst.name}{path}: {data.get('error', r.status)}")
             return data
 
-    async def instance_stats(self, check: bool = False) -> dict[str, dict[str, Any]]:
-        """Every live instance's ``/stats`` (``check``: with its pool's invariants checked)."""
+    async def instance_stats(self, check: bool = False, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+        """The ``/stats`` of every live instance that answers within ``timeout`` seconds (``check``:
+        with its pool's invariants checked, which may take longer: 60 s)."""
         s = await self.session()
+        limit = aiohttp.ClientTimeout(total=max(timeout, 60.0) if check else timeout)
 
-        async def one(inst: InstanceHandle) -> tuple[str, dict[str, Any]]:
-            async with s.get(inst.url + "/stats" + ("?check=1" if check else "")) as r:
-                stats: dict[str, Any] = await r.json()
+        async def one(inst: InstanceHandle) -> tuple[str, dict[str, Any] | None]:
+            try:
+                async with s.get(inst.url + "/stats" + ("?check=1" if check else ""), timeout=limit) as r:
+                    stats: dict[str, Any] = await r.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                return inst.name, None  # unreachable now: the heartbeat decides what that means
             self._apply_removed(inst, stats.get("removed", ()))
             return inst.name, stats
 
-        return dict(await asyncio.gather(*(one(i) for i in self.instances.values() if i.alive)))
+        answers = await asyncio.gather(*(one(i) for i in self.instances.values() if i.alive))
+        return {name: stats for name, stats in answers if stats is not None}
 
     def mark_down(self, inst: InstanceHandle, reason: str) -> None:
         """Stop routing to ``inst`` and forget what the prompt trees believed it caches."""
@@ -225,9 +256,23 @@ class Scheduler:
                         self.mark_down(inst, f"{inst.misses} heartbeats missed")
                     continue
                 inst.misses = 0
-                if not inst.alive and int(answer.get("pid", -1)) == inst.pid:
-                    inst.alive = True
-                    logging.getLogger(__name__).warning("instance %s answers again", inst.name)
+                if not inst.alive and self.instances.get(inst.name) is inst:
+                    await self._rejoin(inst)
+
+    async def _rejoin(self, inst: InstanceHandle) -> None:
+        """Take back a down instance that answers again (it stalled, or was cut off the network) as a
+        new incarnation: its transfer links are opened anew both ways (its peers dropped them) and the
+        prompt tree starts empty for it."""
+        try:
+            s = await self.session()
+            async with s.get(inst.url + "/info", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                info = {**await r.json(), "url": inst.url}
+            handle = await self.register(info)
+        except (SchedulerError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            logging.getLogger(__name__).warning("instance %s answers but cannot rejoin yet: %s", inst.name, exc)
+            return
+        self.counters.rejoins += 1
+        logging.getLogger(__name__).warning("instance %s rejoined as incarnation %d", inst.name, handle.incarnation)
 
     def _apply_removed(self, inst: InstanceHandle, keys: Any) -> None:
         """An instance's eviction report: it no longer caches these prefixes."""
@@ -265,7 +310,7 @@ class Scheduler:
         return chosen, hits.get(chosen.name, 0)
 
     def _caches(self, role: str) -> bool:
-        return self.stage.decode_caching if role == "decode" else self.stage.prefill_caching
+        return self.stage.caches(role)
 
     async def _maybe_push(self, role: str, target: InstanceHandle, tokens: list[int], have: int) -> int:
         """Ask the instance holding the longest prefix to send it to ``target`` when that beats recompute."""
@@ -275,19 +320,73 @@ class Scheduler:
         holder = max(hits, key=lambda k: hits[k], default=None)
         if holder is None or holder == target.name or hits[holder] <= have:
             return have
-        n, more = len(tokens), hits[holder]
-        saved = self.cost.exec(n, have / n) - self.cost.exec(n, more / n)
-        block_bytes = self.instances[holder].block_bytes or self.block_bytes
-        move = (more - have) // self.trees[role].block_size * block_bytes / self.bandwidth
-        if move >= saved:
+        more, size = hits[holder], self.trees[role].block_size
+        if not self._transfer_pays(
+            "push", self.instances[holder], target, len(tokens), have, more, (more - have) // size
+        ):
             return have
         try:
-            await self._post(self.instances[holder], "/push", {"peer": target.name, "tokens": tokens[:more]})
+            sent = await self._post(self.instances[holder], "/push", {"peer": target.name, "tokens": tokens[:more]})
         except (SchedulerError, aiohttp.ClientError):
             return have  # a failed push costs only the recompute it meant to save
+        self.observe_link(holder, target.name, sent)
         self.counters.pushes += 1
         self.trees[role].insert(target.name, tokens[:more], time.monotonic())
         return more
+
+    def link_bandwidth(self, src: str, dst: str) -> float:
+        """Bytes per second expected of the link ``src -> dst``."""
+        link = self.links.get((src, dst))
+        if link is None or time.monotonic() - link.measured > self.link_ttl_s:
+            return self.bandwidth
+        return link.bandwidth
+
+    def observe_link(self, src: str, dst: str, transfer: dict[str, Any]) -> None:
+        """Learn the link's bandwidth from one transfer's ``bytes`` and ``seconds`` (when it moved any)."""
+        nbytes, seconds = transfer.get("bytes"), transfer.get("seconds")
+        if not nbytes or not seconds or "error" in transfer:
+            return
+        rate, now = float(nbytes) / float(seconds), time.monotonic()
+        link = self.links.get((src, dst))
+        if link is not None and now - link.measured <= self.link_ttl_s:
+            rate = 0.5 * link.bandwidth + 0.5 * rate
+        self.links[(src, dst)] = LinkEstimate(rate, now)
+
+    def _transfer_pays(
+        self, kind: str, src: InstanceHandle, dst: InstanceHandle, n: int, have: int, more: int, blocks: int
+    ) -> bool:
+        """Whether sending ``blocks`` from ``src`` to ``dst`` (so that ``dst`` holds ``more`` of the ``n``
+        tokens instead of ``have``) is predicted faster than ``dst`` recomputing them; recorded."""
+        recompute = self.cost.exec(n, have / n) - self.cost.exec(n, more / n)
+        bandwidth = self.link_bandwidth(src.name, dst.name)
+        move = blocks * (src.block_bytes or self.block_bytes) / bandwidth
+        pays = move < recompute
+        self.decisions.append(
+            {
+                "kind": kind,
+                "src": src.name,
+                "dst": dst.name,
+                "tokens": n,
+                "blocks": blocks,
+                "bandwidth": bandwidth,
+                "move_s": move,
+                "recompute_s": recompute,
+                "transfer": pays,
+            }
+        )
+        return pays
+
+    def _handoff_pays(self, prefill: InstanceHandle, decode: InstanceHandle, tokens: list[int]) -> bool:
+        """Whether ``prefill`` should send the prompt's KV to ``decode`` (always, unless ``link_aware``)."""
+        if not self.link_aware:
+            return True
+        n, size = len(tokens), self.trees["decode"].block_size
+        if self.stage.handoff == "transfer":  # every block, the partial last one too
+            have, blocks = 0, -(-n // size)
+        else:  # transfer_with_insert of the whole blocks decode lacks
+            have = self.trees["decode"].match(tokens, time.monotonic()).get(decode.name, 0)
+            blocks = n // size - have // size
+        return self._transfer_pays("handoff", prefill, decode, n, have, n, blocks)
 
     # -- requests ------------------------------------------------------------------------------
     async def generate(
@@ -314,8 +413,10 @@ class Scheduler:
             if self.stage.disaggregated:
                 decode, _ = self.pick("decode", tokens, session, tried)
                 body["params"] = {**params, "max_tokens": 1}
-                if max_tokens > 1:
+                if max_tokens > 1 and self._handoff_pays(first, decode, context):
                     body["handoff"] = {"peer": decode.name, "mode": self.stage.handoff}
+                elif max_tokens > 1:
+                    self.counters.handoffs_recomputed += 1
             first.inflight += 1
             first.requests += 1
             first.queued_seconds += predicted
@@ -334,13 +435,17 @@ class Scheduler:
         cached = int(metrics.get("cached_tokens", 0))
         self._learn(role, first, tokens, output, cached, believed, metrics)
         transfer = summary.get("transfer") or {}
-        if transfer.get("bytes") and transfer.get("seconds"):  # learn the links' bandwidth (moving average)
-            self.bandwidth = 0.8 * self.bandwidth + 0.2 * transfer["bytes"] / transfer["seconds"]
+        handed = "handoff" in body and "error" not in transfer  # (body: the last prefill attempt's)
+        if decode is not None:
+            self.observe_link(first.name, decode.name, transfer)
         self.counters.handoff_blocks += int(transfer.get("sent_blocks", 0))
         self.counters.handoff_bytes += int(transfer.get("bytes", 0))
         reason = summary.get("finish_reason")
         if decode is not None and reason == "length" and max_tokens > 1:
-            kv_key = rid if self.stage.handoff == "transfer" and "error" not in transfer else None
+            kv_key = rid if handed and self.stage.handoff == "transfer" else None
+            if not decode.alive:  # lost (or cut off) since it was picked: whatever was sent is gone too
+                decode, _ = self.pick("decode", tokens + output, session, tried)
+                kv_key = None
             for attempt in range(self.attempts):
                 dbody: dict[str, Any] = {"id": rid, "tokens": tokens + output, "prompt_len": n, "params": params}
                 if kv_key is not None:

@@ -22,6 +22,10 @@ class Stage:
     handoff: str = "transfer"
     send_back: bool = False
 
+    def caches(self, role: str) -> bool:
+        """Whether instances of ``role`` keep a context cache in this stage."""
+        return self.decode_caching if role == "decode" else self.prefill_caching
+
 
 STAGES: dict[str, Stage] = {
     s.name: s

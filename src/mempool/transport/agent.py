@@ -122,8 +122,10 @@ class TransferAgent:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.address: tuple[str, int] | None = None
-        #: fault-injection hook for tests: pause after each data message this agent sends
+        #: fault-injection hooks for tests: pause after each data message this agent sends, and
+        #: pace the data sent to a peer (by name) to at most that many bytes per second
         self.segment_delay_s = 0.0
+        self.link_rate: dict[str, float] = {}
         self.refusals: list[str] = []
         self.stats = dict.fromkeys(
             (
@@ -481,6 +483,9 @@ class TransferAgent:
                 pos += length
                 if self.segment_delay_s:
                     await asyncio.sleep(self.segment_delay_s)
+                rate = self.link_rate.get(peer.name)
+                if rate:  # a slow link: this message takes its size / rate on the wire
+                    await asyncio.sleep(buf.numel() * buf.element_size() / rate)
             for task in tasks:
                 await task
             data_seconds = time.perf_counter() - data_started

@@ -1,0 +1,56 @@
+"""Link cost: the scheduler moves KV over a link only while that beats recomputing it, per its cost model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memserve.launch import Cluster
+
+from .helpers import drained, get, post_ok
+
+SMALL = dict(model="tiny-llama3", device_blocks=256, host_blocks=256)
+PROMPTS = [[100 + 7 * k + i for i in range(200)] for k in range(5)]  # 200 tokens: 13 blocks each
+RATE = 100_000.0  # bytes per second: 13 blocks of 8 KiB take about 1 s, recomputing them milliseconds
+
+
+def run(faults: dict[str, dict[str, Any]] | None = None, link_aware: bool = True) -> tuple[list[Any], dict[str, Any]]:
+    with Cluster("pd-basic", faults=faults, link_aware=link_aware, **SMALL) as c:  # prefill-0, decode-1
+        outs = [
+            post_ok(f"{c.url}/v1/completions", {"prompt": p, "max_tokens": 6, "ignore_eos": True, "temperature": 0})[
+                "choices"
+            ][0]["token_ids"]
+            for p in PROMPTS
+        ]
+        drained(c.url)
+        return outs, get(f"{c.url}/admin/stats")
+
+
+def handoffs(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    return [d for d in stats["decisions"] if d["kind"] == "handoff"]
+
+
+def test_a_slow_link_turns_handoffs_into_recompute_as_the_cost_model_predicts() -> None:
+    fast_out, fast = run()
+    slow_out, slow = run(faults={"prefill-0": {"link_bytes_per_s": {"decode-1": RATE}}})
+    assert slow_out == fast_out  # transfer or recompute: the same greedy tokens
+    # a fast link: every handoff moves the KV
+    assert [d["transfer"] for d in handoffs(fast)] == [True] * len(PROMPTS)
+    assert fast["counters"]["handoffs_recomputed"] == 0
+    # a slow link: the first handoff, over a link not measured yet, moves the KV; it measures the
+    # link; from then on moving is predicted slower than recomputing, and decode recomputes
+    decisions = handoffs(slow)
+    assert [d["transfer"] for d in decisions] == [True] + [False] * (len(PROMPTS) - 1)
+    for d in decisions:  # each decision is the cost model's comparison
+        assert d["transfer"] == (d["move_s"] < d["recompute_s"])
+        assert d["move_s"] == d["blocks"] * 8192 / d["bandwidth"]
+    learned = slow["links"]["prefill-0 -> decode-1"]
+    assert RATE / 3 < learned < RATE * 1.5  # the measured link is about as slow as the cap
+    assert slow["counters"]["handoffs_recomputed"] == len(PROMPTS) - 1
+    assert slow["counters"]["handoff_blocks"] == 13  # only the first request's KV crossed the link
+    assert fast["counters"]["handoff_blocks"] == 13 * len(PROMPTS)
+
+
+def test_a_link_blind_scheduler_always_transfers() -> None:
+    _, stats = run(faults={"prefill-0": {"link_bytes_per_s": {"decode-1": RATE * 10}}}, link_aware=False)
+    assert stats["decisions"] == [] and stats["counters"]["handoffs_recomputed"] == 0
+    assert stats["counters"]["handoff_blocks"] == 13 * len(PROMPTS)
