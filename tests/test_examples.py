@@ -71,14 +71,14 @@ def test_main_job_compares_stages(tmp_path: Path) -> None:
 def test_evaluation_smoke(tmp_path: Path) -> None:
     """The evaluation's quick version: every metric present and sane (never a speed threshold)."""
     out = subprocess.run(
-        [sys.executable, "-m", "memserve.evaluate", "pd", "routing", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "memserve.evaluate", "pd", "routing", "links", "--quick", "--out", str(tmp_path)],
         check=True,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert out.stdout.count("every mode gave the same greedy tokens: True") == 2
-    for name, modes in (("pd_sharegpt", 4), ("routing_loogle", 3)):
+    assert out.stdout.count("every mode gave the same greedy tokens: True") == 3
+    for name, modes in (("pd_sharegpt", 4), ("routing_loogle", 3), ("links_sharegpt", 3)):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert len(data["rows"]) == modes and (tmp_path / f"{name}.png").stat().st_size > 0
         for row in data["rows"]:
@@ -90,6 +90,11 @@ def test_evaluation_smoke(tmp_path: Path) -> None:
     rows = {r["stage"]: r for r in json.loads((tmp_path / "pd_sharegpt.json").read_text())["rows"]}
     assert rows["pd-basic"]["hit_ratio"] == 0 < rows["pd-caching-3"]["hit_ratio"]
     assert rows["pd-caching-2"]["handoff_blocks"] < rows["pd-basic"]["handoff_blocks"]
+    # over the slow link the cost model recomputes instead of moving KV; a link-blind scheduler never does
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "links_sharegpt.json").read_text())["rows"]}
+    assert rows["fast link"]["recomputed"] == rows["slow, always move"]["recomputed"] == 0
+    assert rows["slow, cost model"]["recomputed"] > 0
+    assert rows["slow, cost model"]["handoff_blocks"] < rows["slow, always move"]["handoff_blocks"]
 
 
 def test_engine_lifecycle_example_runs_clean() -> None:

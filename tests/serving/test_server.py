@@ -179,6 +179,26 @@ def test_an_instance_started_by_hand_joins_the_scheduler(monkeypatch: pytest.Mon
         assert set(get(f"{c.url}/admin/stats")["counters"]["by_instance"]) == {"colocated-0", "late-0"}
 
 
+def test_control_calls_need_the_token_derived_from_the_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memserve.auth import control_token
+
+    from .helpers import post as post_any
+
+    monkeypatch.setenv("MEMSERVE_SECRET", "a-shared-test-secret-0123456789")
+    with Cluster("colocated-caching", colocated=1, **SMALL) as c:
+        member = get(f"{c.url}/admin/stats")["members"]["colocated-0"]
+        work = {"id": "x", "tokens": [1, 2, 3], "params": {"max_tokens": 1}}
+        for path, body in (("/generate", work), ("/shutdown", {}), ("/connect", {"name": "a", "host": "h", "port": 1})):
+            code, answer = post_any(member["url"] + path, body)  # no token: refused, nothing done
+            assert code == 401 and "token" in answer["error"], (path, answer)
+        fake = {"name": "rogue", "role": "colocated", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9]}
+        assert post_any(f"{c.url}/admin/register", fake)[0] == 401
+        assert set(get(f"{c.url}/admin/stats")["members"]) == {"colocated-0"}
+        assert get(f"{c.url}/health")["instances"] == 1  # the instance is still serving
+        assert post(f"{c.url}/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1})["choices"]
+        assert control_token("a-shared-test-secret-0123456789") != control_token("another-secret-0123456789")
+
+
 def test_a_busy_holder_pushes_its_prefix_instead_of_recompute() -> None:
     with Cluster("colocated-caching", colocated=2, policy="prompt-tree", **SMALL) as c:
         prompt = list(range(8000, 8064))

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .auth import token_guard
 from .scheduler import InstanceBusy, RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
@@ -157,8 +158,10 @@ def make_app(
     model_name: str = "memserve-default",
     api_key: str | None = None,
     max_inflight: int = 256,
+    control_token: str | None = None,
 ) -> web.Application:
-    """The API application; with ``api_key``, every ``/v1`` call needs ``Authorization: Bearer <key>``.
+    """The API application; with ``api_key``, every ``/v1`` call needs ``Authorization: Bearer <key>``;
+    with ``control_token``, ``/admin/register`` needs that token (instances derive it from the secret).
 
     At most ``max_inflight`` completions run at once; more get a 429 with ``Retry-After`` (back-pressure
     instead of an unbounded queue)."""
@@ -178,7 +181,7 @@ def make_app(
             logging.getLogger(__name__).exception("%s %s failed", request.method, request.path)
             return _error(500, "internal error (logged by the server)")
 
-    app = web.Application(middlewares=[guard], client_max_size=8 << 20)
+    app = web.Application(middlewares=[guard, token_guard(control_token)], client_max_size=8 << 20)
     app[SCHEDULER] = scheduler
     metrics = Metrics()
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=1.0, help="sessions arriving per second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--link-rate", type=float, default=None, help="the slow link's bytes/s (default 10e6; 1e6 with --quick)"
+        "--link-rate", type=float, default=None, help="the slow link's bytes/s (default 10e6; 2e5 with --quick)"
     )
     ap.add_argument("--out", default="memserve_results")
     args = ap.parse_args(argv)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(paper -59%)"
         )
     if "links" in todo:
-        rate = args.link_rate or (1e6 if quick else 10e6)
+        rate = args.link_rate or (2e5 if quick else 10e6)
         modes = [
             Mode("fast link", "pd-caching-2"),
             Mode("slow, always move", "pd-caching-2", link_rate=rate, link_aware=False),

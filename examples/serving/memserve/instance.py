@@ -16,6 +16,9 @@ Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
     POST /push      {"peer", "tokens"}                 send this pool's cached prefix of tokens to a peer
     POST /shutdown
 
+Every POST needs ``Authorization: Bearer <control_token(secret)>``: only holders of the deployment's
+secret (the scheduler, the launcher) drive an instance; a wrong or missing token gets a 401.
+
 ``handoff`` ``{"peer", "mode": "transfer" | "insert"}``: after the first token, send the prompt's KV
 to ``peer`` (``transfer`` under the request id, partial last block included; or
 ``transfer_with_insert`` of the full blocks, which only sends what the peer does not cache).
@@ -43,6 +46,7 @@ from aiohttp import web
 from mempool import Blocks, TransportConfig
 from mempool.errors import MemPoolError
 
+from .auth import control_token, token_guard
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
 from .faults import Faults
@@ -318,9 +322,9 @@ class Instance:
         self.pool.close()
 
 
-def make_app(instance: Instance) -> web.Application:
+def make_app(instance: Instance, token: str | None = None) -> web.Application:
     """The instance's aiohttp application (control API)."""
-    app = web.Application()
+    app = web.Application(middlewares=[token_guard(token)])
     loop_holder: dict[str, asyncio.AbstractEventLoop] = {}
 
     async def on_startup(app: web.Application) -> None:
@@ -461,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         transfer_deadline_s=args.transfer_deadline,
     )
     instance = Instance(config, secret, Tokenizer("llama3").stop_ids, Faults.from_env())
-    app = make_app(instance)
+    token = control_token(secret)
+    app = make_app(instance, token)
 
     async def announce(app: web.Application) -> None:
         site = next(iter(runner.sites))
@@ -473,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.scheduler:
             import aiohttp
 
-            async with aiohttp.ClientSession() as s, s.post(f"{args.scheduler}/admin/register", json=ready) as r:
+            auth = {"Authorization": f"Bearer {token}"}
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(f"{args.scheduler}/admin/register", json=ready, headers=auth) as r,
+            ):
                 r.raise_for_status()
 
     async def serve() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import make_app
+from .auth import control_token
 from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
 from .scheduler import Scheduler
@@ -186,14 +187,25 @@ class Cluster:
     def _serve(self, infos: list[dict[str, Any]], ready: threading.Event, errors: list[BaseException]) -> None:
         async def main() -> None:
             self._stop = asyncio.Event()
+            token = control_token(self.secret)
             self.scheduler = Scheduler(
-                self.stage, policy=self.policy, stall_timeout_s=self.stall_timeout_s, link_aware=self.link_aware
+                self.stage,
+                policy=self.policy,
+                stall_timeout_s=self.stall_timeout_s,
+                link_aware=self.link_aware,
+                token=token,
             )
             for info in infos:
                 await self.scheduler.register(info)
             heartbeat = asyncio.ensure_future(self.scheduler.heartbeat(self.heartbeat_s))
             runner = web.AppRunner(
-                make_app(self.scheduler, Tokenizer("llama3"), api_key=self.api_key, max_inflight=self.max_inflight)
+                make_app(
+                    self.scheduler,
+                    Tokenizer("llama3"),
+                    api_key=self.api_key,
+                    max_inflight=self.max_inflight,
+                    control_token=token,
+                )
             )
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)

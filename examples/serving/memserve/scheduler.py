@@ -122,10 +122,12 @@ class Scheduler:
         attempts: int = 3,
         link_aware: bool = True,
         link_ttl_s: float = 60.0,
+        token: str | None = None,
     ) -> None:
         """``bandwidth``: bytes per second assumed of a link until it is measured; ``link_aware``:
         skip a handoff whose transfer is predicted slower than decode recomputing the prompt
-        (off: always hand off, as a link-blind deployment does)."""
+        (off: always hand off, as a link-blind deployment does); ``token``: the instances' control
+        token, sent with every call to them."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.stage, self.policy = stage, policy
@@ -143,11 +145,14 @@ class Scheduler:
         self.vocab_size = 0  # the smallest model vocabulary among the instances
         self._ids = itertools.count()
         self._session: aiohttp.ClientSession | None = None
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.observers: list[Any] = []  # callables(event: dict) for metrics
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), headers=self._headers
+            )
         return self._session
 
     async def close(self) -> None:
