@@ -83,9 +83,11 @@ def test_heartbeats_tolerate_a_stall_then_mark_down_and_take_back() -> None:
                 assert post(f"{c.url}/v1/completions", {"prompt": [3, k], "max_tokens": 1})[0] == 200
         finally:
             proc.send_signal(signal.SIGCONT)
-        # the same incarnation answers again: taken back
+        # it answers again: taken back, as a new incarnation with its transfer links opened anew
         assert wait_for(lambda: get(f"{c.url}/health")["down"] == [], timeout=20)
-        assert get(f"{c.url}/admin/stats")["counters"]["instance_failures"] == 1
+        stats = get(f"{c.url}/admin/stats")
+        assert stats["counters"]["instance_failures"] == 1 and stats["counters"]["rejoins"] == 1
+        assert stats["members"]["colocated-1"]["incarnation"] == 2
 
 
 GREEDY = {"max_tokens": 40, "ignore_eos": True, "temperature": 0}

@@ -42,8 +42,8 @@ def test_a_slow_link_turns_handoffs_into_recompute_as_the_cost_model_predicts() 
     assert [d["transfer"] for d in decisions] == [True] + [False] * (len(PROMPTS) - 1)
     for d in decisions:  # each decision is the cost model's comparison
         assert d["transfer"] == (d["move_s"] < d["recompute_s"])
-        assert d["move_s"] == d["blocks"] * 8192 / d["bandwidth"]
-    learned = slow["links"]["prefill-0 -> decode-1"]
+        assert d["move_s"] == d["latency"] + d["blocks"] * 8192 / d["bandwidth"]
+    learned = slow["links"]["prefill-0 -> decode-1"]["bandwidth"]
     assert RATE / 3 < learned < RATE * 1.5  # the measured link is about as slow as the cap
     assert slow["counters"]["handoffs_recomputed"] == len(PROMPTS) - 1
     assert slow["counters"]["handoff_blocks"] == 13  # only the first request's KV crossed the link

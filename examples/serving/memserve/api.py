@@ -391,7 +391,10 @@ def make_app(
                     i.name: {"role": i.role, "url": i.url, "alive": i.alive, "incarnation": i.incarnation}
                     for i in scheduler.instances.values()
                 },
-                "links": {f"{a} -> {b}": round(e.bandwidth) for (a, b), e in scheduler.links.items()},
+                "links": {
+                    f"{a} -> {b}": {"bandwidth": round(e.bandwidth), "latency": e.latency}
+                    for (a, b), e in scheduler.links.items()
+                },
                 "decisions": list(scheduler.decisions),
                 "instances": await scheduler.instance_stats(request.query.get("check") == "1"),
             }

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from mempool import Blocks, TransportConfig
+from mempool import Blocks, TransferResult, TransportConfig
 from mempool.errors import MemPoolError
 
 from .auth import control_token, token_guard
@@ -285,17 +285,7 @@ class Instance:
             else:
                 full = len(kv_tokens) // self.config.block_size
                 result = self.pool.transfer_with_insert(peer, kv_tokens[: full * self.config.block_size], blocks[:full])
-            done["transfer"] = (
-                {"error": "the peer has no room"}
-                if result is None
-                else {
-                    "mode": mode,
-                    "sent_blocks": result.sent_blocks,
-                    "skipped_blocks": result.skipped_blocks,
-                    "bytes": result.bytes,
-                    "seconds": result.seconds,
-                }
-            )
+            done["transfer"] = {"mode": mode, **_transfer_summary(result)}
         except Exception as exc:  # reported to the scheduler, which falls back to recomputation
             done["transfer"] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
@@ -308,18 +298,24 @@ class Instance:
             if not hit.num_tokens:
                 return {"sent_blocks": 0, "skipped_blocks": 0, "bytes": 0}
             result = self.pool.transfer_with_insert(peer, tokens[: hit.num_tokens], hit.blocks)
-        if result is None:
-            return {"error": "the peer has no room"}
-        return {
-            "sent_blocks": result.sent_blocks,
-            "skipped_blocks": result.skipped_blocks,
-            "bytes": result.bytes,
-            "seconds": result.seconds,
-        }
+        return _transfer_summary(result)
 
     def close(self) -> None:
         self.worker.stop()
         self.pool.close()
+
+
+def _transfer_summary(result: TransferResult | None) -> dict[str, Any]:
+    """What the scheduler learns of a transfer (``None``: the peer had no room)."""
+    if result is None:
+        return {"error": "the peer has no room"}
+    return {
+        "sent_blocks": result.sent_blocks,
+        "skipped_blocks": result.skipped_blocks,
+        "bytes": result.bytes,
+        "seconds": result.seconds,
+        "data_seconds": result.data_seconds,
+    }
 
 
 def make_app(instance: Instance, token: str | None = None) -> web.Application:

@@ -12,10 +12,12 @@ caches which prefix, and picks an instance by policy:
   them first (``transfer_with_insert``).
 
 Moving KV or recomputing it: a push, and (with ``link_aware``) a prefill -> decode handoff, happen
-only when ``blocks x block_bytes / bandwidth(src -> dst)`` is less than the prefill seconds they
-save by the cost model. Each link's bandwidth is learned from the transfers it carried (the
-configured ``bandwidth`` until then, and again once a figure is ``link_ttl_s`` old, so that a link
-that got faster is measured anew). Every such decision is kept in :attr:`Scheduler.decisions`.
+only when ``latency + blocks x block_bytes / bandwidth`` of the link ``src -> dst`` is less than
+what recomputing costs: the prefill seconds saved by the cost model, times the requests that
+recompute would stall (the target's requests in flight, whose steps wait for it, and this one).
+Each link's latency and bandwidth are learned from the transfers it carried (the configured
+``bandwidth`` and no latency until then, and again once a figure is ``link_ttl_s`` old, so that a
+link that got faster is measured anew). Every decision is kept in :attr:`Scheduler.decisions`.
 
 Faults: a request whose instance dies, stalls (no byte, not even a keep-alive, for
 ``stall_timeout_s``) or refuses it as busy is run again on another live instance of the role, at
@@ -102,7 +104,8 @@ class Counters:
 
 @dataclass
 class LinkEstimate:
-    bandwidth: float  # bytes per second, moving average of the transfers measured
+    bandwidth: float  # bytes per second of the data phase, moving average of the transfers measured
+    latency: float  # seconds a transfer costs besides its data (control round trips), moving average
     measured: float  # time.monotonic() of the last one
 
 
@@ -339,32 +342,34 @@ class Scheduler:
         self.trees[role].insert(target.name, tokens[:more], time.monotonic())
         return more
 
-    def link_bandwidth(self, src: str, dst: str) -> float:
-        """Bytes per second expected of the link ``src -> dst``."""
+    def link(self, src: str, dst: str) -> LinkEstimate:
+        """What the link ``src -> dst`` is expected to do (the prior while unmeasured or stale)."""
         link = self.links.get((src, dst))
         if link is None or time.monotonic() - link.measured > self.link_ttl_s:
-            return self.bandwidth
-        return link.bandwidth
+            return LinkEstimate(self.bandwidth, 0.0, 0.0)
+        return link
 
     def observe_link(self, src: str, dst: str, transfer: dict[str, Any]) -> None:
-        """Learn the link's bandwidth from one transfer's ``bytes`` and ``seconds`` (when it moved any)."""
+        """Learn the link from one transfer's ``bytes``, ``seconds`` and ``data_seconds`` (if it moved any)."""
         nbytes, seconds = transfer.get("bytes"), transfer.get("seconds")
         if not nbytes or not seconds or "error" in transfer:
             return
-        rate, now = float(nbytes) / float(seconds), time.monotonic()
+        data = float(transfer.get("data_seconds") or seconds)
+        rate, latency, now = float(nbytes) / data, max(float(seconds) - data, 0.0), time.monotonic()
         link = self.links.get((src, dst))
         if link is not None and now - link.measured <= self.link_ttl_s:
-            rate = 0.5 * link.bandwidth + 0.5 * rate
-        self.links[(src, dst)] = LinkEstimate(rate, now)
+            rate, latency = 0.5 * (link.bandwidth + rate), 0.5 * (link.latency + latency)
+        self.links[(src, dst)] = LinkEstimate(rate, latency, now)
 
     def _transfer_pays(
         self, kind: str, src: InstanceHandle, dst: InstanceHandle, n: int, have: int, more: int, blocks: int
     ) -> bool:
         """Whether sending ``blocks`` from ``src`` to ``dst`` (so that ``dst`` holds ``more`` of the ``n``
-        tokens instead of ``have``) is predicted faster than ``dst`` recomputing them; recorded."""
-        recompute = self.cost.exec(n, have / n) - self.cost.exec(n, more / n)
-        bandwidth = self.link_bandwidth(src.name, dst.name)
-        move = blocks * (src.block_bytes or self.block_bytes) / bandwidth
+        tokens instead of ``have``) is predicted cheaper than ``dst`` recomputing them; recorded."""
+        stalled = 1 + dst.inflight  # a recompute on dst delays every request it is running, and this one
+        recompute = (self.cost.exec(n, have / n) - self.cost.exec(n, more / n)) * stalled
+        link = self.link(src.name, dst.name)
+        move = (link.latency if blocks else 0.0) + blocks * (src.block_bytes or self.block_bytes) / link.bandwidth
         pays = move < recompute
         self.decisions.append(
             {
@@ -373,7 +378,9 @@ class Scheduler:
                 "dst": dst.name,
                 "tokens": n,
                 "blocks": blocks,
-                "bandwidth": bandwidth,
+                "bandwidth": link.bandwidth,
+                "latency": link.latency,
+                "stalled": stalled,
                 "move_s": move,
                 "recompute_s": recompute,
                 "transfer": pays,
