@@ -32,6 +32,11 @@ def _secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMSERVE_SECRET", "multihost-test-secret-0123456789")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _swept() -> None:
+    sweep()  # what an earlier run that was killed left behind
+
+
 def outputs(results: list[RequestResult]) -> list[tuple[int, ...]]:
     return [r.output for r in sorted(results, key=lambda r: (r.session, r.turn))]
 
