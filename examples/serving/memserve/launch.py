@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -83,7 +83,28 @@ def ready_info(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     raise RuntimeError("an instance did not become ready in time")
 
 
-class Cluster:
+class Managed:
+    """A context manager over ``start()`` and ``close()``: what a failed start made is closed too."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Cluster(Managed):
     """Instances (processes) + the scheduler's HTTP server (a thread of this process); a context manager."""
 
     def __init__(
@@ -132,17 +153,6 @@ class Cluster:
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
         self.scheduler: Scheduler | None = None
-
-    def __enter__(self) -> Cluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def names(self) -> list[str]:
@@ -229,6 +239,9 @@ class Cluster:
             ready.set()
         finally:
             self._loop.close()
+
+    def close(self) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """Stop the scheduler, then every instance (SIGTERM, then SIGKILL after 15 s)."""

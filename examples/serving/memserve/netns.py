@@ -30,7 +30,7 @@ from typing import Any
 
 from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
-from .launch import instance_command, ready_info, roles_for
+from .launch import Managed, instance_command, ready_info, roles_for
 from .stages import stage as stage_named
 
 _COUNT = itertools.count()
@@ -116,7 +116,7 @@ def sweep() -> list[str]:
     return gone + links
 
 
-class Hosts:
+class Hosts(Managed):
     """Named hosts (network namespaces) on one bridge; a context manager that removes them all."""
 
     def __init__(self, names: list[str]) -> None:
@@ -132,17 +132,6 @@ class Hosts:
         self.subnet = self._free_subnet()
         self.gateway = str(self.subnet.network_address + 254)
         self._made: list[str] = []  # namespaces made, for close()
-
-    def __enter__(self) -> Hosts:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @staticmethod
     def _free_subnet() -> ipaddress.IPv4Network:
@@ -245,7 +234,7 @@ def _signal_group(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
         pass
 
 
-class Deployment:
+class Deployment(Managed):
     """memserve across hosts: the scheduler on host ``scheduler``, each instance on a host of its
     own name, joined by address. A context manager; :attr:`url` is the OpenAI API's base URL."""
 
@@ -278,17 +267,6 @@ class Deployment:
         self.url = ""
         self.env = {**os.environ, SECRET_ENV: os.environ.get(SECRET_ENV) or os.urandom(16).hex()}
         self._procs: dict[str, subprocess.Popen[str]] = {}
-
-    def __enter__(self) -> Deployment:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         """Make the hosts, start the scheduler, then the instances; return once all joined."""
