@@ -266,3 +266,12 @@ def test_streamed_chunks_carry_every_token_and_the_same_text() -> None:
                     text += choice.get("text", "")
         assert ids == whole["token_ids"]  # no id lost while a character waited for its last byte
         assert text == whole["text"]
+
+
+def test_an_instance_refuses_a_wildcard_address() -> None:
+    from memserve.instance import InstanceConfig
+
+    for wildcard in ("0.0.0.0", "::"):  # peers and the scheduler are told this address: it must be reachable
+        with pytest.raises(ValueError, match="address others reach"):
+            InstanceConfig(name="a", host=wildcard)
+    assert InstanceConfig(name="a", host="10.0.0.2").host == "10.0.0.2"
