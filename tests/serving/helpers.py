@@ -80,10 +80,10 @@ def busy(url: str, role: str, key: str) -> str | None:
     return None
 
 
-def poll(probe: Callable[[], str | None], timeout: float = 30.0) -> str:
-    """Poll ``probe`` until it names something; that name."""
+def poll(probe: Callable[[], str | None], timeout: float = 30.0, why: Callable[[], Any] | None = None) -> str:
+    """Poll ``probe`` until it names something; that name (``why()``: what a failure reports)."""
     found: list[str] = []
-    assert wait_for(lambda: bool(found.append(probe() or "") or found[-1]), timeout)
+    assert wait_for(lambda: bool(found.append(probe() or "") or found[-1]), timeout), why() if why else None
     return found[-1]
 
 

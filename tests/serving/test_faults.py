@@ -97,7 +97,8 @@ def test_decode_killed_while_a_transfer_to_it_is_in_flight() -> None:
     """The prefill instance's handoff fails (PeerLostError), the request goes on another decode
     instance, which recomputes the prompt's KV: the client gets the fault-free tokens."""
     slow_send = {"segment_delay_s": 0.5, "chunk_bytes": 1}  # one block per message, 0.5 s apart
-    with Cluster("pd-caching-1", prefill=1, decode=2, faults={"prefill-0": slow_send}, **SMALL) as c:
+    # link_aware off: the slowed link would otherwise teach the scheduler to recompute instead of moving
+    with Cluster("pd-caching-1", prefill=1, decode=2, faults={"prefill-0": slow_send}, link_aware=False, **SMALL) as c:
         body = {"prompt": list(range(300, 364)), **GREEDY}  # 64 tokens: a 4-message transfer
         reference = post_ok(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]
         results: list[tuple[int, dict[str, Any]]] = []

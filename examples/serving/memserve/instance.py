@@ -211,6 +211,7 @@ class Instance:
             **queues,
             "pool": self.pool.stats(),
             "transport_stats": self.pool.transport_stats(),
+            "peers": sorted(self.pool.peers()),
             "counters": dict(self.counters),
             "prefill_samples": self.prefill_samples[-256:],
             "removed": self.take_removed(),

@@ -148,6 +148,7 @@ class Scheduler:
         self.vocab_size = 0  # the smallest model vocabulary among the instances
         self._ids = itertools.count()
         self._session: aiohttp.ClientSession | None = None
+        self._joining = asyncio.Lock()
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.observers: list[Any] = []  # callables(event: dict) for metrics
 
@@ -164,7 +165,13 @@ class Scheduler:
 
     # -- instances -----------------------------------------------------------------------------
     async def register(self, info: dict[str, Any]) -> InstanceHandle:
-        """Add an instance and open transfer links between it and every other instance, both ways."""
+        """Add an instance and open transfer links between it and every other instance, both ways.
+
+        One at a time: two instances joining at once would each miss the other."""
+        async with self._joining:
+            return await self._register(info)
+
+    async def _register(self, info: dict[str, Any]) -> InstanceHandle:
         handle = InstanceHandle(
             str(info["name"]),
             str(info["role"]),
@@ -521,6 +528,7 @@ class Scheduler:
         when what was streamed already ends the phase (``box`` then holds its summary); raises
         ``exc`` when the attempts are used up."""
         tried.add(inst.name)
+        logging.getLogger(__name__).warning("a request on %s failed after %d tokens: %s", inst.name, len(output), exc)
         reason = self._finish_reason(output, params, max_tokens)
         if reason is not None:  # the instance died after the last token, before its summary
             box["summary"] = {"finish_reason": reason}
