@@ -4,7 +4,7 @@ Each host is a network namespace with its own loopback and one veth pair into a 
 root namespace, holding an address of a private /24; the bridge holds ``.254`` of it, so this
 process reaches every host. :meth:`Hosts.cut` takes a host's bridge port down (``ip link set
 ... down``), a network partition; :meth:`Hosts.restore` heals it. Everything made is named after
-the process that made it (``ms<pid>-<n>...``) and removed by :meth:`Hosts.close`, processes
+the process that made it (``msv<pid>-<n>...``) and removed by :meth:`Hosts.close`, processes
 first; :func:`sweep` removes what a process that died without closing left behind.
 
 :class:`Deployment` runs memserve on such hosts: the scheduler on one, each instance on its own,
@@ -34,7 +34,8 @@ from .launch import Managed, instance_command, ready_info, roles_for
 from .stages import stage as stage_named
 
 _COUNT = itertools.count()
-_NAME = re.compile(r"^ms([0-9a-z]+)-")
+# msv<pid, base 36>-<n, base 36> then: b (the bridge), p<i> / h<i> (veth ends), -<host> (a namespace)
+_NAME = re.compile(r"^msv([0-9a-z]{1,5})-[0-9a-z]{1,2}(b|[ph][0-9]{1,3}|-[a-z0-9-]+)$")
 
 
 def _b36(n: int) -> str:
@@ -62,7 +63,7 @@ def unavailable() -> str | None:
         return "iproute2 ('ip') is not installed"
     if os.geteuid() != 0:
         return "making network namespaces needs root"
-    probe = f"ms{_b36(os.getpid())}-probe"
+    probe = f"msv{_b36(os.getpid())}-0-probe"
     done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=30)
     if done.returncode:
         return f"'ip netns add' failed: {done.stderr.strip()}"
@@ -102,7 +103,8 @@ def _kill_netns(ns: str) -> None:
 
 def leftovers(tag: str) -> list[str]:
     """The namespaces and links named with ``tag`` (:attr:`Hosts.tag`) that exist."""
-    return [n for n in _netns_names() + _link_names() if n.startswith(tag)]
+    mine = re.compile(re.escape(tag) + r"(b|[ph][0-9]{1,3}|-.+)")
+    return [n for n in _netns_names() + _link_names() if mine.fullmatch(n)]
 
 
 def sweep() -> list[str]:
@@ -124,7 +126,7 @@ class Hosts(Managed):
             raise ValueError(f"host names must be distinct, lowercase letters, digits and '-', got {names}")
         if len(names) > 200:
             raise ValueError("at most 200 hosts")
-        self.tag = f"ms{_b36(os.getpid())}-{_b36(next(_COUNT))}"
+        self.tag = f"msv{_b36(os.getpid())}-{_b36(next(_COUNT) % 1296)}"
         self.names = list(names)
         self.bridge = f"{self.tag}b"
         self._index = {n: i for i, n in enumerate(names)}
