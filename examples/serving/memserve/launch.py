@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Any, Self
 
 from aiohttp import web
@@ -83,14 +84,16 @@ def ready_info(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     raise RuntimeError("an instance did not become ready in time")
 
 
-class Managed:
+class Managed(ABC):
     """A context manager over ``start()`` and ``close()``: what a failed start made is closed too."""
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Bring everything up."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Take down whatever exists, also after a partial start."""
 
     def __enter__(self) -> Self:
         try:
