@@ -290,6 +290,9 @@ def test_release_twice_is_a_lock_underflow(pool: MemPool) -> None:
         [1, "a", 3, 4],
         torch.tensor([1.0, 2.0, 3.0, 4.0]),
         np.array([True, False, True, False]),
+        np.array([3, -1, 2, 4], dtype=np.int32),  # the native int32 fast path checks the sign
+        np.array([[1, 2], [3, 4]], dtype=np.int32),
+        np.array([1, 2, 3, 2**31], dtype=np.int64),
     ],
 )
 def test_bad_tokens_raise_and_change_nothing(pool: MemPool, bad: object) -> None:

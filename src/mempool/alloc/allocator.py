@@ -121,7 +121,7 @@ class BlockAllocator:
             if lo < 0 or hi >= self.capacity:
                 bad = lo if lo < 0 else hi
                 raise InvalidBlockError(f"block id {bad} is outside {self.tier.value} tier [0, {self.capacity})")
-        if n and held and not self._refs[ids].all():
+        if n and held and np.count_nonzero(self._refs[ids]) != n:
             free = ids[self._refs[ids] == 0]
             raise BlockNotAllocatedError(f"{self.tier.value} blocks {free[:8].tolist()} are not allocated")
         return ids

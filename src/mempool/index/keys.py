@@ -20,6 +20,8 @@ __all__ = ["MAX_TOKEN", "TOKEN_BYTES", "decode_key", "encode_tokens"]
 
 TOKEN_BYTES = 4
 MAX_TOKEN = 2**31 - 1
+_INT32 = np.dtype(np.int32)
+_MIN = np.minimum.reduce
 
 
 def encode_tokens(tokens: Any) -> bytes:
@@ -33,6 +35,10 @@ def encode_tokens(tokens: Any) -> bytes:
     Complexity: O(n) in C (a Python list converts at ~13 ns per token, an array at ~1 ns).
     """
     if type(tokens) is np.ndarray:  # the engine's usual form: skip the other checks
+        if tokens.dtype is _INT32 and tokens.ndim == 1:  # native int32: only the sign to check
+            if tokens.size and _MIN(tokens) < 0:
+                raise InvalidTokensError("token ids must be in [0, 2**31), got a negative id")
+            return tokens.tobytes()
         arr = tokens
     elif isinstance(tokens, (list, tuple, range)):
         # array('i') converts in C and refuses floats, strings and ints beyond int32 by itself.

@@ -121,14 +121,17 @@ class RadixIndex:
             return 0
         key = key[: nb * self._tb]
         segs, pos = self._walk(self._roots.get(namespace), key, nb)
-        attach_tier = "device" if tier is Tier.DEVICE else "host"
-        parts = [ids[p : p + m] for node, m, p in segs if getattr(node, attach_tier) is None]
+        on_device = tier is Tier.DEVICE
+        # positions whose node lacks a copy on this tier take the caller's blocks as that copy
+        bare = [(node, m, p) for node, m, p in segs if (node.device if on_device else node.host) is None]
+        parts = [ids[p : p + m] for _, m, p in bare]
         fresh = ids[pos:] if not parts else np.concatenate((*parts, ids[pos:]))
         if fresh.size:
-            if self._where[tier][fresh].any():
+            # count_nonzero: a C call, where .any()/.all() go through numpy's Python wrappers
+            if np.count_nonzero(self._where[tier][fresh]):
                 taken = fresh[self._where[tier][fresh] != 0]
                 raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
-            if not (fresh[1:] > fresh[:-1]).all() and np.unique(fresh).size != fresh.size:
+            if np.count_nonzero(fresh[1:] <= fresh[:-1]) and np.unique(fresh).size != fresh.size:
                 raise BlockInUseError("the same block is given for two positions")
         # -- validated: mutations below cannot fail --
         self._clock += 1
@@ -137,26 +140,28 @@ class RadixIndex:
             root = self._roots[namespace] = Node(self._next_uid(), None, b"", 0, self._clock)
         if segs:
             node, m, p = segs[-1]
-            if m < node.nblocks and (pos < nb or getattr(node, attach_tier) is None):
-                segs[-1] = (self._split(node, m), m, p)
+            if m < node.nblocks and (pos < nb or (bare and bare[-1][0] is node)):
+                segs[-1] = head = (self._split(node, m), m, p)
+                if bare and bare[-1][0] is node:
+                    bare[-1] = head
+        if fresh.size:  # the index's references to every block it takes, in one call
+            self._alloc_of(tier)._retain(fresh)
         added = 0
-        for node, m, p in segs:
-            if getattr(node, attach_tier) is None:
-                self._attach(node, tier, ids[p : p + m], adopt=False)
-                added += m
+        for node, m, p in bare:
+            self._attach(node, tier, ids[p : p + m])
+            added += m
         parent = segs[-1][0] if segs else root
         touched = [node for node, _, _ in segs]
         if pos < nb:
             leaf = self._new_node(parent, key[pos * self._tb :], nb - pos)
             parent.children[key[pos * self._tb : (pos + 1) * self._tb]] = leaf
-            self._attach(leaf, tier, ids[pos:], adopt=False)
+            self._attach(leaf, tier, ids[pos:])
             added += nb - pos
             touched.append(leaf)
-        for node in touched:
+        for node in touched:  # the parent is among them (or is the root, never a candidate)
             node.stamp = self._clock
             if node.dev_children == 0 or node.host is not None:  # else it cannot be a candidate
                 self._offer(node)
-        self._offer(parent)
         self.counters["inserted"] += added
         return added
 
@@ -236,7 +241,7 @@ class RadixIndex:
         self._mover(Tier.HOST, src, Tier.DEVICE, got.ids)
         off = 0
         for node in todo:  # top first, so device residency stays prefix-closed
-            self._attach(node, Tier.DEVICE, got.ids[off : off + node.nblocks], adopt=True)
+            self._attach(node, Tier.DEVICE, got.ids[off : off + node.nblocks])
             off += node.nblocks
             self._offer(node)
         self.counters["promoted"] += need
@@ -358,8 +363,10 @@ class RadixIndex:
             if child is None:
                 break
             edge = child.key
-            seg = key[pos * tb : pos * tb + len(edge)]
-            m = child.nblocks if seg == edge else common_prefix_tokens(edge, seg) // bs
+            if key.startswith(edge, pos * tb):  # compares in place: no copy of the key's slice
+                m = child.nblocks
+            else:
+                m = common_prefix_tokens(edge, key[pos * tb : pos * tb + len(edge)]) // bs
             segs.append((child, m, pos))
             pos += m
             if m < child.nblocks:
@@ -417,12 +424,8 @@ class RadixIndex:
         if node.host is not None:
             self._host_heap.offer(node)
 
-    def _attach(self, node: Node, tier: Tier, ids: IdArray, *, adopt: bool) -> None:
-        """Make ``ids`` the node's copy on ``tier``; ``adopt`` takes over the caller's reference."""
-        if not adopt:  # ids were validated as held and distinct by the caller
-            alloc = self._alloc[tier]
-            assert alloc is not None
-            alloc._retain(ids)
+    def _attach(self, node: Node, tier: Tier, ids: IdArray) -> None:
+        """Make ``ids`` the node's copy on ``tier``, taking over one reference the caller holds to each."""
         if tier is Tier.DEVICE:
             assert node.device is None, node
             node.device = ids
@@ -485,7 +488,7 @@ class RadixIndex:
             if got is not None:
                 assert node.device is not None
                 self._mover(Tier.DEVICE, node.device, Tier.HOST, got.ids)
-                self._attach(node, Tier.HOST, got.ids, adopt=True)
+                self._attach(node, Tier.HOST, got.ids)
         if node.host is not None:
             self.counters["demoted"] += k
             return self._detach(node, Tier.DEVICE)
