@@ -94,7 +94,7 @@ class Engine:
         *,
         stop_ids: Iterable[int] = (),
     ) -> None:
-        self.model = model
+        self.model = model.pack()  # the first request must not pay for it
         self.config = config = config or EngineConfig()
         self._owns_pool = pool is None
         self.pool = pool or MemPool(config.pool_config(model))
