@@ -10,6 +10,7 @@ import torch
 
 from mempool.errors import InvalidArgumentError
 from memserve import Engine, SamplingParams
+from memserve.sampling import argmax_rows
 
 from .conftest import assert_no_leaks, make_prompts, reference, run
 
@@ -226,3 +227,13 @@ def test_a_running_prefill_is_reusable_at_once(make_engine: Callable[..., Engine
     ]
     assert got == want
     assert_no_leaks(engine)
+
+
+def test_greedy_argmax_agrees_with_torch_on_ties_and_nans() -> None:
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    x[1, 10] = x[1, 500] = x[1].max() + 1  # a tie: the first wins
+    x[2, 7] = x[2, 9] = float("nan")  # a NaN counts as the maximum
+    x[3] = 0.0
+    x[4] = float("-inf")
+    assert argmax_rows(x) == x.argmax(-1).tolist() == [int(x[0].argmax()), 10, 7, 0, 0]
+    assert argmax_rows(x[1:2]) == [10]
