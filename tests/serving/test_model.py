@@ -46,13 +46,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str) -> None:
+def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str, pack: bool) -> None:
     kind, overrides = CASES[case]
     hf = save_hf(tmp_path, kind, **overrides)
     ours = load_pretrained(tmp_path)
     prompts = make_prompts([7, 33, 90], vocab=SMALL_HF["vocab_size"], seed=3)
-    engine = Engine(ours, EngineConfig(block_size=8, device_blocks=64, host_blocks=0, caching=False))
+    config = EngineConfig(block_size=8, device_blocks=64, host_blocks=0, caching=False, pack_weights=pack)
+    engine = Engine(ours, config)
+    assert (ours.lm_head._packed is not None) == (pack and ours.lm_head.weight.device.type == "cpu")
     steps = 12
     tokens, logits = run(engine, prompts, SamplingParams(max_tokens=steps, ignore_eos=True, return_logits=True))
     for prompt, got_tokens, got_logits in zip(prompts, tokens, logits):
@@ -62,6 +65,21 @@ def test_logits_and_greedy_match_transformers(tmp_path: Path, case: str) -> None
         rel = (got_logits - ref).norm(dim=-1) / ref.norm(dim=-1)
         assert rel.max().item() < 1e-4, (case, rel.max().item())
         assert ref.argmax(-1).tolist() == got_tokens  # HF's greedy choice at every step
+    engine.close()
+
+
+def test_packed_weights_follow_an_in_place_change(tmp_path: Path) -> None:
+    """A weight written in place (as loading a checkpoint does) is what the next step multiplies by."""
+    save_hf(tmp_path)
+    ours = load_pretrained(tmp_path)
+    prompt = make_prompts([12], vocab=SMALL_HF["vocab_size"], seed=4)[0]
+    params = SamplingParams(max_tokens=1, ignore_eos=True, return_logits=True)
+    engine = Engine(ours, EngineConfig(block_size=4, device_blocks=64, host_blocks=0, caching=False))
+    before = run(engine, [prompt], params)[1][0]
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(-1.0)
+    after = run(engine, [prompt], params)[1][0]
+    torch.testing.assert_close(after, -before, rtol=1e-5, atol=1e-5)
     engine.close()
 
 

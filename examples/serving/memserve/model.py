@@ -23,22 +23,32 @@ _PACK_FOR_ROWS = 16  # oneDNN picks a packed layout for this many input rows; an
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that, on CPU in float32, multiplies by a oneDNN-packed copy of its weight.
+    """``nn.Linear`` that, once packed (:meth:`pack`), multiplies on CPU in float32 by a
+    oneDNN-packed copy of its weight.
 
     Measured on a 2-core AVX-512 VM against ``F.linear`` (MKL): the 128k x 512 vocabulary
     projection takes 3.7 vs 17 ms for one row and 8 vs 27 ms for 16, the layers' projections
     about half as long at 16 rows and up; a row's result is the same (to a few ulps) whatever
-    else is in its call. The packed copy is built by :meth:`pack` or the first call, and rebuilt
+    else is in its call. The price is a second copy of the weight in memory. The copy is rebuilt
     when the weight changes (new storage or an in-place write, e.g. loading a checkpoint); it is
-    not part of the state dict. Elsewhere (CUDA, other dtypes): ``F.linear``.
+    not part of the state dict. Unpacked, or elsewhere (CUDA, other dtypes): ``F.linear``.
     """
 
+    _packing = False
     _packed: tuple[tuple[int, int], Any] | None = None
 
-    def pack(self) -> Any | None:
-        """The packed weight, built now if missing or stale; ``None`` where ``F.linear`` is used."""
+    def pack(self, enabled: bool = True) -> None:
+        """Use (and build now) the packed copy, or with ``enabled=False`` drop it."""
+        self._packing = enabled
+        if enabled:
+            self._current()
+        else:
+            self._packed = None
+
+    def _current(self) -> Any | None:
+        """The packed weight, rebuilt if stale; ``None`` where ``F.linear`` is used."""
         w = self.weight
-        if not _ONEDNN or w.device.type != "cpu" or w.dtype != torch.float32:
+        if not (self._packing and _ONEDNN and w.device.type == "cpu" and w.dtype == torch.float32):
             return None
         key = (w.data_ptr(), w._version)
         if self._packed is None or self._packed[0] != key:
@@ -46,7 +56,7 @@ class Linear(nn.Linear):
         return self._packed[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.pack() if x.dtype == torch.float32 else None
+        packed = self._current() if x.dtype == torch.float32 else None
         if packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
@@ -166,12 +176,13 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def pack(self) -> LlamaModel:
-        """Build the CPU linears' packed weights now, not on the first step (~0.5 s for the
-        default model's vocabulary projection). The engine calls it."""
+    def pack(self, enabled: bool = True) -> LlamaModel:
+        """Run the CPU float32 linears on oneDNN-packed weight copies (see :class:`Linear`),
+        built now (~0.5 s for the default model); ``enabled=False`` drops them. The engine calls
+        it per ``EngineConfig.pack_weights``."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.pack(enabled)
         return self
 
     def init_random(self, seed: int | None = None) -> LlamaModel:
