@@ -237,3 +237,4 @@ def test_greedy_argmax_agrees_with_torch_on_ties_and_nans() -> None:
     x[4] = float("-inf")
     assert argmax_rows(x) == x.argmax(-1).tolist() == [int(x[0].argmax()), 10, 7, 0, 0]
     assert argmax_rows(x[1:2]) == [10]
+    assert argmax_rows(x[:2].bfloat16()) == x[:2].bfloat16().argmax(-1).tolist()  # numpy has no bfloat16
