@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mempool.alloc import storage as storage_mod
-from mempool.alloc.storage import KVStorage, copy_blocks
+from mempool.alloc.storage import KVStorage, copy_blocks, gather_view
 from mempool.config import KVLayout
 from mempool.errors import LayoutMismatchError
 
@@ -37,6 +37,21 @@ def test_layer_views_share_storage() -> None:
     v[3, 1, 1, 3] = -9.0
     assert s.tensor[3, 1, 0, 0, 0, 0] == -7.0 and s.tensor[3, 1, 1, 1, 1, 3] == -9.0
     assert s.layer(2).data_ptr() == s.tensor[:, 2].data_ptr()
+
+
+@pytest.mark.parametrize("table", [[5], [9, 2, 3, 15], [[1, 4, 4], [0, 15, 7]]])
+def test_gather_view_picks_blocks_of_a_layer_view(table: list[int] | list[list[int]]) -> None:
+    s = make()
+    ids = torch.tensor(table)
+    for view in (s.keys(2), s.values(0), s.layer(1)):
+        want = view[ids]
+        assert torch.equal(gather_view(view, ids), want)
+        buf = torch.full((want.numel() + 5,), -1.0)
+        got = gather_view(view, ids, buf)
+        assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()  # written into the buffer
+        assert (buf[want.numel() :] == -1).all()  # and nothing past it
+    with pytest.raises(ValueError, match="contiguous blocks"):
+        gather_view(s.keys(0).transpose(1, 2), ids)
 
 
 def test_new_storage_is_zeroed() -> None:

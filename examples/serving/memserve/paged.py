@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mempool.alloc import gather_view
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -107,17 +109,6 @@ class Workspace:
         return buf[:numel]
 
 
-def _gather(cache: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``cache[table]`` for a strided ``[blocks, block_size, kv_heads, dim]`` view, into ``out``.
-
-    Each block of one layer's K (or V) is contiguous, so a row gather over the flattened view
-    copies block by block (advanced indexing of the strided view copies element by element, ~10x slower).
-    """
-    rows = out.view(table.numel(), -1)
-    torch.index_select(cache.flatten(1), 0, table.flatten(), out=rows)
-    return rows.view(*table.shape, *cache.shape[1:])
-
-
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, step: StepInput, ws: Workspace
 ) -> torch.Tensor:
@@ -137,8 +128,8 @@ def paged_attention(
     kbuf = ws.get("k", step.tables.numel() * per_block, kc.dtype, kc.device)
     vbuf = ws.get("v", step.tables.numel() * per_block, vc.dtype, vc.device)
     if step.decode_mask is not None:  # one new token per sequence: one batched SDPA call
-        keys = _gather(kc, step.tables, kbuf).flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, kv_heads, S, D]
-        values = _gather(vc, step.tables, vbuf).flatten(1, 2).transpose(1, 2).to(q.dtype)
+        keys = gather_view(kc, step.tables, kbuf).flatten(1, 2).transpose(1, 2).to(q.dtype)  # [B, kv_heads, S, D]
+        values = gather_view(vc, step.tables, vbuf).flatten(1, 2).transpose(1, 2).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.view(t, heads, 1, dim), keys, values, attn_mask=step.decode_mask, enable_gqa=True
         )
@@ -149,9 +140,9 @@ def paged_attention(
         table = step.tables[i, :nb]
         # 4-D operands: torch's CPU flash kernel only takes [batch, heads, len, dim]
         keys = (
-            _gather(kc, table, kbuf[: nb * per_block]).flatten(0, 1)[:ctx].transpose(0, 1)[None].to(q.dtype)
+            gather_view(kc, table, kbuf).flatten(0, 1)[:ctx].transpose(0, 1)[None].to(q.dtype)
         )  # [1, kv_heads, ctx, D]
-        values = _gather(vc, table, vbuf[: nb * per_block]).flatten(0, 1)[:ctx].transpose(0, 1)[None].to(q.dtype)
+        values = gather_view(vc, table, vbuf).flatten(0, 1)[:ctx].transpose(0, 1)[None].to(q.dtype)
         query = q[first : first + n].transpose(0, 1)[None]  # [1, heads, n, D]
         if n == ctx:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)

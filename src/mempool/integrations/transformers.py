@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mempool.alloc import gather_view
 from mempool.config import PoolConfig
 from mempool.errors import BackendUnavailableError, InvalidArgumentError, OutOfBlocksError
 from mempool.index.match import Match
@@ -152,8 +153,8 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         values[block, offset] = value_states[0].transpose(0, 1)
         self.length = end
         used = index[: -(-end // t.block_size)]
-        k = keys[used].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
-        v = values[used].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        k = gather_view(keys, used).flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        v = gather_view(values, used).flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
         return k, v
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
