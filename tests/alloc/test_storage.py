@@ -9,7 +9,7 @@ import torch
 from mempool.alloc import storage as storage_mod
 from mempool.alloc.storage import KVStorage, copy_blocks, gather_view
 from mempool.config import KVLayout
-from mempool.errors import LayoutMismatchError
+from mempool.errors import InvalidArgumentError, LayoutMismatchError
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32")
 
@@ -50,7 +50,7 @@ def test_gather_view_picks_blocks_of_a_layer_view(table: list[int] | list[list[i
         got = gather_view(view, ids, buf)
         assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()  # written into the buffer
         assert (buf[want.numel() :] == -1).all()  # and nothing past it
-    with pytest.raises(ValueError, match="contiguous blocks"):
+    with pytest.raises(InvalidArgumentError, match="contiguous blocks"):
         gather_view(s.keys(0).transpose(1, 2), ids)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mempool.config import KVLayout
-from mempool.errors import LayoutMismatchError
+from mempool.errors import InvalidArgumentError, LayoutMismatchError
 from mempool.types import IdArray
 
 __all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks", "gather_view"]
@@ -114,9 +114,12 @@ def gather_view(view: torch.Tensor, table: torch.Tensor, out: torch.Tensor | Non
     It copies block by block (indexing the strided view copies element by element, ~3x slower).
     ``out``, if given, is a buffer of ``view``'s dtype with at least that many elements, which the
     result then occupies (from its start).
+
+    Raises:
+        InvalidArgumentError: ``view`` is not blocks-first with each block contiguous.
     """
     if view.dim() < 2 or (len(view) > 0 and not view[0].is_contiguous()):
-        raise ValueError(f"needs a blocks-first view with contiguous blocks, got strides {view.stride()}")
+        raise InvalidArgumentError(f"needs a blocks-first view with contiguous blocks, got strides {view.stride()}")
     rows = view.flatten(1)
     index = table.flatten()
     if out is None:
