@@ -47,6 +47,10 @@ class EngineConfig:
     # CPU float32: linears on oneDNN-packed weight copies (decode at batch 16 ~2x faster, prefill
     # ~1.7x), at the cost of a second copy of those weights in memory; see memserve.model.Linear
     pack_weights: bool = True
+    # CPU float32 with int8 dot products: a greedy request's token comes from an int8 screen of the
+    # vocabulary projection plus a float32 recheck of the few candidates (the float32 argmax, a
+    # quarter of the bytes read); needs pack_weights. See memserve.model.Linear.argmax
+    screen_greedy: bool = True
 
     def __post_init__(self) -> None:
         if self.preemption not in PREEMPTION_MODES:
@@ -98,7 +102,8 @@ class Engine:
         stop_ids: Iterable[int] = (),
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.model = model.pack(config.pack_weights)  # now: the first request must not pay for it
+        # now: the first request must not pay for it
+        self.model = model.pack(config.pack_weights, screen=config.screen_greedy)
         self._owns_pool = pool is None
         self.pool = pool or MemPool(config.pool_config(model))
         if self.pool.config.layout != config.pool_config(model).layout:
@@ -327,9 +332,7 @@ class Engine:
         batch = self.in_step = list(batch)  # finished sequences leave self.running while we walk the batch
         chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
         step = StepInput.build(chunks, self.block_size, self.model.device)
-        logits = self.model(step, self.pool.kv(Tier.DEVICE))
-        gens = [None if s.generator is None else reseed(s.generator, s.seed, len(s.output)) for s in batch]
-        tokens = sample_batch(logits, [s.params for s in batch], gens)
+        tokens, logits = self._pick(batch, self.model(step, self.pool.kv(Tier.DEVICE), hidden_only=True))
         outputs = []
         now = None
         for i, (seq, token) in enumerate(zip(batch, tokens)):
@@ -338,7 +341,7 @@ class Engine:
             if self.config.caching and len(chunks[i].tokens) > 1:
                 self._cache(seq)  # a prefill's whole blocks are reusable now, by requests running beside it
             seq.tokens.append(token)
-            row = logits[i].clone() if seq.params.return_logits else None
+            row = logits[i]
             if row is not None:
                 seq.logits.append(row)
             if seq.metrics.first_token is None:
@@ -350,6 +353,28 @@ class Engine:
             outputs.append(RequestOutput(seq.id, [token], reason is not None, reason, seq.metrics, row))
         self.in_step = []
         return outputs
+
+    def _pick(self, batch: list[Sequence], hidden: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Each sequence's next token, and its logits row where it asked for them. Greedy rows that
+        want no logits take the model's greedy pick (no full vocabulary projection); the rest are
+        sampled from their logits."""
+        tokens: list[int] = [0] * len(batch)
+        rows: list[torch.Tensor | None] = [None] * len(batch)
+        wants = [s.params.return_logits or not s.params.greedy for s in batch]
+        full = [i for i, want in enumerate(wants) if want]
+        picks = [i for i, want in enumerate(wants) if not want]
+        if picks:
+            for i, token in zip(picks, self.model.greedy(hidden[picks] if full else hidden)):
+                tokens[i] = token
+        if full:
+            logits = self.model.logits(hidden[full])
+            seqs = [batch[i] for i in full]
+            gens = [None if s.generator is None else reseed(s.generator, s.seed, len(s.output)) for s in seqs]
+            for j, (i, token) in enumerate(zip(full, sample_batch(logits, [s.params for s in seqs], gens))):
+                tokens[i] = token
+                if batch[i].params.return_logits:
+                    rows[i] = logits[j].clone()
+        return tokens, rows
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if not seq.params.ignore_eos and (token in self.stop_ids or token in seq.params.stop_token_ids):
