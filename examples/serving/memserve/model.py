@@ -134,19 +134,22 @@ class Linear(nn.Linear):
             + screen.l2 * torch.linalg.vector_norm(scaled - levels, dim=1)
             + tiny
         )
-        floor = approx.amax(dim=1) - 2 * (1.001 * bound + 1e-30)
-        whole = ~torch.isfinite(floor) | ~(peak[:, 0] * screen.l1 < 1e30)  # no overflow anywhere
         blocks = approx.view(n, -1, _SCREEN_BLOCK)
-        sel = (blocks.amax(dim=2) >= floor[:, None]).nonzero()  # (row, block) pairs that hold candidates
+        block_max = blocks.amax(dim=2)
+        floor = block_max.amax(dim=1) - 2 * (1.001 * bound + 1e-30)
+        whole = ~torch.isfinite(floor) | ~(peak[:, 0] * screen.l1 < 1e30)  # no overflow anywhere
+        sel = (block_max >= floor[:, None]).nonzero()  # (row, block) pairs that hold candidates
         whole |= torch.bincount(sel[:, 0], minlength=n) > _MAX_CANDIDATES
         sel = sel[~whole[sel[:, 0]]]
-        hit = (blocks[sel[:, 0], sel[:, 1]] >= floor[sel[:, 0], None]).nonzero()
+        picked = blocks.reshape(-1, _SCREEN_BLOCK).index_select(0, sel[:, 0] * blocks.shape[1] + sel[:, 1])
+        hit = (picked >= floor[sel[:, 0], None]).nonzero()
         row_of, col = sel[hit[:, 0], 0], sel[hit[:, 0], 1] * _SCREEN_BLOCK + hit[:, 1]
         counts = torch.bincount(row_of, minlength=n)
         whole |= (counts > _MAX_CANDIDATES) | (counts == 0)  # none: cannot happen, but never guess
         keep = ~whole[row_of]
         row_of, col = row_of[keep], col[keep]
-        exact = (self.weight.detach()[col] * rows[row_of]).sum(dim=1)
+        # every candidate against every row (a small matmul), then each candidate's own row
+        exact = (self.weight.detach().index_select(0, col) @ rows.T).gather(1, row_of[:, None])[:, 0]
         best = torch.full((n,), float("-inf")).scatter_reduce(0, row_of, exact, "amax")
         first = torch.where(exact == best[row_of], col, self.out_features)
         out: list[int] = torch.full((n,), self.out_features).scatter_reduce(0, row_of, first, "amin").tolist()
