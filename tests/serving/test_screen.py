@@ -11,7 +11,7 @@ from memserve import Engine, SamplingParams
 from memserve.model import _INT8_DOT, _MAX_CANDIDATES, Linear, _Screen
 from memserve.sampling import argmax_rows
 
-from .conftest import make_prompts
+from .conftest import assert_no_leaks, make_prompts, reference, run
 
 
 def screened(weight: torch.Tensor) -> Linear:
@@ -145,3 +145,22 @@ def test_engine_tokens_are_the_same_with_and_without_the_screen(make_engine: Cal
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     outputs = [make_engine(screen_greedy=on).generate(prompts, params) for on in (True, False)]
     assert outputs[0] == outputs[1]
+
+
+def test_screened_tokens_equal_full_recompute_in_every_mode(tiny_model, make_engine: Callable[..., Engine]) -> None:
+    """Cached prefix, prefix swapped to the host and back, mixed batch: greedy tokens picked by the
+    screen (no logits asked) equal a full recompute's float32 argmax (logits asked: no screen)."""
+    n = 8
+    screen_only = SamplingParams(max_tokens=n, ignore_eos=True)
+    first, second = make_prompts([44, 50], shared=40, seed=4)
+    want = reference(tiny_model, second, n)[0]
+    engine = make_engine(caching=True)
+    if _INT8_DOT:
+        assert tiny_model.lm_head._screen() is not None  # the picks below really are screened
+    run(engine, [first], screen_only)
+    assert run(engine, [second], screen_only)[0] == [want]  # over the cached prefix
+    assert engine.pool.evict(engine.pool.stats()["device"]["cached"]) > 0  # demoted to the host tier
+    assert run(engine, [second], screen_only)[0] == [want]  # promoted back
+    prompts = make_prompts([3, 17, 40, 9], seed=5)
+    assert run(engine, prompts, screen_only)[0] == [reference(tiny_model, p, n)[0] for p in prompts]  # one batch
+    assert_no_leaks(engine)

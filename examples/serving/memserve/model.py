@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .paged import StepInput, Workspace, paged_attention
+from .sampling import argmax_rows
 
 # oneDNN's prepacked-weight linear: the op torch's own CPU compiler emits for frozen linears
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -96,8 +97,6 @@ class Linear(nn.Linear):
         ``_MAX_CANDIDATES`` outputs pass, or magnitudes near float32's range), as is every row of
         an input that is not all finite.
         """
-        from .sampling import argmax_rows
-
         rows = x.reshape(-1, x.shape[-1])
         screen = self._screen() if rows.dtype == torch.float32 and len(rows) else None
         if screen is None or not bool(torch.isfinite(rows).all()):
