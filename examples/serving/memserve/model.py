@@ -269,16 +269,18 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_layer: torch.Tensor,
+        kv: torch.Tensor,
+        layer: int,
         step: StepInput,
         ws: Workspace,
+        in_place: bool = True,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], dim=-1)
         q = _rotate(q.view(t, self.heads, self.dim), cos, sin)
         k = _rotate(k.view(t, self.kv_heads, self.dim), cos, sin)
-        return self.o_proj(paged_attention(q, k, v.view(t, self.kv_heads, self.dim), kv_layer, step, ws))
+        return self.o_proj(paged_attention(q, k, v.view(t, self.kv_heads, self.dim), kv, layer, step, ws, in_place))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -370,17 +372,25 @@ class LlamaModel(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, step: StepInput, kv: torch.Tensor, *, all_logits: bool = False, hidden_only: bool = False
+        self,
+        step: StepInput,
+        kv: torch.Tensor,
+        *,
+        all_logits: bool = False,
+        hidden_only: bool = False,
+        in_place: bool = True,
     ) -> torch.Tensor:
         """Run ``step``; returns float32 logits ``[sequences, vocab]`` (``[tokens, vocab]`` if
         ``all_logits``), or with ``hidden_only`` the final (normalised) hidden states those logits
-        come from, ``[sequences, hidden]``: what :meth:`logits` and :meth:`greedy` take."""
+        come from, ``[sequences, hidden]``: what :meth:`logits` and :meth:`greedy` take.
+        ``in_place``: decode attention reads the blocks in place where it can (see
+        :func:`memserve.paged.paged_attention`)."""
         x = self.embed_tokens(step.input_ids)
         cos, sin = self.rope(step.positions)
         layers: list[DecoderLayer] = list(self.layers)  # type: ignore[arg-type]
         for i, layer in enumerate(layers):
             h = layer.input_layernorm(x)
-            x = x + layer.self_attn(h, cos, sin, kv[:, i], step, self.workspace)
+            x = x + layer.self_attn(h, cos, sin, kv, i, step, self.workspace, in_place)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if not all_logits:
             x = x[step.last]

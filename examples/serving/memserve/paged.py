@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from mempool.alloc import gather_view
 
+from .cpu_attention import decode_attention
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -45,6 +47,7 @@ class StepInput:
     last: torch.Tensor  # [B] index into T of each sequence's last token
     spans: tuple[tuple[int, int, int], ...]  # per sequence: (first index into T, new tokens, context length)
     tables: torch.Tensor  # [B, max_blocks] padded block tables (padding repeats a real block, masked out)
+    context_lens: torch.Tensor  # [B] int64: each sequence's context after the step (its new tokens included)
     decode_mask: torch.Tensor | None  # [B, 1, 1, S] when every sequence has exactly one new token
 
     @property
@@ -88,6 +91,7 @@ class StepInput:
             last=as_t(offsets[1:] - 1),
             spans=tuple(zip(offsets[:-1].tolist(), lens.tolist(), ctx.tolist())),
             tables=as_t(tables),
+            context_lens=as_t(ctx),
             decode_mask=decode_mask,
         )
 
@@ -110,20 +114,34 @@ class Workspace:
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, step: StepInput, ws: Workspace
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    step: StepInput,
+    ws: Workspace,
+    in_place: bool = True,
 ) -> torch.Tensor:
-    """Write ``k``/``v`` into their slots of ``kv_layer``, then attend over each sequence's context.
+    """Write ``k``/``v`` into their slots of ``layer`` in ``kv``, then attend over each sequence's context.
 
     Args:
         q: ``[T, heads, head_dim]``; k, v: ``[T, kv_heads, head_dim]`` (RoPE applied).
-        kv_layer: one layer of the pool's KV, ``[num_blocks, 2, block_size, kv_heads, head_dim]``.
+        kv: the pool's KV, ``[num_blocks, layers, 2, block_size, kv_heads, head_dim]``.
+        in_place: a decode step (one new token per sequence) reads its context straight from the
+            blocks where :mod:`memserve.cpu_attention` can serve; ``False``: always gather + SDPA.
     Returns:
         ``[T, heads * head_dim]`` in ``q``'s dtype.
     """
+    kv_layer = kv[:, layer]
     kc, vc = kv_layer[:, 0], kv_layer[:, 1]
     kc[step.slot_blocks, step.slot_offsets] = k.to(kc.dtype)
     vc[step.slot_blocks, step.slot_offsets] = v.to(vc.dtype)
     t, heads, dim = q.shape
+    if in_place and step.decode_mask is not None:  # one new token per sequence: read the blocks in place
+        out = decode_attention(q, kv, layer, step.tables, step.context_lens)
+        if out is not None:
+            return out
     per_block = kc[0].numel()
     kbuf = ws.get("k", step.tables.numel() * per_block, kc.dtype, kc.device)
     vbuf = ws.get("v", step.tables.numel() * per_block, vc.dtype, vc.device)
