@@ -277,9 +277,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], dim=-1)
-        q = _rotate(q.view(t, self.heads, self.dim), cos, sin)
-        k = _rotate(k.view(t, self.kv_heads, self.dim), cos, sin)
+        qk, v = qkv.split([(self.heads + self.kv_heads) * self.dim, self.kv_heads * self.dim], dim=-1)
+        # q and k side by side: one rotation for both (elementwise, so the same values)
+        q, k = _rotate(qk.view(t, self.heads + self.kv_heads, self.dim), cos, sin).split([self.heads, self.kv_heads], 1)
         return self.o_proj(paged_attention(q, k, v.view(t, self.kv_heads, self.dim), kv, layer, step, ws, in_place))
 
 
