@@ -77,8 +77,9 @@ def test_prefill_vs_transformers(report: Any, models: tuple[LlamaModel, Any], n:
 
 
 def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]) -> None:
-    """Decode steps at batch 1 and 16: ours (greedy screen on, the default, and off: a second copy of
-    the model, since the screen is the model's) and HF's, in turns of 5 consecutive steps of each
+    """Decode steps at batch 1 and 16: ours (the defaults; with the greedy screen off: a second copy
+    of the model, since the screen is the model's; with decode attention through gather + SDPA
+    instead of the in-place kernel) and HF's, in turns of 5 consecutive steps of each
     (6 rounds), so that every figure spans the same stretch of this shared machine's time. The
     first step of a turn refills caches the others evicted (a serving engine runs its steps back
     to back) and is not counted: each figure is the median of 24 steps."""
@@ -86,14 +87,18 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
     unscreened = LlamaModel(ours.config)
     unscreened.load_state_dict(ours.state_dict())
     batches = (1, 16)
-    kinds = {"ours": (ours, True), "ours_no_screen": (unscreened, False)}
+    kinds = {
+        "ours": (ours, {}),
+        "ours_no_screen": (unscreened, {"screen_greedy": False}),
+        "ours_sdpa": (ours, {"decode_kernel": False}),
+    }
     engines, steps = [], {}
     for batch in batches:
         prompts = torch.randint(
             0, ours.config.vocab_size, (batch, DECODE_CONTEXT), generator=torch.Generator().manual_seed(batch)
         )
-        for who, (model, screen) in kinds.items():
-            engine = engine_for(model, caching=False, max_running=batch, screen_greedy=screen)
+        for who, (model, switches) in kinds.items():
+            engine = engine_for(model, caching=False, max_running=batch, **switches)
             engines.append(engine)
             for p in prompts.tolist():
                 engine.add_request(p, SamplingParams(max_tokens=64, ignore_eos=True))
@@ -114,7 +119,8 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
     report.note(
         "engine_decode",
         f"seconds per decode step at context ~{DECODE_CONTEXT} (medians of 24 steps in interleaved turns); "
-        "x_batch1 = step / batch-1 step; no_screen: EngineConfig(screen_greedy=False)",
+        "x_batch1 = step / batch-1 step; no_screen: EngineConfig(screen_greedy=False); "
+        "gather_sdpa: EngineConfig(decode_kernel=False)",
     )
     for b in batches:
         report.add(
@@ -122,10 +128,12 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
             batch=b,
             memserve=med["ours", b],
             memserve_no_screen=med["ours_no_screen", b],
+            memserve_gather_sdpa=med["ours_sdpa", b],
             hf_eager=med["hf", b],
             speedup=med["hf", b] / med["ours", b],
             memserve_x_batch1=med["ours", b] / med["ours", 1],
             no_screen_x_batch1=med["ours_no_screen", b] / med["ours_no_screen", 1],
+            gather_sdpa_x_batch1=med["ours_sdpa", b] / med["ours_sdpa", 1],
             hf_x_batch1=med["hf", b] / med["hf", 1],
         )
     for engine in engines:
