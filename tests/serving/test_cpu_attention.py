@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -136,3 +137,26 @@ def test_engine_tokens_and_logits_with_and_without_the_kernel(
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_threads_may_call_it_at_once() -> None:
+    """Engines on separate threads (one per worker) run the kernel concurrently: every call gives
+    the bits a lone call gives."""
+    q, _, _, pool, step = decode_step(8, 4, 64, 16, [40, 7, 123, 16, 64, 3])
+    want = decode_attention(q, pool, 1, step.tables, step.context_lens)
+    assert want is not None
+    errors: list[str] = []
+
+    def hammer(rows: slice) -> None:
+        for _ in range(40):
+            got = decode_attention(q[rows], pool, 1, step.tables[rows], step.context_lens[rows])
+            if got is None or not torch.equal(got, want[rows]):
+                errors.append(f"rows {rows}: differs")
+
+    threads = [threading.Thread(target=hammer, args=(rows,)) for rows in (slice(0, 6), slice(0, 1), slice(2, 6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
