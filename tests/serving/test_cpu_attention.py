@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memserve import SamplingParams, paged
 from memserve.cpu_attention import available, decode_attention
@@ -57,6 +59,25 @@ def test_kernel_equals_gather_and_sdpa(heads: int, kv_heads: int, dim: int, bloc
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # and through paged_attention's own dispatch
     torch.testing.assert_close(paged_attention(q, k, v, pool, 1, step, Workspace()), got, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kv_heads=st.integers(1, 4),
+    group=st.sampled_from([1, 2, 3, 4]),
+    dim=st.sampled_from([4, 8, 16, 64]),
+    block=st.integers(1, 17),
+    lens=st.lists(st.integers(1, 70), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_gather_and_sdpa_on_random_shapes(
+    kv_heads: int, group: int, dim: int, block: int, lens: list[int], seed: int
+) -> None:
+    q, k, v, pool, step = decode_step(kv_heads * group, kv_heads, dim, block, lens, seed=seed)
+    want = paged_attention(q, k, v, pool, 2, step, Workspace(), in_place=False)
+    got = decode_attention(q, pool, 2, step.tables, step.context_lens)
+    assert got is not None
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
