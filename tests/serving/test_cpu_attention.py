@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mempool.errors import InvalidArgumentError
 from memserve import SamplingParams, paged
 from memserve.cpu_attention import available, decode_attention
 from memserve.paged import Chunk, StepInput, Workspace, paged_attention
@@ -105,9 +106,9 @@ def test_out_of_range_input_is_refused(break_it: Any) -> None:
     q, _, _, pool, step = decode_step(4, 2, 8, 4, [5, 9])
     before = pool.clone()
     tables, lens = break_it(step.tables.clone(), step.context_lens.clone(), pool)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InvalidArgumentError, match="out of range"):
         decode_attention(q, pool, 0, tables, lens)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(InvalidArgumentError, match="out of range"):
         decode_attention(q, pool, 3, step.tables, step.context_lens)  # a layer past the pool's
     assert torch.equal(pool, before)
 

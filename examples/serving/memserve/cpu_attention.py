@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mempool.errors import InvalidArgumentError
+
 _kernels: tuple[Any, Any] = (None, None)  # tasks of one KV head, tasks of a whole sequence
 _threads = 1  # numba's thread pool size
 _ready: bool | None = None  # None: not tried yet
@@ -140,6 +142,9 @@ def decode_attention(
         tables: ``[B, width]`` block tables; lens: ``[B]`` context lengths (new token included).
     Returns:
         ``[B, heads * head_dim]``.
+    Raises:
+        InvalidArgumentError: shapes that do not fit, or block ids, a layer or context lengths
+            outside the pool or the tables (nothing is read or written).
     """
     if not (
         q.device.type == kv.device.type == "cpu"
@@ -166,7 +171,7 @@ def decode_attention(
         and 1 <= n.min()
         and n.max() <= tab.shape[1] * block
     ):
-        raise ValueError("decode_attention: shapes, block ids or context lengths out of range")
+        raise InvalidArgumentError("decode_attention: shapes, block ids or context lengths out of range")
     threads = max(1, min(torch.get_num_threads(), _threads))
     numba.set_num_threads(threads)
     # a task a sequence streams each block row once; a task a KV head keeps every thread busy on
