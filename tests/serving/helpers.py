@@ -55,7 +55,10 @@ def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
 
     def idle() -> bool:
         stats = get(f"{url}/admin/stats")
-        return not any(i["running"] or i["waiting"] or i["held"] or i["swapped"] for i in stats["instances"].values())
+        queues = any(i["running"] or i["waiting"] or i["held"] or i["swapped"] for i in stats["instances"].values())
+        # the API's count too: a request between its prefill's handoff and its decode's start is on
+        # no instance's queue for a moment
+        return not queues and stats["inflight"] == 0
 
     assert wait_for(idle, timeout), get(f"{url}/admin/stats")["instances"]
     stats: dict[str, Any] = get(f"{url}/admin/stats?check=1")

@@ -386,6 +386,9 @@ def make_app(
             {
                 "stage": scheduler.stage.name,
                 "policy": scheduler.policy,
+                # completions under way: between a prefill's handoff and its decode's start no
+                # instance holds the request, but it is still counted here
+                "inflight": inflight[0],
                 "counters": c.__dict__,
                 "members": {
                     i.name: {"role": i.role, "url": i.url, "alive": i.alive, "incarnation": i.incarnation}
