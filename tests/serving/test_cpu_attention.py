@@ -91,6 +91,53 @@ def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
         assert alone is not None and torch.equal(alone[0], batched[i])
 
 
+def test_its_exponential_is_float32_exact_to_2_ulp() -> None:
+    """The kernel's vectorisable exp against float64's, over softmax's whole range (x <= 0), at
+    the edge of float32's normal range, and on -inf and NaN."""
+    import numba
+    import numpy as np
+
+    from memserve._attend_numba import _exp
+
+    @numba.njit  # type: ignore[misc]
+    def each(x: Any, out: Any) -> None:
+        for i in range(x.shape[0]):
+            out[i] = _exp(x[i])
+
+    x = np.concatenate(
+        [-np.geomspace(1e-8, 87, 200_001), np.linspace(-87, 0, 100_001), [0.0, -0.0, -86.99, -87.0, -87.01]]
+    ).astype(np.float32)
+    got = np.empty_like(x)
+    each(x, got)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    inside = x > -87
+    assert (np.abs(got[inside] - want[inside]) <= 2 * ulp[inside]).all()
+    assert (got[~inside] == 0).all()  # under float32's normal range: 0 (a softmax sums to >= 1)
+    edge = np.array([-np.inf, np.nan, -1e30], np.float32)
+    out = np.empty_like(edge)
+    each(edge, out)
+    assert out[0] == 0 and np.isnan(out[1]) and out[2] == 0
+
+
+def test_a_nan_in_one_sequence_stays_in_that_sequence() -> None:
+    """A NaN in a sequence's K or V makes what it feeds NaN (never a plausible number): a K
+    element every output of the query heads reading it, a V element their outputs' same element.
+    Everything else keeps its bits."""
+    q, _, _, pool, step = decode_step(8, 4, 64, 16, [40, 7, 33])
+    clean = decode_attention(q, pool, 1, step.tables, step.context_lens)
+    assert clean is not None
+    for part in (0, 1):  # K, then V
+        dirty = pool.clone()
+        dirty[int(step.tables[1, 0]), 1, part, 3, 2, 5] = float("nan")  # sequence 1, token 3, KV head 2
+        got = decode_attention(q, dirty, 1, step.tables, step.context_lens)
+        assert got is not None
+        hit = torch.zeros(3, 8, 64, dtype=torch.bool)
+        hit[1, 4:6, slice(None) if part == 0 else 5] = True  # query heads 4 and 5 read KV head 2
+        assert torch.isnan(got.view(3, 8, 64)[hit]).all()
+        assert torch.equal(got.view(3, 8, 64)[~hit], clean.view(3, 8, 64)[~hit])
+
+
 @pytest.mark.parametrize(
     "break_it",
     [
