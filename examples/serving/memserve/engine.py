@@ -53,7 +53,7 @@ class EngineConfig:
     # quarter of the bytes read); needs pack_weights. See memserve.model.Linear.argmax
     screen_greedy: bool = True
     # CPU float32: decode attention reads each sequence's K/V straight from its blocks (a numba
-    # kernel, memserve.cpu_attention) instead of gathering them for SDPA (batch-16 steps 5-20%
+    # kernel, memserve.cpu_attention) instead of gathering them for SDPA (batch-16 steps 7-14%
     # faster); off, or where the kernel cannot serve: gather + SDPA
     decode_kernel: bool = True
 
