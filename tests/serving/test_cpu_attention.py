@@ -91,15 +91,16 @@ def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
         assert alone is not None and torch.equal(alone[0], batched[i])
 
 
-def test_its_exponential_is_float32_exact_to_2_ulp() -> None:
+def test_its_exponential_is_within_5_ulp() -> None:
     """The kernel's vectorisable exp against float64's, over softmax's whole range (x <= 0), at
-    the edge of float32's normal range, and on -inf and NaN."""
+    the edge of float32's normal range, and on -inf and NaN; compiled with the kernel's fastmath
+    flags (an inlined function takes its caller's)."""
     import numba
     import numpy as np
 
-    from memserve._attend_numba import _exp
+    from memserve._attend_numba import FASTMATH, _exp
 
-    @numba.njit  # type: ignore[misc]
+    @numba.njit(fastmath=FASTMATH)  # type: ignore[misc]
     def each(x: Any, out: Any) -> None:
         for i in range(x.shape[0]):
             out[i] = _exp(x[i])
@@ -112,7 +113,7 @@ def test_its_exponential_is_float32_exact_to_2_ulp() -> None:
     want = np.exp(x.astype(np.float64))
     ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
     inside = x > -87
-    assert (np.abs(got[inside] - want[inside]) <= 2 * ulp[inside]).all()
+    assert (np.abs(got[inside] - want[inside]) <= 5 * ulp[inside]).all()  # 4.4 at most, near -86
     assert (got[~inside] == 0).all()  # under float32's normal range: 0 (a softmax sums to >= 1)
     edge = np.array([-np.inf, np.nan, -1e30], np.float32)
     out = np.empty_like(edge)

@@ -15,8 +15,10 @@ FASTMATH = {"reassoc", "nsz", "contract"}
 
 @numba.njit(inline="always", fastmath=FASTMATH)  # type: ignore[misc]
 def _exp(x: Any) -> Any:
-    """``exp(x)`` in float32 for ``x <= 0`` within 2 ulp, in operations LLVM vectorises (libm's
-    ``expf`` is a scalar call); NaN stays NaN, below -87 (under float32's normal range) gives 0."""
+    """``exp(x)`` in float32 for ``x <= 0`` in operations LLVM vectorises (libm's ``expf`` is a
+    scalar call); NaN stays NaN, below -87 (under float32's normal range) gives 0. Inlined, it
+    takes the kernel's fastmath flags, whose reassociation merges the two-part reduction: within
+    5 ulp of the exact value (sampled: 4.4 at most, near -86)."""
     c = x if x > np.float32(-87.0) else np.float32(-87.0)  # NaN and -inf: a value fptosi may take
     k = np.float32(math.floor(c * np.float32(1.4426950408889634) + np.float32(0.5)))
     f = c - k * np.float32(0.693145751953125)  # Cody-Waite: ln 2 in two parts
