@@ -15,9 +15,13 @@ Moving KV or recomputing it: a push, and (with ``link_aware``) a prefill -> deco
 only when ``latency + blocks x block_bytes / bandwidth`` of the link ``src -> dst`` is less than
 what recomputing costs: the prefill seconds saved by the cost model, times the requests that
 recompute would stall (the target's requests in flight, whose steps wait for it, and this one).
-Each link's latency and bandwidth are learned from the transfers it carried (the configured
-``bandwidth`` and no latency until then, and again once a figure is ``link_ttl_s`` old, so that a
-link that got faster is measured anew). Every decision is kept in :attr:`Scheduler.decisions`.
+Each link's latency and bandwidth are learned from the transfers it carried: the least latency
+and the best bandwidth of its last ``LINK_SAMPLES`` (a delay only ever adds time, so one transfer
+that waited on a busy core does not make the link look slow; a link that did slow down is seen
+once its faster transfers leave the window). Until a link has carried two transfers within
+``link_ttl_s`` (one could be that slow one) it is taken to have the configured ``bandwidth`` and
+no latency; so a link that got faster is measured anew once its figures are that old. Every
+decision is kept in :attr:`Scheduler.decisions`.
 
 Faults: a request whose instance dies, stalls (no byte, not even a keep-alive, for
 ``stall_timeout_s``) or refuses it as busy is run again on another live instance of the role, at
@@ -36,7 +40,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,11 +106,21 @@ class Counters:
     by_instance: dict[str, int] = field(default_factory=dict)
 
 
+LINK_SAMPLES = 8  # transfers a link's estimate looks back over
+LINK_MIN_SAMPLES = 2  # transfers a link must have carried before its estimate is used
+
+
 @dataclass
 class LinkEstimate:
-    bandwidth: float  # bytes per second of the data phase, moving average of the transfers measured
-    latency: float  # seconds a transfer costs besides its data (control round trips), moving average
+    bandwidth: float  # bytes per second of the data phase: the best of the recent transfers
+    latency: float  # seconds a transfer costs besides its data (control round trips): the least of them
     measured: float  # time.monotonic() of the last one
+
+
+def _estimate(samples: Iterable[tuple[float, float, float]]) -> LinkEstimate:
+    """The best bandwidth and the least latency of ``(when, bandwidth, latency)`` samples, oldest first."""
+    rows = list(samples)
+    return LinkEstimate(max(r[1] for r in rows), min(r[2] for r in rows), rows[-1][0])
 
 
 class Scheduler:
@@ -140,6 +154,7 @@ class Scheduler:
         self.block_bytes, self.bandwidth = block_bytes, bandwidth
         self.link_aware, self.link_ttl_s = link_aware, link_ttl_s
         self.links: dict[tuple[str, str], LinkEstimate] = {}
+        self._link_samples: dict[tuple[str, str], deque[tuple[float, float, float]]] = {}  # (when, rate, latency)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # transfer-or-recompute, newest last
         self.stall_timeout_s, self.attempts = stall_timeout_s, attempts
         self.stop_ids: set[int] = set()  # every instance's tokenizer stop ids
@@ -201,6 +216,7 @@ class Scheduler:
             self.mark_down(old, "replaced by a new incarnation")
             handle.incarnation = old.incarnation + 1
             self.links = {k: v for k, v in self.links.items() if handle.name not in k}
+            self._link_samples = {k: v for k, v in self._link_samples.items() if handle.name not in k}
         self.instances[handle.name] = handle
         if info.get("capacity_tokens"):
             cap = int(info["capacity_tokens"])
@@ -350,23 +366,27 @@ class Scheduler:
         return more
 
     def link(self, src: str, dst: str) -> LinkEstimate:
-        """What the link ``src -> dst`` is expected to do (the prior while unmeasured or stale)."""
-        link = self.links.get((src, dst))
-        if link is None or time.monotonic() - link.measured > self.link_ttl_s:
+        """What the link ``src -> dst`` is expected to do (the prior while measured fewer than
+        ``LINK_MIN_SAMPLES`` times within ``link_ttl_s``)."""
+        now = time.monotonic()
+        fresh = [x for x in self._link_samples.get((src, dst), ()) if now - x[0] <= self.link_ttl_s]
+        if len(fresh) < LINK_MIN_SAMPLES:
             return LinkEstimate(self.bandwidth, 0.0, 0.0)
-        return link
+        return _estimate(fresh)
 
     def observe_link(self, src: str, dst: str, transfer: dict[str, Any]) -> None:
-        """Learn the link from one transfer's ``bytes``, ``seconds`` and ``data_seconds`` (if it moved any)."""
+        """Learn the link from one transfer's ``bytes``, ``seconds`` and ``data_seconds`` (if it moved
+        any); :attr:`links` shows what its last ``LINK_SAMPLES`` measured."""
         nbytes, seconds = transfer.get("bytes"), transfer.get("seconds")
         if not nbytes or not seconds or "error" in transfer:
             return
         data = float(transfer.get("data_seconds") or seconds)
-        rate, latency, now = float(nbytes) / data, max(float(seconds) - data, 0.0), time.monotonic()
-        link = self.links.get((src, dst))
-        if link is not None and now - link.measured <= self.link_ttl_s:
-            rate, latency = 0.5 * (link.bandwidth + rate), 0.5 * (link.latency + latency)
-        self.links[(src, dst)] = LinkEstimate(rate, latency, now)
+        now = time.monotonic()
+        samples = self._link_samples.setdefault((src, dst), deque(maxlen=LINK_SAMPLES))
+        while samples and now - samples[0][0] > self.link_ttl_s:
+            samples.popleft()
+        samples.append((now, float(nbytes) / data, max(float(seconds) - data, 0.0)))
+        self.links[(src, dst)] = _estimate(samples)
 
     def _transfer_pays(
         self, kind: str, src: InstanceHandle, dst: InstanceHandle, n: int, have: int, more: int, blocks: int
