@@ -3,7 +3,7 @@
 The model is ``a + b*u + c*u*L`` with ``u = L * (1 - f)`` uncached tokens: a fixed step cost, the
 per-token cost of the projections, and attention of each new token over the whole context.
 Instances report ``(prompt_len, cached_tokens, seconds)`` for every prefill; the scheduler refits
-by least squares (non-negative coefficients) once it has enough distinct samples.
+by least squares with non-negative coefficients once it has enough distinct samples.
 
 >>> m = CostModel()
 >>> for n in (64, 256, 512, 1024):
@@ -14,6 +14,7 @@ by least squares (non-negative coefficients) once it has enough distinct samples
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import numpy as np
@@ -38,9 +39,31 @@ class CostModel:
         if len({(p, c) for p, c, _ in self._samples}) >= self.min_samples:
             x = np.stack([self._features(p, c) for p, c, _ in self._samples])
             y = np.array([s for _, _, s in self._samples])
-            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-            self.coef = np.maximum(coef, 0.0)
+            self.coef = nonnegative_lstsq(x, y)
 
     def exec(self, prompt_len: int, cached_fraction: float) -> float:
         """Predicted prefill seconds for a prompt of ``prompt_len`` tokens, ``cached_fraction`` cached."""
         return float(self._features(prompt_len, prompt_len * cached_fraction) @ self.coef)
+
+
+def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``argmin |x c - y|`` over ``c >= 0``, exactly, for a few columns.
+
+    The optimum is the plain least-squares fit on its own support (the columns where it is
+    positive), so every support is tried and the best fit that is non-negative wins: 2^k - 1
+    small fits for k columns (7 here). Clipping the unconstrained fit's negative coefficients to
+    0, as this model did before, leaves the others fitted to a term that is gone.
+    """
+    cols = x.shape[1]
+    best, best_sq = np.zeros(cols), float(y @ y)
+    for size in range(1, cols + 1):
+        for support in itertools.combinations(range(cols), size):
+            part, *_ = np.linalg.lstsq(x[:, support], y, rcond=None)
+            if (part < 0).any():
+                continue
+            coef = np.zeros(cols)
+            coef[list(support)] = part
+            sq = float(np.sum((x @ coef - y) ** 2))
+            if sq < best_sq:
+                best, best_sq = coef, sq
+    return best
