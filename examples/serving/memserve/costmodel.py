@@ -52,7 +52,8 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     The optimum is the plain least-squares fit on its own support (the columns where it is
     positive), so every support is tried and the best fit that is non-negative wins: 2^k - 1
     small fits for k columns (7 here). Clipping the unconstrained fit's negative coefficients to
-    0, as this model did before, leaves the others fitted to a term that is gone.
+    0, as this model did before, leaves the others fitted to a term that is gone. (``scipy.optimize.nnls``
+    solves the general problem; scipy is no dependency of ours, and three columns need no more.)
     """
     cols = x.shape[1]
     best, best_sq = np.zeros(cols), float(y @ y)
