@@ -56,15 +56,18 @@ def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     solves the general problem; scipy is no dependency of ours, and three columns need no more.)
     """
     cols = x.shape[1]
+    norms = np.abs(x).max(axis=0)
+    norms[norms == 0] = 1.0
+    unit = x / norms  # columns of one scale (here 1, tokens and tokens^2): lstsq cuts none off as noise
     best, best_sq = np.zeros(cols), float(y @ y)
     for size in range(1, cols + 1):
         for support in itertools.combinations(range(cols), size):
-            part, *_ = np.linalg.lstsq(x[:, support], y, rcond=None)
+            part, *_ = np.linalg.lstsq(unit[:, support], y, rcond=None)
             if (part < 0).any():
                 continue
             coef = np.zeros(cols)
             coef[list(support)] = part
-            sq = float(np.sum((x @ coef - y) ** 2))
+            sq = float(np.sum((unit @ coef - y) ** 2))
             if sq < best_sq:
                 best, best_sq = coef, sq
-    return best
+    return best / norms
