@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from memserve.costmodel import CostModel
 from memserve.launch import Cluster
-from memserve.scheduler import LINK_SAMPLES, Scheduler
+from memserve.scheduler import LINK_SAMPLES, InstanceHandle, Scheduler
 from memserve.stages import stage
 
 from .helpers import drained, get, post_ok
@@ -45,7 +46,7 @@ def test_a_slow_link_turns_handoffs_into_recompute_as_the_cost_model_predicts() 
     decisions = handoffs(slow)
     assert [d["transfer"] for d in decisions] == [True, True] + [False] * (len(PROMPTS) - 2)
     for d in decisions:  # each decision is the cost model's comparison
-        assert d["transfer"] == (d["move_s"] < d["recompute_s"])
+        assert d["transfer"] == (d["blocks"] == 0 or d["move_s"] < d["recompute_s"])
         assert d["move_s"] == d["latency"] + d["blocks"] * 8192 / d["bandwidth"]
     learned = slow["links"]["prefill-0 -> decode-1"]["bandwidth"]
     assert RATE / 3 < learned < RATE * 1.5  # the measured link is about as slow as the cap
@@ -95,3 +96,19 @@ def test_one_slow_transfer_does_not_make_a_link_look_slow() -> None:
         assert estimate() == fast_figures
         sched.observe_link("prefill-0", "decode-1", slow)
     assert estimate() == slow_figures
+
+
+def test_a_handoff_with_no_block_to_move_is_never_a_recompute() -> None:
+    """A fit that puts per-token cost at 0 (prefills as long whatever their length, as on two
+    shared cores) predicts recomputing for free: a handoff of blocks then recomputes, but one with
+    none to move (decode caches them all) is sent, not counted as recomputed."""
+    sched = Scheduler(stage("pd-caching-2"))
+    sched.cost = CostModel(prior=(0.05, 0.0, 0.0))
+    prefill = InstanceHandle("prefill-0", "prefill", "http://127.0.0.1:1", ("127.0.0.1", 1), True, block_bytes=8192)
+    decode = InstanceHandle("decode-1", "decode", "http://127.0.0.1:2", ("127.0.0.1", 2), True, block_bytes=8192)
+    assert not sched._transfer_pays("handoff", prefill, decode, 64, 32, 64, 2)
+    assert sched._transfer_pays("handoff", prefill, decode, 64, 64, 64, 0)
+    assert [(d["blocks"], d["move_s"], d["recompute_s"], d["transfer"]) for d in sched.decisions] == [
+        (2, 2 * 8192 / 2e9, 0.0, False),
+        (0, 0.0, 0.0, True),
+    ]

@@ -12,8 +12,8 @@ caches which prefix, and picks an instance by policy:
   them first (``transfer_with_insert``).
 
 Moving KV or recomputing it: a push, and (with ``link_aware``) a prefill -> decode handoff, happen
-only when ``latency + blocks x block_bytes / bandwidth`` of the link ``src -> dst`` is less than
-what recomputing costs: the prefill seconds saved by the cost model, times the requests that
+(when there are blocks to move) only when ``latency + blocks x block_bytes / bandwidth`` of the
+link ``src -> dst`` is less than what recomputing costs: the prefill seconds saved by the cost model, times the requests that
 recompute would stall (the target's requests in flight, whose steps wait for it, and this one).
 Each link's latency and bandwidth are learned from the transfers it carried: the least latency
 and the best bandwidth of its last ``LINK_SAMPLES`` (a delay only ever adds time, so one transfer
@@ -397,7 +397,7 @@ class Scheduler:
         recompute = (self.cost.exec(n, have / n) - self.cost.exec(n, more / n)) * stalled
         link = self.link(src.name, dst.name)
         move = (link.latency if blocks else 0.0) + blocks * (src.block_bytes or self.block_bytes) / link.bandwidth
-        pays = move < recompute
+        pays = blocks == 0 or move < recompute  # nothing to move: no recompute, whatever the fit says
         self.decisions.append(
             {
                 "kind": kind,
