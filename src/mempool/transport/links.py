@@ -117,6 +117,34 @@ class _UcxLink:
             pass
 
 
+def _rearm_blocking_progress() -> None:
+    """Make ucxx's blocking progress mode re-arm the UCX worker after each wake-up.
+
+    UCX's wake-up protocol is: progress, ``ucp_worker_arm`` (retried while busy), wait on the
+    worker's fd, and again. ucxx 0.52's ``BlockingMode`` arms once; after the first event its fd
+    callback only progresses, the fd stays readable, and asyncio's loop calls it back-to-back:
+    a connected, idle process burns a whole core on its agent thread. Here the callback starts
+    the library's own arming task again once the last one has ended. Applied once per process;
+    left alone if ucxx no longer looks like that.
+    """
+    try:
+        from ucxx._lib_async import continuous_ucx_progress as progress  # type: ignore[import-untyped]
+    except ImportError:
+        return
+    mode: Any = getattr(progress, "BlockingMode", None)
+    if mode is None or getattr(mode, "_mempool_rearms", False) or not hasattr(mode, "_arm_worker"):
+        return
+
+    def fd_reader_callback(self: Any) -> None:
+        self.worker.progress()
+        task = getattr(self, "arm_task", None)
+        if task is None or task.done():
+            self.arm_task = self.event_loop.create_task(self._arm_worker())
+
+    mode._fd_reader_callback = fd_reader_callback
+    mode._mempool_rearms = True
+
+
 class UcxBackend:
     """ucxx endpoints with peer error handling on; shared memory allowed when configured."""
 
@@ -133,8 +161,9 @@ class UcxBackend:
             # there must present a conn_id from an authenticated handshake, or it is aborted.)
             options["NET_DEVICES"] = "lo"
         try:
-            # "blocking" wakes asyncio's own epoll on UCX events: ~30 us per round trip here,
-            # against ~250-450 us for the default progress thread, and no busy polling.
+            # "blocking" wakes asyncio's own epoll on UCX events (no progress thread between
+            # UCX and the loop); _rearm_blocking_progress keeps it from spinning.
+            _rearm_blocking_progress()
             self._ucxx.init(options=options, progress_mode="blocking")
         except RuntimeError:
             pass  # initialised already in this process (one UCX context per process)
