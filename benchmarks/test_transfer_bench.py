@@ -23,6 +23,8 @@ ROUNDS = 7
 CHUNK = None
 CONFIGS = [
     ("ucx", {"backend": "ucx", "ucx_shared_memory": True}),
+    # the receiver copies out of the sender's mapped tier; raw is still UCX's one message
+    ("ucx+pull", {"backend": "ucx", "ucx_shared_memory": True, "same_host_pull": True}),
     ("ucx-tcp", {"backend": "ucx", "ucx_shared_memory": False}),
     ("torch-gloo", {"backend": "torch"}),
 ]

@@ -175,6 +175,9 @@ class TransportConfig:
         heartbeat_s: interval of liveness probes on idle connections.
         ucx_shared_memory: let UCX use shared memory with peer-failure detection kept on
             (UCX ``MM_ERROR_HANDLING``); off means TCP only.
+        same_host_pull: offer this pool's CPU tiers to authenticated peers on the same host, and
+            map theirs, so that a receiver copies blocks straight out of the sender's tier (one
+            copy, one round trip; ``docs/transport.md``); off, every byte takes the data link.
     """
 
     name: str
@@ -187,6 +190,7 @@ class TransportConfig:
     chunk_bytes: int = 8 << 20
     heartbeat_s: float = 1.0
     ucx_shared_memory: bool = True
+    same_host_pull: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or len(self.name) > 128:
@@ -206,8 +210,9 @@ class TransportConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         _positive_int("chunk_bytes", self.chunk_bytes)
-        if not isinstance(self.ucx_shared_memory, bool):
-            raise ValueError(f"ucx_shared_memory must be a bool, got {self.ucx_shared_memory!r}")
+        for name in ("ucx_shared_memory", "same_host_pull"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:  # never print the secret
         return f"TransportConfig(name={self.name!r}, backend={self.backend!r}, host={self.host!r}, port={self.port})"

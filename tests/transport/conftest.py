@@ -25,12 +25,21 @@ BACKENDS = [
     pytest.param("ucx", marks=[pytest.mark.ucx, pytest.mark.skipif(not HAS_UCX, reason="needs the ucx extra (ucxx)")]),
     "torch",
 ]
+# How KV travels: each backend's data link, or the same-host pull (over the torch backend's
+# control plane; a pull moves no byte over the link). Peers take the data link unless a test
+# says ``same_host_pull=True``.
+PATHS = [*BACKENDS, "pull"]
+
+
+def path_config(path: str) -> dict[str, Any]:
+    """Peer options for one of :data:`PATHS`."""
+    return {"backend": "torch", "same_host_pull": True} if path == "pull" else {"backend": path}
 
 
 class PeerProcess:
     def __init__(self, name: str, **cfg: Any) -> None:
         self.name = name
-        conf = {"name": name, "secret": SECRET, "backend": "torch", "deadline_s": 10.0, **cfg}
+        conf = {"name": name, "secret": SECRET, "backend": "torch", "deadline_s": 10.0, "same_host_pull": False, **cfg}
         env = dict(
             os.environ,
             PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
@@ -96,6 +105,11 @@ class PeerProcess:
             time.sleep(0.1)
             state = self.ok("state")
         return state
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the peer process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def connect_to(self, other: PeerProcess) -> None:
         self.ok("connect", name=other.name, host=other.host, port=other.port)

@@ -45,6 +45,7 @@ class Peer:
                 "chunk_bytes",
                 "heartbeat_s",
                 "ucx_shared_memory",
+                "same_host_pull",
             )
             if k in cfg
         }
@@ -123,6 +124,10 @@ class Peer:
             assert pool._agent is not None
             pool._agent.segment_delay_s = float(cmd["seconds"])
             return {}
+        if op == "set_pull_delay":
+            assert pool._agent is not None
+            pool._agent.pull_delay_s = float(cmd["seconds"])
+            return {}
         if op == "state":
             pool.check_invariants()
             s = pool.stats()
@@ -170,6 +175,7 @@ class Peer:
                         "data_seconds": res.data_seconds,
                         "messages": res.messages,
                         "bytes": res.bytes,
+                        "pulled": res.pulled,
                     }
                 )
             return {"runs": out}
@@ -197,6 +203,7 @@ class Peer:
                 "bytes": res.bytes,
                 "messages": res.messages,
                 "seconds": res.seconds,
+                "pulled": res.pulled,
             }
         }
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.transport.conftest import BACKENDS
+from tests.transport.conftest import BACKENDS, HAS_UCX, PATHS, path_config
 
 B = 4  # block size of peer_proc's layout
 
@@ -15,17 +15,20 @@ def toks(n_blocks: int, start: int = 0) -> list[int]:
     return list(range(start, start + n_blocks * B))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("layout", ["run", "scattered"])
-def test_transfer_round_trips_bit_exact(spawn, backend: str, layout: str) -> None:
-    a = spawn("a", backend=backend, chunk_bytes=16 * 1024)
-    b = spawn("b", backend=backend)
+def test_transfer_round_trips_bit_exact(spawn, path: str, layout: str) -> None:
+    a = spawn("a", **path_config(path), chunk_bytes=16 * 1024)
+    b = spawn("b", **path_config(path))
     a.connect_to(b)
     sent = a.ok("alloc_fill", name="kv", n=40, layout=layout, seed=5)
     res = a.ok("send", peer="b", handle="kv", key="req-1")["result"]
     assert res["sent"] == 40 and res["skipped"] == 0 and res["bytes"] == 40 * 512
-    # messages follow runs and chunks (16 KiB = 32 blocks of 512 B), never one per block
-    assert res["messages"] <= 4
+    assert res["pulled"] == (path == "pull")
+    if path == "pull":  # the receiver copied out of the sender's tier: nothing on the link
+        assert res["messages"] == 0 and b.ok("state")["transport"]["pulled"] == 1
+    else:  # messages follow runs and chunks (16 KiB = 32 blocks of 512 B), never one per block
+        assert 1 <= res["messages"] <= 4
     got = b.ok("claim", key="req-1")
     assert got["claimed"] == 40 and got["digest"] == sent["digest"]
     assert b.ok("claim", key="req-1")["claimed"] is None  # claimed once
@@ -35,10 +38,10 @@ def test_transfer_round_trips_bit_exact(spawn, backend: str, layout: str) -> Non
     assert b.ok("state")["device_used"] == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_transfer_with_insert_sends_only_missing_blocks(spawn, backend: str) -> None:
-    prefill = spawn("prefill", backend=backend)
-    decode = spawn("decode", backend=backend)
+@pytest.mark.parametrize("path", PATHS)
+def test_transfer_with_insert_sends_only_missing_blocks(spawn, path: str) -> None:
+    prefill = spawn("prefill", **path_config(path))
+    decode = spawn("decode", **path_config(path))
     prefill.connect_to(decode)
     turn1 = [*toks(6), 999]  # 6 full blocks and a partial one
     kv1 = prefill.ok("alloc_fill", name="t1", n=6, seed=1)
@@ -54,7 +57,7 @@ def test_transfer_with_insert_sends_only_missing_blocks(spawn, backend: str) -> 
     prefill.ok("alloc_fill", name="t2", n=10, seed=2)
     res2 = prefill.ok("send_insert", peer="decode", tokens=turn2, handle="t2")["result"]
     assert (res2["sent"], res2["skipped"]) == (4, 6)
-    assert res2["bytes"] == 4 * 512
+    assert res2["bytes"] == 4 * 512 and res2["pulled"] == (path == "pull")
     assert decode.ok("match", tokens=turn2)["num_tokens"] == 40
     # the receiver's copy of the 4 new blocks is the sender's (the first 6 stay turn 1's)
     tail = decode.ok("match_tail", tokens=turn2, skip_blocks=6)
@@ -173,10 +176,10 @@ def test_restarted_peer_is_a_new_incarnation(spawn) -> None:
     assert a.ok("send", peer="b", handle="kv", key="again")["result"]["sent"] == 4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_concurrent_transfers_both_ways_stay_bit_exact(spawn, backend: str) -> None:
-    a = spawn("a", backend=backend, chunk_bytes=8 * 1024)
-    b = spawn("b", backend=backend, chunk_bytes=8 * 1024)
+@pytest.mark.parametrize("path", PATHS)
+def test_concurrent_transfers_both_ways_stay_bit_exact(spawn, path: str) -> None:
+    a = spawn("a", **path_config(path), chunk_bytes=8 * 1024)
+    b = spawn("b", **path_config(path), chunk_bytes=8 * 1024)
     a.connect_to(b)
     digests = {}
     N = 5  # with too few threads per process, gloo used to deadlock here until the deadline
@@ -237,6 +240,63 @@ def test_sender_giving_up_aborts_the_link_first(spawn, backend: str) -> None:
     state = b.wait_state(lambda s: s["device_used"] == 0 and not s["peers"])
     assert state["device_used"] == 0, state
     assert b.ok("claim", key="k")["claimed"] is None
+
+
+def test_receiver_killed_mid_pull_leaves_the_blocks_held_until_the_senders_deadline(spawn) -> None:
+    a = spawn("a", same_host_pull=True, deadline_s=5.0)
+    b = spawn("b", same_host_pull=True)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=16, seed=1)
+    b.ok("set_pull_delay", seconds=30.0)  # copied, not yet committed
+    a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
+    b.wait_state(lambda s: s["transport"]["receiving"] == 1)
+    b.kill()
+    out = a.call("wait", job="j", timeout=30)
+    assert out.get("error") == "PeerLostError", out
+    # b might have been copying still: the sender keeps its blocks until the deadline it gave
+    a.ok("free", handle="kv")
+    assert a.ok("state")["device_used"] == 16
+    state = a.wait_state(lambda s: s["device_used"] == 0)
+    assert state["device_used"] == 0, state
+
+
+def test_a_pull_that_ends_after_the_senders_deadline_is_discarded(spawn) -> None:
+    import signal
+
+    a = spawn("a", same_host_pull=True, deadline_s=1.5, heartbeat_s=0.25)
+    b = spawn("b", same_host_pull=True, deadline_s=10.0)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=16, seed=1)
+    b.ok("set_pull_delay", seconds=2.5)  # the copy is done; its commit comes after a's deadline
+    a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
+    b.wait_state(lambda s: s["transport"]["receiving"] == 1)
+    a.proc.send_signal(signal.SIGSTOP)  # a can neither give up nor drop the link: only b's check is left
+    try:
+        state = b.wait_state(lambda s: s["transport"]["receiving"] == 0)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    assert state["device_used"] == 0 and state["transport"]["pulled"] == 0 and state["peers"] == {}, state
+    assert b.ok("claim", key="k")["claimed"] is None
+    out = a.call("wait", job="j", timeout=30)
+    assert out.get("error") in ("PeerLostError", "TransferTimeoutError"), out
+    a.ok("free", handle="kv")
+    assert a.wait_state(lambda s: s["device_used"] == 0)["device_used"] == 0
+
+
+@pytest.mark.ucx
+@pytest.mark.skipif(not HAS_UCX, reason="needs the ucx extra (ucxx)")
+def test_connected_ucx_peers_sleep_when_idle(spawn) -> None:
+    # ucxx's blocking progress used to leave the worker's fd readable after its first event, so
+    # a connected peer's loop spun on it: a whole core per process, idle or not.
+    a = spawn("a", backend="ucx")
+    b = spawn("b", backend="ucx")
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=8, seed=1)
+    a.ok("send", peer="b", handle="kv", key="k")  # UCX has had events on both sides
+    before = [a.cpu_seconds(), b.cpu_seconds()]
+    time.sleep(2.0)
+    used = [p.cpu_seconds() - t for p, t in zip((a, b), before)]
+    assert max(used) < 0.5, used  # heartbeats only; a spinning loop takes ~2 s of CPU here
 
 
 def test_one_key_holds_one_receipt(spawn) -> None:

@@ -82,7 +82,7 @@ class InstanceConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     device: str = "cpu"
     max_waiting: int = 256  # requests queued before their prefill; past it new ones are refused (503)
-    ucx_shared_memory: bool = True  # off: KV to peers on this machine takes the network too
+    ucx_shared_memory: bool = True  # off: KV to peers on this machine takes the network too (no pull either)
     transfer_deadline_s: float = 30.0  # the longest one wait of a transfer may take (a lost peer)
 
     def __post_init__(self) -> None:
@@ -143,6 +143,7 @@ class Instance:
             host=config.host,
             deadline_s=config.transfer_deadline_s,
             ucx_shared_memory=config.ucx_shared_memory,
+            same_host_pull=config.ucx_shared_memory,  # both are "may KV skip the network on this host"
         )
         if faults.chunk_bytes:
             transport = replace(transport, chunk_bytes=faults.chunk_bytes)

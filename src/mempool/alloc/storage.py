@@ -13,11 +13,19 @@ Layout (one tensor per tier)::
 
 A run of adjacent blocks is one contiguous region, so moving it is one copy; a model reads a
 layer through a strided view without copying.
+
+On Linux a CPU tier that is not pinned lives in a memfd (shared memory with no name in any
+file system): an authenticated transfer peer on the same host may map it read-only and copy
+blocks straight out of it (``mempool.transport.mapped``). A process forked (without exec) from
+the pool's shares that memory instead of getting a copy of it.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -26,7 +34,7 @@ from mempool.config import KVLayout
 from mempool.errors import InvalidArgumentError, LayoutMismatchError
 from mempool.types import IdArray
 
-__all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks", "gather_view"]
+__all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks", "copy_rows", "gather_view"]
 
 # At most this many runs are copied one slice at a time; more go through one vectorised
 # index_select / index_copy_ (a slice copy costs a few microseconds of dispatch each).
@@ -58,7 +66,15 @@ class KVStorage:
         self.device = device
         shape = (num_blocks, *layout.block_shape)
         self.pinned = bool(pin and device.type == "cpu" and torch.cuda.is_available())
-        self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
+        #: what a peer on this host needs to map this tier (memfd, size, identity), or None
+        self.share_info: dict[str, int] | None = None
+        shared = None if device.type != "cpu" or self.pinned else _memfd_tensor(num_blocks * layout.block_bytes)
+        if shared is not None:
+            raw, self.share_info = shared
+            self.tensor = raw.view(layout.dtype).view(shape)  # type: ignore[arg-type]
+            weakref.finalize(self, os.close, self.share_info["fd"])  # peers find the memory by this fd
+        else:
+            self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
         # Write every page now: lazily zeroed memory would fault on first touch, inside a swap or
         # a transfer, at a fraction of memcpy speed.
         self.tensor.zero_()
@@ -131,6 +147,24 @@ def gather_view(view: torch.Tensor, table: torch.Tensor, out: torch.Tensor | Non
     return picked.view(*table.shape, *view.shape[1:])
 
 
+def _memfd_tensor(nbytes: int) -> tuple[torch.Tensor, dict[str, int]] | None:
+    """``nbytes`` of shared memory as a uint8 tensor, and how to find it; None where unsupported."""
+    if nbytes <= 0 or not hasattr(os, "memfd_create"):
+        return None
+    try:
+        fd = os.memfd_create("mempool-kv", os.MFD_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes)  # MAP_SHARED, read-write
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    return torch.frombuffer(buf, dtype=torch.uint8), {"fd": fd, "bytes": nbytes, "dev": st.st_dev, "ino": st.st_ino}
+
+
 def flat_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` (contiguous, blocks first) as ``[blocks, words]`` of the widest int dtype dividing a block."""
     rows = t.reshape(t.shape[0], -1).view(torch.uint8)
@@ -155,6 +189,16 @@ def copy_blocks(
     if src.layout != dst.layout:
         raise LayoutMismatchError(f"layouts differ: {src.layout.describe()} vs {dst.layout.describe()}")
     _copy_runs(src.flat, src_ids, dst.flat, dst_ids, non_blocking=non_blocking, staging=dst)
+
+
+def copy_rows(src: torch.Tensor, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray) -> None:
+    """Copy rows ``src_ids`` of a flat ``[blocks, words]`` tensor of ``dst``'s layout (such as a
+    peer's mapped tier) into blocks ``dst_ids`` of ``dst``, pairwise, as :func:`copy_blocks` does."""
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+    if src.dim() != 2 or src.shape[1] != dst.flat.shape[1] or src.dtype != dst.flat.dtype:
+        raise LayoutMismatchError(f"rows {tuple(src.shape)} {src.dtype} do not match {tuple(dst.flat.shape)}")
+    _copy_runs(src, src_ids, dst.flat, dst_ids, staging=dst)
 
 
 def _run_bounds(*seqs: IdArray) -> tuple[list[int], list[int]]:

@@ -13,6 +13,14 @@ receipt expiry and both halves of every transfer. A transfer of ``n`` blocks::
                                       <---   done {skipped, received}
     free(shared reference)
 
+On one host, with both pools' CPU tiers in shared memory, a transfer is a pull instead
+(``transport/mapped.py``)::
+
+    begin {xid, n, key | tokens, pull {tier, ids, until}}  --->  match, alloc; copy the missing
+                                                                 blocks out of the sender's tier
+                                                                 (mapped read-only) into its own
+                                      <---   done {skipped, received, pulled}
+
 Any failure (peer closed, crashed, stalled past the deadline, protocol error) tears the whole
 link down first, so no late byte can land in a block that is then freed, and the receiver frees
 what it allocated for unfinished transfers and indexes nothing. A peer that comes back is a new
@@ -35,7 +43,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import torch
 
-from mempool.alloc.storage import KVStorage
+from mempool.alloc.storage import KVStorage, copy_rows
 from mempool.config import PoolConfig, TransportConfig
 from mempool.errors import (
     HandshakeError,
@@ -47,7 +55,8 @@ from mempool.errors import (
     UnknownPeerError,
 )
 from mempool.index.match import Match
-from mempool.transport.handshake import Identity, client_handshake, serve_handshake
+from mempool.transport import mapped
+from mempool.transport.handshake import Identity, PeerInfo, client_handshake, serve_handshake
 from mempool.transport.links import DataBackend, Link, make_backend
 from mempool.transport.plan import plan_segments, segment_tag
 from mempool.transport.wire import Channel, ChannelClosed, pack_bytes, unpack_bytes
@@ -67,6 +76,7 @@ class PoolOps(Protocol):
 
     def alloc(self, n: int, tier: Tier = ...) -> Blocks | None: ...
     def free(self, blocks: Blocks) -> int: ...
+    def share(self, blocks: Blocks) -> None: ...
     def match(self, tokens: Any, namespace: Hashable = ..., *, promote: bool = ...) -> Match: ...
     def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> int: ...
     def storage(self, tier: Tier = ...) -> KVStorage: ...
@@ -83,6 +93,7 @@ class TransferResult:
     messages: int  # data-plane sends (one per run or staged chunk; never per block or layer)
     seconds: float  # end to end: begin, the receiver's answer, data, confirmation
     data_seconds: float = 0.0  # from the receiver's "ready" until the last data message was sent
+    pulled: bool = False  # the receiver copied the blocks out of this pool's mapped tier itself
 
 
 @dataclass(eq=False)
@@ -96,6 +107,8 @@ class _Peer:
     reader: asyncio.Task[None] | None = None
     last_seen: float = field(default_factory=time.monotonic)
     alive: bool = True
+    near: bool = False  # shares our host and clock, and offered its tiers: it may pull from ours
+    mapped: dict[Tier, torch.Tensor] = field(default_factory=dict)  # its tiers, mapped read-only
     down: asyncio.Event = field(default_factory=asyncio.Event)  # set once the link is aborted
 
 
@@ -118,6 +131,8 @@ class TransferAgent:
         self._incoming: set[str] = set()  # keys of transfers still landing
         self._xid = itertools.count(1)
         self._staging: list[torch.Tensor] = []
+        self._share: dict[str, Any] | None = None  # what peers need to map our tiers
+        self._held: list[tuple[float, Blocks]] = []  # blocks a peer may still pull, until when
         self._backend: DataBackend | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -126,6 +141,8 @@ class TransferAgent:
         #: pace the data sent to a peer (by name) to at most that many bytes per second
         self.segment_delay_s = 0.0
         self.link_rate: dict[str, float] = {}
+        #: test hook: pause between a pull's copy and its commit
+        self.pull_delay_s = 0.0
         self.refusals: list[str] = []
         self.stats = dict.fromkeys(
             (
@@ -138,6 +155,7 @@ class TransferAgent:
                 "bytes_received",
                 "messages_sent",
                 "failed",
+                "pulled",
                 "refused",
                 "receipts_expired",
             ),
@@ -163,6 +181,10 @@ class TransferAgent:
         with self._receipts_lock:
             receipts, self._receipts = self._receipts, {}
         for blocks, _ in receipts.values():
+            self._pool.free(blocks)
+        held, self._held = self._held, []
+        for until, blocks in sorted(held, key=lambda h: h[0]):
+            time.sleep(max(0.0, until - time.monotonic()))  # a peer may pull them until then
             self._pool.free(blocks)
 
     def peers(self) -> dict[str, str]:
@@ -245,6 +267,11 @@ class TransferAgent:
     # -- start / stop (agent thread) ---------------------------------------------------------
     async def _start(self) -> tuple[str, int]:
         cfg = self.config
+        if cfg.same_host_pull:
+            tiers = {Tier.DEVICE: self._pool.storage(Tier.DEVICE)}
+            if self._pool.config.host_blocks:
+                tiers[Tier.HOST] = self._pool.storage(Tier.HOST)
+            self._share = mapped.advertise(tiers)
         self._backend = make_backend(
             cfg.backend,
             device=self._pool.storage(Tier.DEVICE).device,
@@ -274,7 +301,7 @@ class TransferAgent:
 
     # -- handshake (the exchange itself lives in handshake.py) --------------------------------
     def _identity(self) -> Identity:
-        return Identity(self.name, self.incarnation, self.config.backend, self._layout, self._secret)
+        return Identity(self.name, self.incarnation, self.config.backend, self._layout, self._secret, self._share)
 
     def _record_refusal(self, who: str, why: str) -> None:
         self.stats["refused"] += 1
@@ -290,7 +317,7 @@ class TransferAgent:
             )
             if got is None:
                 return await channel.close()
-            await self._register(*got, channel)
+            await self._register(got, channel)
         except (ChannelClosed, asyncio.TimeoutError, MemPoolError, OSError) as exc:
             log.info("agent %s: handshake from %s failed: %s", self.name, channel.peer_address, exc)
             await channel.close()
@@ -304,24 +331,28 @@ class TransferAgent:
         channel = Channel(reader, writer)
         try:
             assert self._backend is not None
-            incarnation, link = await client_handshake(
+            got = await client_handshake(
                 channel, self._identity(), name, f"{host}:{port}", self._backend, timeout, self._record_refusal
             )
-            await self._register(name, incarnation, link, channel)
+            await self._register(got, channel)
         except BaseException as exc:
             await channel.close()
             if isinstance(exc, (ChannelClosed, asyncio.TimeoutError)):
                 raise HandshakeError(f"handshake with {name} at {host}:{port} failed: {exc!r}") from exc
             raise
 
-    async def _register(self, name: str, incarnation: str, link: Link, channel: Channel) -> None:
+    async def _register(self, got: PeerInfo, channel: Channel) -> None:
+        name = got.name
         old = self._peers.get(name)
         if old is not None:  # a restarted peer (new incarnation) replaces the old connection
             await self._drop(old, PeerLostError(f"{name} reconnected as a new incarnation"))
-        peer = _Peer(name, incarnation, channel, link)
+        peer = _Peer(name, got.incarnation, channel, got.link)
+        if self._share is not None:  # pulls are on here: map what the peer offers
+            peer.near = mapped.near(got.share)
+            peer.mapped = mapped.open_peer(got.share, self._pool.storage(Tier.DEVICE))
         self._peers[name] = peer
         peer.reader = self._spawn(self._read(peer))
-        log.info("agent %s connected to %s (incarnation %s)", self.name, name, incarnation)
+        log.info("agent %s connected to %s (incarnation %s)", self.name, name, got.incarnation)
 
     # -- per-peer reader, heartbeats, receipts --------------------------------------------------
     async def _read(self, peer: _Peer) -> None:
@@ -360,6 +391,10 @@ class TransferAgent:
             for blocks in gone:
                 self._pool.free(blocks)
                 self.stats["receipts_expired"] += 1
+            due = [h for h in self._held if h[0] <= now]
+            self._held = [h for h in self._held if h[0] > now]
+            for _, blocks in due:
+                self._pool.free(blocks)
             for peer in list(self._peers.values()):
                 if now - peer.last_seen > cfg.deadline_s:
                     await self._drop(peer, PeerLostError(f"{peer.name} stopped answering for {cfg.deadline_s:.0f} s"))
@@ -375,6 +410,7 @@ class TransferAgent:
             await peer.down.wait()  # another caller is tearing it down: wait for the abort
             return
         peer.alive = False
+        peer.mapped = {}  # copies running now keep their mapping until they end
         if self._peers.get(peer.name) is peer:
             del self._peers[peer.name]
         if goodbye:
@@ -398,7 +434,7 @@ class TransferAgent:
         log.info("agent %s dropped %s: %s", self.name, peer.name, error)
 
     # -- sender ----------------------------------------------------------------------------------
-    async def _expect(self, peer: _Peer, queue: asyncio.Queue[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    async def _expect(self, peer: _Peer, queue: asyncio.Queue[dict[str, Any]], *kinds: str) -> dict[str, Any] | None:
         try:
             msg = await asyncio.wait_for(queue.get(), self.config.deadline_s)
         except asyncio.TimeoutError:
@@ -411,9 +447,25 @@ class TransferAgent:
             if msg.get("code") == "no_space":
                 return None
             raise TransferError(f"{peer.name} refused the transfer: {msg.get('reason')}")
-        if msg["type"] != kind:
-            raise TransferError(f"{peer.name} answered {msg['type']!r}, expected {kind!r}")
+        if msg["type"] not in kinds:
+            raise TransferError(f"{peer.name} answered {msg['type']!r}, expected {' or '.join(kinds)}")
         return msg
+
+    def _offers_pull(self, peer: _Peer, storage: KVStorage) -> bool:
+        """Whether ``peer`` may copy blocks of ``storage`` itself (same host, a shared tier, and
+        no fault hook that only the data link honours)."""
+        return (
+            peer.near
+            and storage.share_info is not None
+            and not self.segment_delay_s
+            and not self.link_rate.get(peer.name)
+        )
+
+    def _hold(self, ids: IdArray, tier: Tier, until: float) -> None:
+        """Keep blocks referenced until ``until``: a peer may still be pulling them."""
+        blocks = Blocks(tier, ids)
+        self._pool.share(blocks)
+        self._held.append((until, blocks))
 
     async def _send(
         self, peer: _Peer, ids: IdArray, tier: Tier, key: str | None, tokens: bytes | None, namespace: Hashable
@@ -427,6 +479,7 @@ class TransferAgent:
         tasks: list[asyncio.Task[None]] = []
         sent = messages = 0
         streaming = False  # data may be on the wire: any failure must abort the link
+        pull_until: float | None = None  # set while the receiver may be copying out of our tier
         try:
             begin: dict[str, Any] = {
                 "type": "begin",
@@ -438,10 +491,17 @@ class TransferAgent:
             if tokens is not None:
                 begin["tokens"] = pack_bytes(tokens)
                 begin["ns"] = namespace
+            if self._offers_pull(peer, storage):
+                pull_until = time.monotonic() + self.config.deadline_s  # our _expect waits that long
+                ids64 = np.ascontiguousarray(ids, dtype=np.int64)
+                begin["pull"] = {"tier": tier.value, "ids": pack_bytes(ids64.tobytes()), "until": pull_until}
             await peer.channel.send(begin)
-            ready = await self._expect(peer, queue, "ready")
+            ready = await self._expect(peer, queue, "ready", "done")
             if ready is None:
                 return None
+            pull_until = None  # answered: it copied already, or it takes the data link
+            if ready["type"] == "done":
+                return self._pulled(peer, ready, len(ids), started)
             streaming = True
             data_started = time.perf_counter()
             skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
@@ -452,7 +512,6 @@ class TransferAgent:
             # gathered (on a worker thread, so the loop keeps driving the link) into two staging
             # buffers, one filling while the other is on the wire.
             staging = [] if staging is None else staging
-            loop = asyncio.get_running_loop()
             direct: collections.deque[asyncio.Task[None]] = collections.deque()
             users: dict[int, asyncio.Task[None]] = {}
             nstaged = 0
@@ -470,7 +529,7 @@ class TransferAgent:
                         staging.append(self._take_staging(chunk, storage))
                     buf = staging[slot][:length]
                     index = torch.from_numpy(np.array(src, dtype=np.int64))
-                    await loop.run_in_executor(None, _gather, storage.flat, index, buf)
+                    await _in_thread(_gather, storage.flat, index, buf)
                 task = asyncio.ensure_future(self._timed(peer, peer.link.send(buf, segment_tag(xid, i))))
                 tasks.append(task)
                 if slot >= 0:
@@ -502,6 +561,8 @@ class TransferAgent:
             return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started, data_seconds)
         except BaseException as exc:
             self.stats["failed"] += 1
+            if pull_until is not None:  # no answer: it may be copying our blocks still
+                self._hold(ids, tier, pull_until)
             if streaming and peer.alive:
                 error = TransferError(f"transfer {xid} to {peer.name} aborted: {exc!r}")
                 await asyncio.shield(self._drop(peer, error))
@@ -511,6 +572,20 @@ class TransferAgent:
             peer.waiting.pop(xid, None)
             for buf in staging or ():
                 self._give_staging(buf)
+
+    def _pulled(self, peer: _Peer, done: dict[str, Any], n: int, started: float) -> TransferResult:
+        """The result of a transfer the receiver pulled."""
+        skip, got = done.get("skipped"), done.get("received")
+        if not isinstance(skip, int) or not isinstance(got, int) or skip < 0 or skip + got != n:
+            raise TransferError(f"{peer.name} confirmed an impossible pull: skipped {skip!r}, received {got!r}")
+        nbytes = got * self._pool.config.layout.block_bytes
+        self.stats["sent"] += 1
+        self.stats["blocks_sent"] += got
+        self.stats["blocks_skipped"] += skip
+        self.stats["bytes_sent"] += nbytes
+        copy_s = done.get("copy_s")
+        data_s = float(copy_s) if isinstance(copy_s, (int, float)) else 0.0
+        return TransferResult(peer.name, got, skip, nbytes, 0, time.perf_counter() - started, data_s, pulled=True)
 
     async def _timed(self, peer: _Peer, op: Coroutine[Any, Any, None]) -> None:
         try:
@@ -537,6 +612,7 @@ class TransferAgent:
                 return await self._fail(peer, xid, "bad_request", "n must be a positive int and key a str")
             if ns is not None and not isinstance(ns, (str, int)):
                 return await self._fail(peer, xid, "bad_request", "namespace must be a str or int")
+            pull = self._pull_source(peer, msg.get("pull"), n)
             skip = 0
             tokens = None
             if "tokens" in msg:
@@ -563,44 +639,18 @@ class TransferAgent:
                     return await self._fail(peer, xid, "no_space", "no room on the device tier")
             storage = self._pool.storage(Tier.DEVICE)
             ids = dst.ids if dst is not None else np.empty(0, dtype=np.int64)
-            chunk = self._chunk_blocks()
-            if isinstance(msg.get("chunk"), int) and msg["chunk"] > 0:
-                chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
-            segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
-            await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
-            # Runs land straight in KV storage, up to WINDOW receives posted at once; a link that
-            # must receive into staging alternates two buffers, scattering one (on a worker
-            # thread) while the other fills.
-            direct_rx: collections.deque[asyncio.Task[None]] = collections.deque()
-            landing: dict[int, tuple[asyncio.Task[None], torch.Tensor, IdArray]] = {}
-            nstaged = 0
-            pos = 0
-            for i, length in enumerate(segments):
-                part = ids[pos : pos + length]
-                if _is_run(part) and not peer.link.receive_via_staging:
-                    d0 = int(part[0])
-                    task = asyncio.ensure_future(
-                        self._timed(peer, peer.link.recv(storage.flat[d0 : d0 + length], segment_tag(xid, i)))
-                    )
-                    inflight.append(task)
-                    direct_rx.append(task)
-                    if len(direct_rx) > WINDOW:
-                        await direct_rx.popleft()
-                else:
-                    slot, nstaged = nstaged % 2, nstaged + 1
-                    if slot in landing:
-                        await self._land(*landing.pop(slot), storage)
-                    if len(staging) <= slot:
-                        staging.append(self._take_staging(self._chunk_blocks(), storage))
-                    buf = staging[slot][:length]
-                    task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
-                    inflight.append(task)
-                    landing[slot] = (task, buf, part)
-                pos += length
-            for slot in list(landing):
-                await self._land(*landing.pop(slot), storage)
-            for task in direct_rx:
-                await task
+            copy_s = 0.0
+            if pull is not None:
+                rows, src, until = pull
+                t0 = time.perf_counter()
+                await _in_thread(copy_rows, rows, src[skip:], storage, ids)
+                copy_s = time.perf_counter() - t0
+                if self.pull_delay_s:
+                    await asyncio.sleep(self.pull_delay_s)
+                if time.monotonic() >= until:  # the sender may have let go of its blocks meanwhile
+                    raise TransferTimeoutError(f"pull from {peer.name} ended after the sender's deadline")
+            else:
+                await self._receive(peer, msg, xid, skip, ids, storage, staging, inflight)
             # every byte has landed: only now does anything become visible
             if tokens is not None:
                 assert match is not None
@@ -612,9 +662,13 @@ class TransferAgent:
                     self._receipts[key] = (dst, time.monotonic() + self.config.receipt_ttl_s)
                 dst = None  # the receipt owns the references now
             self.stats["received"] += 1
+            self.stats["pulled"] += pull is not None
             self.stats["blocks_received"] += need
             self.stats["bytes_received"] += need * self._pool.config.layout.block_bytes
-            await peer.channel.send({"type": "done", "xid": xid, "skipped": skip, "received": need})
+            done = {"type": "done", "xid": xid, "skipped": skip, "received": need}
+            if pull is not None:
+                done.update(pulled=True, copy_s=copy_s)
+            await peer.channel.send(done)
         except (TransferError, ChannelClosed) as exc:
             if peer.alive:
                 await self._drop(peer, exc if isinstance(exc, TransferError) else PeerLostError(str(exc)))
@@ -636,17 +690,94 @@ class TransferAgent:
                 self._give_staging(buf)
             peer.serving.pop(xid, None)
 
+    def _pull_source(self, peer: _Peer, pull: Any, n: int) -> tuple[torch.Tensor, IdArray, float] | None:
+        """The sender's mapped rows, block ids and deadline, if this transfer can be pulled.
+
+        Raises:
+            ValueError: a malformed offer (answered as a bad request).
+        """
+        if pull is None:
+            return None
+        tier = next((t for t in Tier if isinstance(pull, dict) and t.value == pull.get("tier")), None)
+        until = pull.get("until") if isinstance(pull, dict) else None
+        if tier is None or not isinstance(until, float) or not isinstance(pull.get("ids"), str):
+            raise ValueError(f"malformed pull offer {str(pull)[:80]}")
+        rows = peer.mapped.get(tier)
+        if rows is None:
+            return None  # not mapped here: the data link it is
+        raw = unpack_bytes(pull["ids"])
+        if len(raw) != 8 * n:
+            raise ValueError(f"a pull offer of {len(raw) // 8} ids for {n} blocks")
+        src = np.frombuffer(raw, dtype=np.int64)
+        if n and (int(src.min()) < 0 or int(src.max()) >= rows.shape[0]):
+            raise ValueError(f"pull ids outside {peer.name}'s {rows.shape[0]} blocks")
+        return rows, src, until
+
+    async def _receive(
+        self,
+        peer: _Peer,
+        msg: dict[str, Any],
+        xid: int,
+        skip: int,
+        ids: IdArray,
+        storage: KVStorage,
+        staging: list[torch.Tensor],
+        inflight: list[asyncio.Task[None]],
+    ) -> None:
+        """Plan the segments, answer ``ready``, and wait until every byte has landed in ``ids``.
+
+        ``staging`` and ``inflight`` collect the buffers and receives used, for the caller to
+        settle and give back whatever happens.
+        """
+        chunk = self._chunk_blocks()
+        if isinstance(msg.get("chunk"), int) and msg["chunk"] > 0:
+            chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
+        segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
+        await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
+        # Runs land straight in KV storage, up to WINDOW receives posted at once; a link that
+        # must receive into staging alternates two buffers, scattering one (on a worker
+        # thread) while the other fills.
+        direct_rx: collections.deque[asyncio.Task[None]] = collections.deque()
+        landing: dict[int, tuple[asyncio.Task[None], torch.Tensor, IdArray]] = {}
+        nstaged = 0
+        pos = 0
+        for i, length in enumerate(segments):
+            part = ids[pos : pos + length]
+            if _is_run(part) and not peer.link.receive_via_staging:
+                d0 = int(part[0])
+                task = asyncio.ensure_future(
+                    self._timed(peer, peer.link.recv(storage.flat[d0 : d0 + length], segment_tag(xid, i)))
+                )
+                inflight.append(task)
+                direct_rx.append(task)
+                if len(direct_rx) > WINDOW:
+                    await direct_rx.popleft()
+            else:
+                slot, nstaged = nstaged % 2, nstaged + 1
+                if slot in landing:
+                    await self._land(*landing.pop(slot), storage)
+                if len(staging) <= slot:
+                    staging.append(self._take_staging(self._chunk_blocks(), storage))
+                buf = staging[slot][:length]
+                task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
+                inflight.append(task)
+                landing[slot] = (task, buf, part)
+            pos += length
+        for slot in list(landing):
+            await self._land(*landing.pop(slot), storage)
+        for task in direct_rx:
+            await task
+
     @staticmethod
     async def _land(task: asyncio.Task[None], landing: torch.Tensor, part: IdArray, storage: KVStorage) -> None:
         """Wait for one segment received into staging, then scatter it into its blocks."""
         await task
-        loop = asyncio.get_running_loop()
         if _is_run(part):
             d0 = int(part[0])
-            await loop.run_in_executor(None, storage.flat[d0 : d0 + len(part)].copy_, landing)
+            await _in_thread(storage.flat[d0 : d0 + len(part)].copy_, landing)
         else:
             index = torch.from_numpy(np.array(part, dtype=np.int64))
-            await loop.run_in_executor(None, storage.flat.index_copy_, 0, index, landing)
+            await _in_thread(storage.flat.index_copy_, 0, index, landing)
 
     async def _fail(self, peer: _Peer, xid: int, code: str, reason: str) -> None:
         try:
@@ -663,6 +794,21 @@ def _is_run(ids: IdArray) -> bool:
 
 def _gather(flat: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
     torch.index_select(flat, 0, index, out=out)
+
+
+async def _in_thread(fn: Any, *args: Any) -> None:
+    """Run ``fn(*args)`` on a worker thread; when cancelled, first wait until it has returned
+    (a copy still running must not outlive the blocks it reads or writes)."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        raise
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

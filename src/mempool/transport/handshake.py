@@ -9,9 +9,12 @@ of the shared secret (``auth``), then the data link.
                                                   <---  challenge {name, incarnation, nonce_s,
                                                                    proof_s, conn_id, data address}
     check name and proof_s (else refuse, recorded)
-    auth {proof_c}                                --->  check proof_c (else refuse, recorded)
-                                                  <---  welcome
+    auth {proof_c, share_c}                       --->  check proof_c (else refuse, recorded)
+                                                  <---  welcome {share_s}
     open the data link with conn_id               ===>  the listener matches conn_id
+
+``share`` says where a pool's shareable KV tiers are (``transport/mapped.py``); each side says it
+only once the other has proven the secret.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mempool.transport import auth
 from mempool.transport.links import DataBackend, Link
 from mempool.transport.wire import Channel
 
-__all__ = ["PROTOCOL", "Identity", "client_handshake", "serve_handshake"]
+__all__ = ["PROTOCOL", "Identity", "PeerInfo", "client_handshake", "serve_handshake"]
 
 PROTOCOL = 1
 Refusals = Callable[[str, str], None]  # (who, why): how the agent records a refusal
@@ -42,6 +45,17 @@ class Identity:
     backend: str
     layout: dict[str, object]
     secret: bytes
+    share: dict[str, Any] | None = None  # where its shareable KV tiers are (mapped.advertise)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What the handshake established about the other side."""
+
+    name: str
+    incarnation: str
+    link: Link
+    share: Any  # the peer's ``Identity.share``, unchecked (``mapped.open_peer`` checks it)
 
 
 def _refuse_reason(me: Identity, hello: dict[str, Any]) -> tuple[str, str] | None:
@@ -63,8 +77,8 @@ async def serve_handshake(
     backend: DataBackend,
     timeout: float,
     refused: Refusals,
-) -> tuple[str, str, Link] | None:
-    """The accepting side; returns ``(client name, incarnation, link)``, or ``None`` when refused."""
+) -> PeerInfo | None:
+    """The accepting side; returns the client, or ``None`` when it was refused."""
     hello = await asyncio.wait_for(channel.recv(), timeout)
     reason = _refuse_reason(me, hello)
     if reason is not None:
@@ -96,8 +110,8 @@ async def serve_handshake(
         refused(f"{client}@{channel.peer_address}", why)
         return None
     accepting = asyncio.ensure_future(backend.accept(conn_id, timeout))  # listen before the client dials
-    await channel.send({"type": "welcome"})
-    return client, str(hello.get("incarnation")), await accepting
+    await channel.send({"type": "welcome", "share": me.share})
+    return PeerInfo(client, str(hello.get("incarnation")), await accepting, answer.get("share"))
 
 
 async def client_handshake(
@@ -108,8 +122,8 @@ async def client_handshake(
     backend: DataBackend,
     timeout: float,
     refused: Refusals,
-) -> tuple[str, Link]:
-    """The connecting side; returns ``(server incarnation, link)``.
+) -> PeerInfo:
+    """The connecting side; returns the server.
 
     Raises:
         LayoutMismatchError, AuthenticationError, HandshakeError: with the server's reason.
@@ -139,9 +153,10 @@ async def client_handshake(
         await channel.send({"type": "refuse", "code": "auth", "reason": "server failed authentication"})
         refused(f"{name}@{where}", "server failed authentication")
         raise AuthenticationError(f"{name} at {where} does not know the shared secret")
-    await channel.send({"type": "auth", "proof": auth.proof(me.secret, "client", nonce, server_nonce, me.name, name)})
+    proof = auth.proof(me.secret, "client", nonce, server_nonce, me.name, name)
+    await channel.send({"type": "auth", "proof": proof, "share": me.share})
     welcome = await asyncio.wait_for(channel.recv(), timeout)
     if welcome.get("type") != "welcome":
         raise AuthenticationError(f"{name} at {where} refused: {welcome.get('reason')}")
     link = await backend.connect(challenge["data"], str(challenge["conn_id"]), timeout)
-    return str(challenge.get("incarnation")), link
+    return PeerInfo(name, str(challenge.get("incarnation")), link, welcome.get("share"))
