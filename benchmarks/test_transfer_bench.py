@@ -68,19 +68,22 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
             b.ok("wait", job=f"raw{rnd}")
             if rnd:
                 samples["raw one message"].append(raw)
-            # the per-layer layout's transfer: one message per (block, layer, K|V), all in flight at once
-            b.ok(
-                "send_async",
-                job=f"pieces{rnd}",
-                then="raw_pieces_recv",
-                peer="a",
-                count=pieces,
-                nbytes=NBYTES // pieces,
-            )
-            t_pieces = a.ok("raw_pieces_send", peer="b", count=pieces, nbytes=NBYTES // pieces, timeout=300)["seconds"]
-            b.ok("wait", job=f"pieces{rnd}", timeout=300)
-            if rnd:
-                samples["pieces"].append(t_pieces)
+            # the per-layer layout's transfer: one message per (block, layer, K|V), all in flight at
+            # once; timed in one round only (8,192 wake-ups take seconds, and the point is its count)
+            if rnd <= 1:
+                b.ok(
+                    "send_async",
+                    job=f"pieces{rnd}",
+                    then="raw_pieces_recv",
+                    peer="a",
+                    count=pieces,
+                    nbytes=NBYTES // pieces,
+                )
+                sent = a.ok("raw_pieces_send", peer="b", count=pieces, nbytes=NBYTES // pieces, timeout=300)
+                t_pieces = sent["seconds"]
+                b.ok("wait", job=f"pieces{rnd}", timeout=300)
+                if rnd:
+                    samples["pieces"].append(t_pieces)
             for layout in ("run", "scattered"):
                 key = f"{layout}{rnd}"
                 out = a.ok("bench_send", peer="b", handle=layout, key=key, reps=1, timeout=300)["runs"][0]
