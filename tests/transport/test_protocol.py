@@ -117,6 +117,7 @@ def test_channel_round_trip_and_bad_frames() -> None:
         ("chunk_bytes", 0),
         ("heartbeat_s", True),
         ("ucx_shared_memory", "yes"),
+        ("same_host_pull", 1),
     ],
 )
 def test_transport_config_validation(field: str, value: object) -> None:

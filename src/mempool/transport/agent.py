@@ -502,7 +502,8 @@ class TransferAgent:
                 ids64 = np.ascontiguousarray(ids, dtype=np.int64)
                 begin["pull"] = {"tier": tier.value, "ids": pack_bytes(ids64.tobytes()), "until": pull_until}
             await peer.channel.send(begin)
-            ready = await self._expect(peer, queue, "ready", "done")
+            # "done" first is only an answer to a pull offer: otherwise no byte has moved yet
+            ready = await self._expect(peer, queue, *(("ready", "done") if pull_until else ("ready",)))
             if ready is None:
                 return None
             pull_until = None  # answered: it copied already, or it takes the data link
