@@ -63,6 +63,9 @@ class Peer:
             self.pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
             blocks = Blocks(Tier.DEVICE, run.ids[::2], owner=self.pool)
         assert blocks is not None
+        if n == 0:
+            self.handles[name] = blocks
+            return {"ids": [], "digest": None}
         storage = self.pool.storage()
         g = torch.Generator().manual_seed(seed)
         data = (torch.rand((n, *storage.layout.block_shape), generator=g) + 0.5).to(storage.tensor.dtype)

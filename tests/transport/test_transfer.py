@@ -65,6 +65,12 @@ def test_transfer_with_insert_sends_only_missing_blocks(spawn, path: str) -> Non
     assert tail["digest"] == mine["digest"]
     state = decode.ok("state")
     assert state["device_used"] == state["device_cached"] == 10  # all held blocks are cached: no leaks
+    # a prompt shorter than a block has no block to cache there: nothing is asked, nothing fails
+    prefill.ok("alloc_fill", name="none", n=0)
+    res0 = prefill.ok("send_insert", peer="decode", tokens=[7, 8, 9], handle="none")["result"]
+    assert (res0["sent"], res0["skipped"], res0["messages"]) == (0, 0, 0)
+    assert prefill.ok("state")["transport"]["failed"] == 0
+    assert decode.ok("state")["transport"]["received"] == 3  # the three transfers above, no more
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

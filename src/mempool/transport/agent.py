@@ -219,6 +219,8 @@ class TransferAgent:
     ) -> TransferResult | None:
         """Send blocks ``ids`` of ``tier`` (the caller holds a reference on each until this returns)."""
         target = self._peer(peer)
+        if tokens is not None and len(ids) == 0:  # nothing to cache there: no need to ask
+            return TransferResult(peer, 0, 0, 0, 0, 0.0)
         budget = self.config.deadline_s * (3 + len(ids) // 256)  # a backstop: every wait inside has a deadline
         try:
             return self._call(self._send(target, ids, tier, key, tokens, namespace), budget)
@@ -440,7 +442,15 @@ class TransferAgent:
         log.info("agent %s dropped %s: %s", self.name, peer.name, error)
 
     # -- sender ----------------------------------------------------------------------------------
-    async def _expect(self, peer: _Peer, queue: asyncio.Queue[dict[str, Any]], *kinds: str) -> dict[str, Any] | None:
+    async def _expect(
+        self, peer: _Peer, queue: asyncio.Queue[dict[str, Any]], *kinds: str, refused: list[bool] | None = None
+    ) -> dict[str, Any] | None:
+        """The next answer of ``peer`` on ``queue``, one of ``kinds``; None for "no room".
+
+        Raises:
+            TransferTimeoutError (no answer in time), PeerLostError, TransferError (refused,
+            or an unexpected answer). A refusal also appends to ``refused``.
+        """
         try:
             msg = await asyncio.wait_for(queue.get(), self.config.deadline_s)
         except asyncio.TimeoutError:
@@ -450,6 +460,8 @@ class TransferAgent:
         if msg["type"] == "lost":
             raise msg["error"]
         if msg["type"] == "fail":
+            if refused is not None:
+                refused.append(True)
             if msg.get("code") == "no_space":
                 return None
             raise TransferError(f"{peer.name} refused the transfer: {msg.get('reason')}")
@@ -503,7 +515,13 @@ class TransferAgent:
                 begin["pull"] = {"tier": tier.value, "ids": pack_bytes(ids64.tobytes()), "until": pull_until}
             await peer.channel.send(begin)
             # "done" first is only an answer to a pull offer: otherwise no byte has moved yet
-            ready = await self._expect(peer, queue, *(("ready", "done") if pull_until else ("ready",)))
+            refused: list[bool] = []  # a "fail" answer: the receiver reads nothing of ours any more
+            try:
+                kinds = ("ready", "done") if pull_until else ("ready",)
+                ready = await self._expect(peer, queue, *kinds, refused=refused)
+            finally:
+                if refused:
+                    pull_until = None
             if ready is None:
                 return None
             pull_until = None  # answered: it copied already, or it takes the data link
