@@ -16,8 +16,8 @@ layer through a strided view without copying.
 
 On Linux a CPU tier that is not pinned lives in a memfd (shared memory with no name in any
 file system): an authenticated transfer peer on the same host may map it read-only and copy
-blocks straight out of it (``mempool.transport.mapped``). A process forked (without exec) from
-the pool's shares that memory instead of getting a copy of it.
+blocks straight out of it (``mempool.transport.mapped``). A process forked (without exec) by
+the pool's process shares that memory instead of getting a copy of it.
 """
 
 from __future__ import annotations
