@@ -426,7 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-blocks", type=int, default=2048)
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on, which others reach it at")
     ap.add_argument("--port", type=int, default=0)
-    ap.add_argument("--ucx-shared-memory", choices=("on", "off"), default="on")
+    ap.add_argument(
+        "--ucx-shared-memory",
+        choices=("on", "off"),
+        default="on",
+        help="off: KV to peers on this machine takes the network (no UCX shared memory, no same-host pull)",
+    )
     ap.add_argument("--transfer-deadline", type=float, default=30.0, help="seconds before a silent peer is lost")
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     ap.add_argument("--threads", type=int, default=0)

@@ -577,13 +577,7 @@ class TransferAgent:
             done = await self._expect(peer, queue, "done")
             assert done is not None
             streaming = False
-            nbytes = sent * self._pool.config.layout.block_bytes
-            self.stats["sent"] += 1
-            self.stats["blocks_sent"] += sent
-            self.stats["blocks_skipped"] += skip
-            self.stats["bytes_sent"] += nbytes
-            self.stats["messages_sent"] += messages
-            return TransferResult(peer.name, sent, skip, nbytes, messages, time.perf_counter() - started, data_seconds)
+            return self._finished(peer, sent, skip, messages, started, data_seconds)
         except BaseException as exc:
             self.stats["failed"] += 1
             if pull_until is not None:  # no answer: it may be copying our blocks still
@@ -603,14 +597,22 @@ class TransferAgent:
         skip, got = done.get("skipped"), done.get("received")
         if not isinstance(skip, int) or not isinstance(got, int) or skip < 0 or skip + got != n:
             raise TransferError(f"{peer.name} confirmed an impossible pull: skipped {skip!r}, received {got!r}")
-        nbytes = got * self._pool.config.layout.block_bytes
-        self.stats["sent"] += 1
-        self.stats["blocks_sent"] += got
-        self.stats["blocks_skipped"] += skip
-        self.stats["bytes_sent"] += nbytes
         copy_s = done.get("copy_s")
         data_s = float(copy_s) if isinstance(copy_s, (int, float)) else 0.0
-        return TransferResult(peer.name, got, skip, nbytes, 0, time.perf_counter() - started, data_s, pulled=True)
+        return self._finished(peer, got, skip, 0, started, data_s, pulled=True)
+
+    def _finished(
+        self, peer: _Peer, sent: int, skip: int, messages: int, started: float, data_s: float, *, pulled: bool = False
+    ) -> TransferResult:
+        """Count a confirmed transfer and describe it."""
+        nbytes = sent * self._pool.config.layout.block_bytes
+        self.stats["sent"] += 1
+        self.stats["blocks_sent"] += sent
+        self.stats["blocks_skipped"] += skip
+        self.stats["bytes_sent"] += nbytes
+        self.stats["messages_sent"] += messages
+        elapsed = time.perf_counter() - started
+        return TransferResult(peer.name, sent, skip, nbytes, messages, elapsed, data_s, pulled=pulled)
 
     async def _timed(self, peer: _Peer, op: Coroutine[Any, Any, None]) -> None:
         try:
