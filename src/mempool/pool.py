@@ -184,7 +184,8 @@ class MemPool:
 
         Raises:
             WrongTierError, BlockNotAllocatedError, ForeignBlockError, InvalidBlockError,
-            BlockLockedError (a block is part of a locked cached prefix), TierUnavailableError.
+            BlockLockedError (a block is part of a locked cached prefix), TierUnavailableError,
+            InvalidArgumentError (a block given twice).
         """
         return self._swap_blocks(blocks, Tier.DEVICE, Tier.HOST, wait=False)
 
@@ -198,6 +199,8 @@ class MemPool:
                 raise WrongTierError(f"expected {src.value} blocks, got {blocks.tier.value} blocks")
             ids = self._alloc_of(src).validate(blocks, held=True)
             self._alloc_of(dst)
+            if ids.size > 1 and np.unique(ids).size != ids.size:  # one block cannot move twice
+                raise InvalidArgumentError(f"{src.value} blocks to move must be distinct, got {blocks!r}")
             if self.index.locked_among(src, ids):
                 raise BlockLockedError(f"{src.value} blocks of a locked cached prefix cannot be swapped")
             got = self.index.allocate(dst, len(ids))

@@ -10,6 +10,7 @@ from mempool.errors import (
     BlockLockedError,
     BlockNotAllocatedError,
     ForeignBlockError,
+    InvalidArgumentError,
     TierUnavailableError,
     WrongTierError,
 )
@@ -114,6 +115,9 @@ def test_swap_misuse_raises_and_changes_nothing(pool: MemPool) -> None:
         (lambda: pool.swap_out(gone), BlockNotAllocatedError),
         (lambda: pool.swap_out(foreign), ForeignBlockError),
         (lambda: pool.swap_in(Blocks(Tier.HOST, [3])), BlockNotAllocatedError),
+        # one block twice (a hypothesis find: it used to leak the host copies, then fail to free)
+        (lambda: pool.swap_out(Blocks(Tier.DEVICE, [own.tolist()[0]] * 2)), InvalidArgumentError),
+        (lambda: pool.swap_out_async(Blocks(Tier.DEVICE, [own.tolist()[1]] * 2)), InvalidArgumentError),
     ]:
         with pytest.raises(error):
             call()
