@@ -79,6 +79,16 @@ class PoolFuzz(RuleBasedStateMachine):
     def insert(self, data: st.DataObject, tokens: Any, namespace: Any) -> None:
         self.call(self.pool.insert, tokens, self.pick(data), namespace)
 
+    @rule(data=st.data(), tokens=TOKENS, namespace=st.sampled_from([None, "a", []]))
+    def insert_tail(self, data: st.DataObject, tokens: Any, namespace: Any) -> None:
+        self.call(self.pool.insert_tail, tokens, self.pick(data), namespace)
+
+    @rule(data=st.data(), tokens=TOKENS, start=st.one_of(st.integers(-2, 8), st.just(1.5), st.just(None)))
+    def copy_tail(self, data: st.DataObject, tokens: Any, start: Any) -> None:
+        ok, n = self.call(self.pool.copy_tail, tokens, start, self.pick(data))
+        if ok:
+            assert n in (0, 1)  # block size 2: a tail holds one token
+
     @rule(tokens=TOKENS, promote=st.booleans())
     def match(self, tokens: Any, promote: bool) -> None:
         ok, m = self.call(self.pool.match, tokens, promote=promote)

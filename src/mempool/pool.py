@@ -134,6 +134,28 @@ class MemPool:
                 self.index.promote(m)
             return m
 
+    def insert_tail(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> bool:
+        """Keep ``blocks`` (one device block) as the K/V of the partly filled last block of ``tokens``,
+        for a later prompt that continues ``tokens`` (:meth:`copy_tail`).
+
+        Call it when a sequence is done writing, with the tokens that have K/V: the index takes
+        its own reference and the caller frees theirs as usual. ``False``: ``tokens`` end on a
+        block boundary (nothing to keep). See :meth:`RadixIndex.insert_tail`.
+        """
+        with self._lock:
+            return self.index.insert_tail(tokens, blocks, namespace)
+
+    def copy_tail(self, tokens: Any, start: int, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Copy a kept tail that continues ``tokens[:start]`` into ``blocks`` (one device block of the
+        caller's, the one for positions ``start`` on); returns how many tokens of
+        ``tokens[start:]`` its first slots now hold (0: none).
+
+        Typically ``start = match.num_tokens`` after :meth:`match`, and ``tokens`` what was matched,
+        so that the prompt's last token stays to be computed. See :meth:`RadixIndex.copy_tail`.
+        """
+        with self._lock:
+            return self.index.copy_tail(tokens, start, blocks, namespace)
+
     def promote(self, match: Match) -> bool:
         """Bring the host-only part of ``match`` to the device, keeping it locked.
 

@@ -90,9 +90,10 @@ def test_second_turn_computes_only_the_new_suffix(llama: Any, pool: MemPool) -> 
     with Counted(llama) as counted:
         out2 = gen.generate(ids(turn2), max_new_tokens=6, do_sample=False)[0].tolist()
     assert out2 == hf(llama, turn2, 6)
-    # turn 1 cached the whole blocks of the 39 tokens that had K/V: 36 tokens
-    cached = (len(out1) - 1) // 4 * 4
-    assert gen.stats["cached_tokens"] == cached == 36
+    # turn 1 cached all 39 tokens that had K/V: 9 whole blocks, and 3 in the tail of the 10th
+    cached = len(out1) - 1
+    assert gen.stats["cached_tokens"] == cached == 39
+    assert pool.stats()["index"]["tail_tokens"] == 3
     assert counted.positions == (len(turn2) - cached) + (6 - 1)  # the suffix, then one per decode step
     assert_nothing_held(pool)
 

@@ -48,14 +48,16 @@ def test_cached_prefix_equals_recompute(make_engine: Callable[..., Engine]) -> N
 
 
 def test_multi_turn_hits_previous_output(make_engine: Callable[..., Engine]) -> None:
-    """Turn 2 = turn 1's prompt + reply + a new message: everything but the tail is cached."""
+    """Turn 2 = turn 1's prompt + reply + a new message: every token of turn 1 with K/V is cached
+    (the whole blocks in the index, the rest in the tail of turn 1's last block)."""
     engine = make_engine(caching=True)
     turn1 = make_prompts([30], seed=2)[0]
     reply = engine.generate([turn1], SamplingParams(max_tokens=12, ignore_eos=True))[0]
     turn2 = turn1 + reply + make_prompts([9], seed=3)[0]
     rid = engine.add_request(turn2, SamplingParams(max_tokens=4, ignore_eos=True))
     outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
-    assert outs[0].metrics.cached_tokens == (len(turn1) + len(reply) - 1) // 4 * 4
+    assert outs[0].metrics.cached_tokens == len(turn1) + len(reply) - 1 == 41
+    assert engine.pool.stats()["index"]["tail_tokens"] == 41 % 4
     want = make_engine(caching=False).generate([turn2], SamplingParams(max_tokens=4, ignore_eos=True))[0]
     assert [t for o in outs for t in o.new_token_ids] == want
     assert_no_leaks(engine)

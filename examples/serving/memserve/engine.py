@@ -5,7 +5,8 @@ part of its prompt that the pool does not cache) or a decode step (one token for
 request). Blocks are allocated as sequences grow; when the device runs out, the most recently
 admitted request is preempted (its blocks swapped to the host, or freed for recomputation) and
 resumes when room returns. A finished request's prompt and output are inserted into the pool's
-index (context caching) before its own references are freed.
+index (context caching) before its own references are freed; its partly filled last block is
+kept as a tail, so that a prompt continuing it (the next turn of a chat) computes only what is new.
 """
 
 from __future__ import annotations
@@ -284,9 +285,11 @@ class Engine:
             return False
         seq.match, seq.prefix_blocks, seq.own = match, hit, own
         seq.num_computed = hit * bs
+        if match is not None:  # the K/V of a few more tokens, from a finished sequence's last block
+            seq.num_computed += self.pool.copy_tail(seq.tokens[:-1], hit * bs, own[:1], self.config.namespace)
         if seq.metrics.first_scheduled is None:
             seq.metrics.first_scheduled = _now()
-            seq.metrics.cached_tokens = hit * bs
+            seq.metrics.cached_tokens = seq.num_computed
         seq.state = State.RUNNING
         return True
 
@@ -348,7 +351,7 @@ class Engine:
             seq.metrics.computed_tokens += len(chunks[i].tokens)
             seq.num_computed = len(seq.tokens)
             if self.config.caching and len(chunks[i].tokens) > 1:
-                self._cache(seq)  # a prefill's whole blocks are reusable now, by requests running beside it
+                self._cache(seq, tail=False)  # a prefill's whole blocks are reusable now, by requests beside it
             seq.tokens.append(token)
             row = logits[i]
             if row is not None:
@@ -415,12 +418,21 @@ class Engine:
                 self.pool.free(blocks)
         seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
 
-    def _cache(self, seq: Sequence) -> None:
-        """Insert the sequence's full computed blocks into the index (context caching)."""
-        full = seq.num_computed // self.block_size
-        if seq.own is not None and full:
-            table = Blocks(Tier.DEVICE, seq.table[:full])
-            self.pool.insert(seq.tokens[: full * self.block_size], table, self.config.namespace)
+    def _cache(self, seq: Sequence, *, tail: bool = True) -> None:
+        """Insert the sequence's full computed blocks into the index (context caching), and with
+        ``tail`` (the sequence writes no more) keep its partly filled last block as a tail."""
+        if seq.own is None:
+            return
+        full, part = divmod(seq.num_computed, self.block_size)
+        table = seq.table
+        if full:
+            self.pool.insert(
+                seq.tokens[: full * self.block_size], Blocks(Tier.DEVICE, table[:full]), self.config.namespace
+            )
+        if tail and part:
+            self.pool.insert_tail(
+                seq.tokens[: seq.num_computed], Blocks(Tier.DEVICE, table[full : full + 1]), self.config.namespace
+            )
 
     def close(self) -> None:
         """Abort every request, release held ones; close the pool if the engine created it."""

@@ -1,9 +1,9 @@
 """Token radix tree at block granularity, with locks, tier residency and eviction.
 
-Edges are whole blocks of ``block_size`` tokens (a partial last block is never cached); a
-node's edge may span many blocks and is split at a block boundary when a prefix diverges or
-part of it is evicted. See ``node.py`` for the residency rules and ``eviction.py`` for the
-candidate heaps. The index holds one allocator reference per block it indexes.
+Edges are whole blocks of ``block_size`` tokens; a node's edge may span many blocks and is
+split at a block boundary when a prefix diverges or part of it is evicted. A sequence's partly
+filled last block is not in the tree: it can be kept as a *tail* (``tails.py``). See
+``node.py`` for the residency rules and ``eviction.py`` for the candidate heaps. The index holds one allocator reference per block it indexes.
 
 Not thread-safe on its own: :class:`~mempool.pool.MemPool` serialises calls, and ``guard``
 (the pool's lock) is what a :class:`Match` takes when it is released.
@@ -27,11 +27,13 @@ from mempool.errors import (
     InvalidArgumentError,
     LockUnderflowError,
     TierUnavailableError,
+    WrongTierError,
 )
 from mempool.index.eviction import CandidateHeap, make_policy
 from mempool.index.keys import TOKEN_BYTES, common_prefix_tokens, encode_tokens
 from mempool.index.match import Match
 from mempool.index.node import Node
+from mempool.index.tails import TailStore
 from mempool.types import Blocks, IdArray, Tier
 
 __all__ = ["Mover", "RadixIndex"]
@@ -85,7 +87,17 @@ class RadixIndex:
         self._empty = {
             t: Blocks._trusted(t, _EMPTY, a._owner if a is not None else None) for t, a in self._alloc.items()
         }
-        self.counters = {"inserted": 0, "demoted": 0, "promoted": 0, "dropped_device": 0, "dropped_host": 0}
+        self.tails = TailStore(device)
+        self.counters = {
+            "inserted": 0,
+            "demoted": 0,
+            "promoted": 0,
+            "dropped_device": 0,
+            "dropped_host": 0,
+            "tail_hits": 0,
+            "tail_tokens": 0,
+            "dropped_tails": 0,
+        }
         #: called as ``on_removed(namespace, tokens)`` when a prefix stops being cached on every tier
         #: (evicted or deleted): ``tokens`` (int32 array) ends with the first block no longer cached;
         #: every longer prefix through it is gone too. Runs under the pool's lock: keep it short and
@@ -133,6 +145,8 @@ class RadixIndex:
                 raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
             if np.count_nonzero(fresh[1:] <= fresh[:-1]) and np.unique(fresh).size != fresh.size:
                 raise BlockInUseError("the same block is given for two positions")
+            if on_device and len(self.tails) and np.count_nonzero(self.tails.mask[fresh]):
+                raise BlockInUseError("a block kept as a tail (a partly filled block) cannot be indexed whole")
         # -- validated: mutations below cannot fail --
         self._clock += 1
         root = self._roots.get(namespace)
@@ -209,7 +223,10 @@ class RadixIndex:
         if top.lock:
             raise BlockLockedError(f"the prefix is locked by {top.lock} live match(es)")
         removed = sum(n.nblocks for n in _subtree(top))
+        kept = sum(len(n.key) for n in top.path()[:-1])
         self._remove_subtree(top)
+        if len(self.tails):
+            self.tails.drop_under(namespace, key[: nb * self._tb], kept)
         return removed
 
     def promote(self, match: Match) -> bool:
@@ -248,6 +265,77 @@ class RadixIndex:
         match.blocks, match.host_blocks = self._collect(last, match._num_blocks)
         return True
 
+    def insert_tail(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> bool:
+        """Keep ``blocks`` (one device block) as the K/V of ``tokens``' partly filled last block:
+        its last ``len(tokens) % block_size`` tokens (see ``tails.py``).
+
+        The index takes its own reference; the caller keeps (and later frees) theirs and must not
+        write the block's first ``len(tokens) % block_size`` slots again. A tail kept after the
+        same tokens already is replaced (keeping a tail's block again, with more tokens, updates
+        it). Returns ``False`` (nothing changes) when ``tokens`` end on a block boundary: there is
+        no partly filled block (``blocks`` may then be empty).
+        Raises:
+            InvalidTokensError, InvalidArgumentError (not exactly one block), WrongTierError,
+            BlockNotAllocatedError, ForeignBlockError, BlockInUseError (the block is indexed,
+            or is a tail already). On any error nothing changes.
+        """
+        key = encode_tokens(tokens)
+        tier = self._tier(blocks)
+        if tier is not Tier.DEVICE:
+            raise WrongTierError(f"tails live on the device tier, got {tier.value} blocks")
+        ids = self._alloc_of(tier).validate(blocks, held=True)
+        _check_namespace(namespace)
+        cut = len(key) - len(key) % self._tb
+        if cut == len(key) and len(ids) <= 1:
+            return False
+        if len(ids) != 1:
+            raise InvalidArgumentError(f"a tail is one block, got {len(ids)}")
+        block = int(ids[0])
+        holder = self.tails.holds(block)
+        if self._where[tier][block] or (holder is not None and holder != (namespace, key[:cut])):
+            raise BlockInUseError(f"device block {block} is cached already")
+        self.tails.put(namespace, key[:cut], key[cut:], block)
+        return True
+
+    def copy_tail(self, tokens: Any, start: int, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Copy the kept tail that follows ``tokens[:start]`` into ``blocks`` (one device block of the
+        caller's, for positions ``start`` on) and return how many tokens of ``tokens[start:]`` its
+        first slots now hold; 0 (nothing copied) when no tail serves.
+
+        Raises:
+            InvalidTokensError, InvalidArgumentError (``start`` not a block boundary within
+            ``tokens``, not exactly one block), WrongTierError, BlockNotAllocatedError,
+            ForeignBlockError, BlockInUseError (the block is cached: it is not the caller's to
+            write). On any error nothing changes.
+        """
+        key = encode_tokens(tokens)
+        tier = self._tier(blocks)
+        if tier is not Tier.DEVICE:
+            raise WrongTierError(f"tails live on the device tier, got {tier.value} blocks")
+        ids = self._alloc_of(tier).validate(blocks, held=True)
+        if len(ids) != 1:
+            raise InvalidArgumentError(f"a tail is copied into one block, got {len(ids)}")
+        _check_namespace(namespace)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0 or start % self.block_size:
+            raise InvalidArgumentError(f"start must be a multiple of the block size ({self.block_size}), got {start!r}")
+        if start * TOKEN_BYTES > len(key):
+            raise InvalidArgumentError(f"start {start} lies past the {len(key) // TOKEN_BYTES} tokens given")
+        dst = int(ids[0])
+        if self._where[tier][dst] or self.tails.holds(dst) is not None:
+            raise BlockInUseError(f"device block {dst} is cached: copy into a block of your own")
+        if not len(self.tails):
+            return 0
+        cut = start * TOKEN_BYTES
+        src, shared = self.tails.find(namespace, key[:cut], key[cut:])
+        if not shared:
+            return 0
+        if self._mover is None:
+            raise TierUnavailableError("copying a tail needs a mover")
+        self._mover(Tier.DEVICE, np.array([src], dtype=np.int64), Tier.DEVICE, ids)
+        self.counters["tail_hits"] += 1
+        self.counters["tail_tokens"] += shared
+        return shared
+
     def allocate(self, tier: Tier, n: int) -> Blocks | None:
         """Allocate ``n`` blocks of ``tier``, evicting unlocked cached blocks if needed.
 
@@ -257,7 +345,8 @@ class RadixIndex:
         alloc = self._alloc_of(tier)
         short = n - alloc.num_free if isinstance(n, int) else 0
         if short > 0:
-            if short > self._count[tier] - self._locked[tier]:
+            tails = self.tails.freeable() if tier is Tier.DEVICE and len(self.tails) else 0
+            if short > self._count[tier] - self._locked[tier] + tails:
                 return None
             self.evict(tier, short)
         return alloc.allocate(n)
@@ -265,12 +354,17 @@ class RadixIndex:
     def evict(self, tier: Tier, n: int) -> int:
         """Free at least ``n`` blocks of ``tier`` from unlocked cached prefixes, by policy.
 
-        Device blocks are demoted to the host tier when it has (or can make) room, else
-        dropped; host blocks are dropped. Returns how many blocks became free (may be fewer
-        than ``n`` when too little is evictable). O(log n) amortised per evicted node.
+        Tails go first (dropped, least recently used first). Device blocks are demoted to the
+        host tier when it has (or can make) room, else dropped; host blocks are dropped. Returns
+        how many blocks became free (may be fewer than ``n`` when too little is evictable).
+        O(log n) amortised per evicted node.
         """
         heap = self._heaps[tier]
         freed = 0
+        if tier is Tier.DEVICE and len(self.tails):
+            before = len(self.tails)
+            freed = self.tails.drop(n)
+            self.counters["dropped_tails"] += before - len(self.tails)
         while freed < n:
             node = heap.pop()
             if node is None:
@@ -287,20 +381,22 @@ class RadixIndex:
 
     # -- statistics and checks -------------------------------------------------------------
     def cached_blocks(self, tier: Tier) -> int:
-        """Blocks of ``tier`` the index references. O(1)."""
-        return self._count[tier]
+        """Blocks of ``tier`` the index references, tails included. O(1)."""
+        return self._count[tier] + (len(self.tails) if tier is Tier.DEVICE else 0)
 
     def evictable_blocks(self, tier: Tier) -> int:
-        """Cached blocks of ``tier`` in unlocked nodes (they may still be shared with requests). O(1)."""
-        return self._count[tier] - self._locked[tier]
+        """Cached blocks of ``tier`` in unlocked nodes, and tails (they may still be shared with
+        requests). O(1)."""
+        return self.cached_blocks(tier) - self._locked[tier]
 
     def stats(self) -> dict[str, int]:
-        """Counts of nodes, cached, locked and evictable blocks per tier, and event counters."""
-        out = {"nodes": self.num_nodes, **self.counters}
+        """Counts of nodes, cached, locked and evictable blocks per tier (tails included), of
+        tails, and event counters."""
+        out = {"nodes": self.num_nodes, "tails": len(self.tails), **self.counters}
         for tier in Tier:
-            out[f"{tier.value}_cached"] = self._count[tier]
+            out[f"{tier.value}_cached"] = self.cached_blocks(tier)
             out[f"{tier.value}_locked"] = self._locked[tier]
-            out[f"{tier.value}_evictable"] = self._count[tier] - self._locked[tier]
+            out[f"{tier.value}_evictable"] = self.evictable_blocks(tier)
         return out
 
     def check_invariants(self) -> None:
@@ -308,6 +404,7 @@ class RadixIndex:
         from mempool.index.checks import check_index
 
         check_index(self)
+        self.tails.check(self._where[Tier.DEVICE])
 
     def format_tree(self, namespace: Hashable = None, max_tokens: int = 8) -> str:
         """A printable picture of one namespace's tree."""

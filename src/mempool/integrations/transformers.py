@@ -82,6 +82,7 @@ class _BlockTable:
         self.own: Blocks | None = None
         self.ids: list[int] = [] if prefix is None else prefix.blocks.tolist()
         self._index: torch.Tensor | None = None
+        self._slots: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def reserve(self, tokens: int) -> None:
         """Blocks for ``tokens`` tokens; :class:`OutOfBlocksError` if the pool has none to give."""
@@ -93,7 +94,7 @@ class _BlockTable:
             raise OutOfBlocksError(f"the device tier cannot supply {need} more blocks for this sequence")
         self.own = more if self.own is None else self.own.concat(more)
         self.ids += more.tolist()
-        self._index = None
+        self._index = self._slots = None
 
     def index(self) -> torch.Tensor:
         """The block ids as a tensor on the storage's device."""
@@ -101,9 +102,20 @@ class _BlockTable:
             self._index = torch.tensor(self.ids, dtype=torch.long, device=self.storage.device)
         return self._index
 
+    def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block and offset of positions ``start..end-1``, and the blocks of positions ``0..end-1``
+        (computed once per forward: every layer asks for the same)."""
+        if self._slots is None or self._slots[0] != (start, end):
+            index = self.index()
+            pos = torch.arange(start, end, device=index.device)
+            used = index[: -(-end // self.block_size)]
+            self._slots = ((start, end), index[pos // self.block_size], pos % self.block_size, used)
+        return self._slots[1:]
+
     def release(self) -> None:
         """Unlock the prefix and free the own blocks (idempotent)."""
-        match, own, self.match, self.own, self.ids, self._index = self.match, self.own, None, None, [], None
+        match, own, self.match, self.own, self.ids = self.match, self.own, None, None, []
+        self._index = self._slots = None
         if match is not None:
             match.release()
         if own is not None and len(own):
@@ -114,7 +126,7 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One decoder layer's K/V, stored in the pool blocks of a :class:`MemPoolCache`.
 
     ``update`` writes the new K/V into the blocks and returns the layer's whole K/V gathered from
-    them, ``[1, kv_heads, length, head_dim]``.
+    them, ``[1, kv_heads, length, head_dim]`` (the new states themselves when nothing came before).
     """
 
     is_sliding = False
@@ -146,13 +158,12 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
             )
         start, end = self.length, self.length + key_states.shape[-2]
         t.reserve(end)
-        index = t.index()
-        pos = torch.arange(start, end, device=index.device)
-        block, offset = index[pos // t.block_size], pos % t.block_size
+        block, offset, used = t.slots(start, end)
         keys[block, offset] = key_states[0].transpose(0, 1)
         values[block, offset] = value_states[0].transpose(0, 1)
         self.length = end
-        used = index[: -(-end // t.block_size)]
+        if start == 0:  # nothing before them: the layer's K/V are the new states themselves
+            return key_states, value_states
         k = gather_view(keys, used).flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
         v = gather_view(values, used).flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
         return k, v
@@ -183,8 +194,9 @@ class MemPoolCache(Cache):  # type: ignore[misc]
     """An HF ``Cache`` for one sequence whose K/V live in MemPool blocks.
 
     Made with a ``prompt``, it starts holding the longest cached prefix of it (whole blocks on the
-    device tier, promoted from the host tier when there is room, locked while the cache lives),
-    so HF computes only the rest. :meth:`commit` caches the sequence's whole blocks in the pool;
+    device tier, promoted from the host tier when there is room, locked while the cache lives,
+    then what a kept tail holds of the next block, copied into a block of its own), so HF
+    computes only the rest. :meth:`commit` caches the sequence's whole blocks in the pool;
     :meth:`close` (or leaving the ``with`` block) gives the cache's blocks back. A cache is used by
     one thread at a time; many caches may share one pool across threads.
     """
@@ -198,13 +210,23 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         self.cached_tokens = 0 if match is None else match.num_tokens
         self._table = _BlockTable(pool, match)
         self._closed = False
-        self._layers = [MemPoolLayer(self._table, i, self.cached_tokens) for i in range(pool.config.num_layers)]
-        layers: list[Any] = list(self._layers)
         try:
+            if match is not None:  # a few more tokens, from a finished sequence's partly filled last block
+                self.cached_tokens += self._copy_tail(namespace)
+            self._layers = [MemPoolLayer(self._table, i, self.cached_tokens) for i in range(pool.config.num_layers)]
+            layers: list[Any] = list(self._layers)
             super().__init__(layers=layers)
         except BaseException:
             self.close()
             raise
+
+    def _copy_tail(self, namespace: Any) -> int:
+        try:
+            self._table.reserve(self.cached_tokens + 1)
+        except OutOfBlocksError:
+            return 0  # no block to copy into: HF computes those tokens (and asks for blocks itself)
+        assert self._table.own is not None
+        return self.pool.copy_tail(self.prompt[:-1], self.cached_tokens, self._table.own[-1:], namespace)
 
     @property
     def computed_tokens(self) -> int:
@@ -212,19 +234,21 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         return self._layers[0].length - self.cached_tokens
 
     def commit(self, tokens: Iterable[int]) -> int:
-        """Cache the whole blocks of ``tokens`` (the sequence: prompt + output) that hold K/V;
-        returns how many blocks the pool newly indexed."""
+        """Cache the whole blocks of ``tokens`` (the sequence: prompt + output) that hold K/V, and
+        the partly filled last one as a tail (see :meth:`MemPool.insert_tail`); returns how many
+        whole blocks the pool newly indexed."""
         if self._closed:
             raise InvalidArgumentError("the cache is closed")
         seq = [int(t) for t in tokens]
         length = min(layer.length for layer in self._layers)
         if len(seq) < length or seq[: len(self.prompt)] != self.prompt[: len(seq)]:
             raise InvalidArgumentError("tokens must be the cache's sequence: its prompt, then what was generated")
-        full = length // self._table.block_size
-        if not full:
-            return 0
-        blocks = Blocks(Tier.DEVICE, self._table.ids[:full])
-        return self.pool.insert(seq[: full * self._table.block_size], blocks, self.namespace)
+        full, part = divmod(length, self._table.block_size)
+        ids = self._table.ids
+        added = self.pool.insert(seq[: full * self._table.block_size], Blocks(Tier.DEVICE, ids[:full]), self.namespace)
+        if part:  # the partly filled last block, for a prompt that continues this sequence
+            self.pool.insert_tail(seq[:length], Blocks(Tier.DEVICE, ids[full : full + 1]), self.namespace)
+        return added
 
     def close(self) -> None:
         """Give the blocks back: unlock the prefix, free the rest (what was committed stays cached)."""

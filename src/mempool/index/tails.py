@@ -1,0 +1,124 @@
+"""Partly filled last blocks of finished sequences ("tails"), reused token by token.
+
+The radix tree caches whole blocks only. A sequence's last block usually holds the K/V of a few
+more tokens (``block_size - 1`` at most); a later prompt that continues the sequence, such as the
+next turn of a chat, would compute them again. A tail keeps that block, keyed by the exact tokens
+before it, and a request whose prompt continues those tokens copies it into a block of its own
+(copy on write: a tail is never written) and computes only what follows.
+
+The K/V of a position depends on the tokens up to it only, so a tail serves any prompt that
+shares its first ``j`` tokens: the copy's first ``j`` slots are valid, whatever the rest holds.
+
+Tails live on the device tier, hold one allocator reference each, and are what the tier gives up
+first when it is short (least recently used first, before any indexed block is evicted).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import numpy as np
+
+from mempool.alloc.allocator import BlockAllocator
+from mempool.index.keys import TOKEN_BYTES, common_prefix_tokens
+from mempool.types import Blocks, Tier
+
+__all__ = ["TailStore"]
+
+_Key = tuple[Hashable, bytes]
+
+
+class TailStore:
+    """Tails by ``(namespace, key of the tokens before them)``; at most one per key (the latest).
+
+    Plain bookkeeping: the caller (:class:`~mempool.index.radix.RadixIndex`) validates blocks,
+    copies K/V and serialises calls.
+    """
+
+    def __init__(self, alloc: BlockAllocator) -> None:
+        self._alloc = alloc
+        # (namespace, prefix key) -> (the tail's token key, its block); oldest use first
+        self._tails: OrderedDict[_Key, tuple[bytes, int]] = OrderedDict()
+        self._blocks: dict[int, _Key] = {}  # block id -> the tail holding it
+        self.mask = np.zeros(alloc.capacity, dtype=bool)  # block id -> held by a tail
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+    def holds(self, block: int) -> _Key | None:
+        """The key of the tail holding ``block``, if one does."""
+        return self._blocks.get(block)
+
+    def put(self, namespace: Hashable, prefix: bytes, tail: bytes, block: int) -> None:
+        """Keep ``block`` (the caller's, validated, not another key's tail) as the K/V of ``tail`` after
+        ``prefix``; a tail already kept there is dropped."""
+        key = (namespace, prefix)
+        self._alloc._retain(np.array([block], dtype=np.int64))  # first: the drop may release the same block
+        self.drop_key(key)
+        self._tails[key] = (tail, block)
+        self._blocks[block] = key
+        self.mask[block] = True
+
+    def find(self, namespace: Hashable, prefix: bytes, following: bytes) -> tuple[int, int]:
+        """The tail after ``prefix`` and how many of its tokens ``following`` starts with:
+        ``(block, tokens)``, or ``(-1, 0)`` when none serves. A hit counts as a use."""
+        key = (namespace, prefix)
+        got = self._tails.get(key)
+        if got is None:
+            return -1, 0
+        tail, block = got
+        shared = common_prefix_tokens(tail, following[: len(tail)])
+        if shared:
+            self._tails.move_to_end(key)
+        return block, shared
+
+    def drop_key(self, key: _Key) -> int:
+        """Drop the tail at ``key`` if any; returns how many blocks became free (0 or 1)."""
+        got = self._tails.pop(key, None)
+        if got is None:
+            return 0
+        del self._blocks[got[1]]
+        self.mask[got[1]] = False
+        return self._alloc.free(Blocks._trusted(Tier.DEVICE, np.array([got[1]], dtype=np.int64), None))
+
+    def drop(self, free: int) -> int:
+        """Drop the least recently used tails until ``free`` blocks became free (or none is left);
+        returns how many did."""
+        freed = 0
+        while freed < free and self._tails:
+            freed += self.drop_key(next(iter(self._tails)))
+        return freed
+
+    def drop_under(self, namespace: Hashable, prefix: bytes, kept: int) -> int:
+        """Drop every tail of ``namespace`` that holds a token of ``prefix`` past its first ``kept``
+        bytes, or a continuation of it; returns how many tails were dropped."""
+        doomed = []
+        for key, (tail, _) in self._tails.items():
+            whole = key[1] + tail
+            if key[0] == namespace and len(whole) > kept and whole[: len(prefix)] == prefix[: len(whole)]:
+                doomed.append(key)
+        for key in doomed:
+            self.drop_key(key)
+        return len(doomed)
+
+    def freeable(self) -> int:
+        """Tails whose block only the store references (dropping them frees that many blocks)."""
+        if not self._blocks:
+            return 0
+        ids = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
+        return int(np.count_nonzero(self._alloc._refs[ids] == 1))
+
+    def tokens(self) -> int:
+        """Tokens the tails hold."""
+        return sum(len(tail) for tail, _ in self._tails.values()) // TOKEN_BYTES
+
+    def check(self, where: np.ndarray) -> None:
+        """Assert the store's invariants; ``where``: the tree's device block -> node map."""
+        assert len(self._blocks) == len(self._tails), "a block held by two tails, or a stale block map"
+        for key, (tail, block) in self._tails.items():
+            assert self._blocks.get(block) == key and self.mask[block], (key, block)
+            assert 0 < len(tail) and len(tail) % TOKEN_BYTES == 0, key
+            assert self._alloc._refs[block] >= 1, f"tail block {block} is free in the allocator"
+            assert where[block] == 0, f"tail block {block} is also indexed as a whole block"
+        assert int(np.count_nonzero(self.mask)) == len(self._blocks), "stale tail mask"
