@@ -18,14 +18,14 @@ import pytest
 import torch
 
 from benchmarks.hf_models import hf_llama
-from benchmarks.timing import best
+from benchmarks.timing import best, settle
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, Tokenizer, load_pretrained, preset
 
 transformers = pytest.importorskip("transformers")
 
 PREFILL = [128, 512, 1000, 2000]
 DECODE_CONTEXT = 256
-ROUNDS = 3  # multi-turn replays, each caching off and on
+ROUNDS = 5  # multi-turn replays, each caching off and on
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def models() -> tuple[LlamaModel, Any]:
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         ours = load_pretrained(Path(folder))
+    settle()
     return ours, hf
 
 

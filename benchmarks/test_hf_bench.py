@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from benchmarks.hf_models import hf_llama
+from benchmarks.timing import settle
 from mempool import MemPool
 from memserve import Tokenizer, preset
 
@@ -64,6 +65,7 @@ def test_generate_ttft_mempool_vs_default_cache(report: Any) -> None:
     from memserve.sharegpt import load_conversations
 
     model = hf_llama(preset("default"), attn="sdpa")
+    settle()
     pool = MemPool(pool_config_for(model, device_blocks=4096, host_blocks=4096))
     gen = PoolGenerator(model, pool)
     tok = Tokenizer("llama3")
@@ -125,6 +127,7 @@ def test_cold_prompt_ttft_mempool_vs_default_cache(report: Any) -> None:
     from memserve.sharegpt import load_conversations
 
     model = hf_llama(preset("default"), attn="sdpa")
+    settle()
     pool = MemPool(pool_config_for(model, device_blocks=4096))
     tok = Tokenizer("llama3")
     prompts = [tok.chat([{"role": "user", "content": c.rounds[0][0]}]) for c in load_conversations(200, min_rounds=1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,3 +19,11 @@ def best(fn: Callable[[], Any], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - a)
     return float(np.median(times))
+
+
+def settle() -> None:
+    """Collect garbage now and freeze what survives (models, libraries): a full pass of Python's
+    cyclic collector walks every live object (~0.2 s here) and would otherwise land in one
+    timed request at random. Serving processes do the same after startup (memserve's instances)."""
+    gc.collect()
+    gc.freeze()
