@@ -181,3 +181,27 @@ def test_delete_drops_the_tails_of_what_it_removes() -> None:
     assert pool.copy_tail([300, 301, 9], 0, own) == 2
     pool.free(own)
     pool.check_invariants()
+
+
+def test_delete_drops_every_tail_below_the_node_it_removes() -> None:
+    pool = make_pool()
+    finished(pool, list(range(100, 114)))  # one edge of 3 blocks, tail 112 113
+    # this prompt shares 2 blocks of that edge, then differs: the whole edge goes, and its tail
+    assert pool.delete(list(range(100, 108)) + [1, 2, 3, 4]) == 3
+    assert pool.stats()["index"]["tails"] == 0 and pool.stats()["device"]["used"] == 0
+    pool.check_invariants()
+
+
+def test_eviction_keeps_a_tail_whose_sequence_still_holds_its_block() -> None:
+    pool = make_pool(device_blocks=4, host_blocks=0)
+    finished(pool, list(range(100, 104)))  # one indexed block, nobody else's
+    block = pool.alloc(1)
+    assert block is not None
+    pool.insert_tail([200, 201], block)  # its sequence still holds the block
+    got = pool.alloc(3)  # 1 short: dropping the tail would free nothing, so the indexed block goes
+    assert got is not None
+    s = pool.stats()["index"]
+    assert s["tails"] == 1 and s["dropped_tails"] == 0 and s["dropped_device"] == 1
+    pool.free(got)
+    pool.free(block)
+    pool.check_invariants()

@@ -3,7 +3,8 @@
 Edges are whole blocks of ``block_size`` tokens; a node's edge may span many blocks and is
 split at a block boundary when a prefix diverges or part of it is evicted. A sequence's partly
 filled last block is not in the tree: it can be kept as a *tail* (``tails.py``). See
-``node.py`` for the residency rules and ``eviction.py`` for the candidate heaps. The index holds one allocator reference per block it indexes.
+``node.py`` for the residency rules and ``eviction.py`` for the candidate heaps. The index holds
+one allocator reference per block it indexes.
 
 Not thread-safe on its own: :class:`~mempool.pool.MemPool` serialises calls, and ``guard``
 (the pool's lock) is what a :class:`Match` takes when it is released.
@@ -223,10 +224,10 @@ class RadixIndex:
         if top.lock:
             raise BlockLockedError(f"the prefix is locked by {top.lock} live match(es)")
         removed = sum(n.nblocks for n in _subtree(top))
-        kept = sum(len(n.key) for n in top.path()[:-1])
+        kept = b"".join(n.key for n in top.path()[:-1])  # what stays cached: the tails past it go
         self._remove_subtree(top)
         if len(self.tails):
-            self.tails.drop_under(namespace, key[: nb * self._tb], kept)
+            self.tails.drop_under(namespace, kept + top.key[: self._tb], len(kept))
         return removed
 
     def promote(self, match: Match) -> bool:

@@ -83,16 +83,21 @@ class TailStore:
         return self._alloc.free(Blocks._trusted(Tier.DEVICE, np.array([got[1]], dtype=np.int64), None))
 
     def drop(self, free: int) -> int:
-        """Drop the least recently used tails until ``free`` blocks became free (or none is left);
-        returns how many did."""
+        """Drop the least recently used tails whose block only the store references until ``free``
+        blocks became free (or none is left); returns how many did. A tail whose sequence still
+        holds its block stays: dropping it would free nothing."""
         freed = 0
-        while freed < free and self._tails:
-            freed += self.drop_key(next(iter(self._tails)))
+        for key, (_, block) in list(self._tails.items()):
+            if freed >= free:
+                break
+            if self._alloc._refs[block] == 1:
+                freed += self.drop_key(key)
         return freed
 
     def drop_under(self, namespace: Hashable, prefix: bytes, kept: int) -> int:
-        """Drop every tail of ``namespace`` that holds a token of ``prefix`` past its first ``kept``
-        bytes, or a continuation of it; returns how many tails were dropped."""
+        """Drop every tail of ``namespace`` whose tokens run past the first ``kept`` bytes of
+        ``prefix`` and agree with it that far (so continue it, or end inside it); returns how
+        many tails were dropped."""
         doomed = []
         for key, (tail, _) in self._tails.items():
             whole = key[1] + tail
