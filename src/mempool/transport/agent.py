@@ -141,6 +141,7 @@ class TransferAgent:
         self._backend: DataBackend | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._receiving = 0  # transfers to this agent not yet cleaned up (a dropped peer's included)
         self.address: tuple[str, int] | None = None
         #: fault-injection hooks for tests: pause after each data message this agent sends, and
         #: pace the data sent to a peer (by name) to at most that many bytes per second
@@ -200,7 +201,7 @@ class TransferAgent:
     def in_flight(self) -> dict[str, int]:
         """Transfers under way now: ``sending`` (this agent's) and ``receiving`` (peers' to it)."""
         peers = list(self._peers.values())
-        return {"sending": sum(len(p.waiting) for p in peers), "receiving": sum(len(p.serving) for p in peers)}
+        return {"sending": sum(len(p.waiting) for p in peers), "receiving": self._receiving}
 
     def connect(self, name: str, host: str, port: int) -> None:
         """Handshake with the pool listening at ``host:port``, which must call itself ``name``.
@@ -633,6 +634,7 @@ class TransferAgent:
         staging: list[torch.Tensor] = []
         inflight: list[asyncio.Task[None]] = []
         reserved: str | None = None
+        self._receiving += 1  # until every block of it is back: a dropped peer's transfers still count
         try:
             n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
             if not isinstance(n, int) or n <= 0 or (key is not None and not isinstance(key, str)):
@@ -705,17 +707,20 @@ class TransferAgent:
             if peer.alive:
                 await self._fail(peer, xid, "bad_request", str(exc))
         finally:
-            await _settle(inflight)  # nothing may still write into dst or staging
-            if dst is not None:
-                self._pool.free(dst)
-            if match is not None:
-                match.release()
-            if reserved is not None:
-                with self._receipts_lock:
-                    self._incoming.discard(reserved)
-            for buf in staging:
-                self._give_staging(buf)
-            peer.serving.pop(xid, None)
+            try:
+                await _settle(inflight)  # nothing may still write into dst or staging
+                if dst is not None:
+                    self._pool.free(dst)
+                if match is not None:
+                    match.release()
+                if reserved is not None:
+                    with self._receipts_lock:
+                        self._incoming.discard(reserved)
+                for buf in staging:
+                    self._give_staging(buf)
+                peer.serving.pop(xid, None)
+            finally:
+                self._receiving -= 1
 
     def _pull_source(self, peer: _Peer, pull: Any, n: int) -> tuple[torch.Tensor, IdArray, float] | None:
         """The sender's mapped rows, block ids and deadline, if this transfer can be pulled.
