@@ -205,3 +205,32 @@ def test_eviction_keeps_a_tail_whose_sequence_still_holds_its_block() -> None:
     pool.free(got)
     pool.free(block)
     pool.check_invariants()
+
+
+def test_a_tail_that_its_sequence_fills_up_becomes_a_whole_block() -> None:
+    pool = make_pool()
+    tokens = list(range(100, 106))  # one whole block, and a tail of 2
+    blocks = pool.alloc(2)
+    assert blocks is not None
+    pool.insert(tokens, blocks[:1])
+    pool.insert_tail(tokens, blocks[1:])
+    more = tokens + [106, 107]  # the same sequence, on: the tail's block is whole now
+    assert pool.insert(more, blocks) == 1
+    s = pool.stats()
+    assert s["index"]["tails"] == 0 and s["device"]["cached"] == 2
+    other = pool.alloc(2)
+    assert other is not None
+    pool.insert(list(range(200, 206)), other[:1])
+    pool.insert_tail(list(range(200, 206)), other[1:])
+    before = pool.stats()
+    with pytest.raises(BlockInUseError):  # the tail of other tokens: never indexed as these
+        pool.insert(
+            list(range(100, 104)) + [204, 205, 9, 9], Blocks(Tier.DEVICE, [blocks.tolist()[0], other.tolist()[1]])
+        )
+    with pytest.raises(BlockInUseError):  # its own tokens, but diverging from what the tail holds
+        pool.insert(list(range(200, 204)) + [204, 7, 9, 9], other)
+    assert pool.stats() == before
+    pool.free(blocks)
+    pool.free(other)
+    pool.check_invariants()
+    assert pool.stats()["device"]["used"] == 4

@@ -118,8 +118,9 @@ class RadixIndex:
         Raises:
             InvalidTokensError, InvalidArgumentError (more blocks than full token blocks),
             BlockNotAllocatedError, ForeignBlockError, WrongTierError, TierUnavailableError,
-            BlockInUseError (a block held by the index for another prefix, or given twice).
-            On any error nothing changes.
+            BlockInUseError (a block held by the index for another prefix, or given twice, or
+            kept as the tail of other tokens; a tail that ``tokens`` fill up becomes a whole
+            block). On any error nothing changes.
         Complexity: O(n) to encode tokens, O(depth) dict probes, O(log n) per heap update.
         """
         key = encode_tokens(tokens)
@@ -146,8 +147,9 @@ class RadixIndex:
                 raise BlockInUseError(f"{tier.value} blocks {taken[:8].tolist()} are indexed for another prefix")
             if np.count_nonzero(fresh[1:] <= fresh[:-1]) and np.unique(fresh).size != fresh.size:
                 raise BlockInUseError("the same block is given for two positions")
-            if on_device and len(self.tails) and np.count_nonzero(self.tails.mask[fresh]):
-                raise BlockInUseError("a block kept as a tail (a partly filled block) cannot be indexed whole")
+        grown = []  # tails this insert fills up: their blocks become whole blocks of the same tokens
+        if on_device and fresh.size and len(self.tails) and np.count_nonzero(self.tails.mask[fresh]):
+            grown = self._grown_tails(fresh[self.tails.mask[fresh]], ids, key, namespace)
         # -- validated: mutations below cannot fail --
         self._clock += 1
         root = self._roots.get(namespace)
@@ -161,6 +163,8 @@ class RadixIndex:
                     bare[-1] = head
         if fresh.size:  # the index's references to every block it takes, in one call
             self._alloc_of(tier)._retain(fresh)
+        for tail_key in grown:  # after the index's own reference: dropping the tail's frees nothing
+            self.tails.drop_key(tail_key)
         added = 0
         for node, m, p in bare:
             self._attach(node, tier, ids[p : p + m])
@@ -336,6 +340,23 @@ class RadixIndex:
         self.counters["tail_hits"] += 1
         self.counters["tail_tokens"] += shared
         return shared
+
+    def _grown_tails(self, blocks: IdArray, ids: IdArray, key: bytes, namespace: Hashable) -> list[Any]:
+        """The keys of the tails held by ``blocks`` (among ``ids``, given for ``key``) that an insert
+        fills up: each kept after exactly the tokens before its position, with tokens that ``key``
+        continues. Raises ``BlockInUseError`` for a tail of anything else."""
+        out = []
+        for block in blocks.tolist():
+            holder = self.tails.holds(block)
+            start = int(np.flatnonzero(ids == block)[0]) * self._tb
+            if (
+                holder is None
+                or holder != (namespace, key[:start])
+                or not key[start:].startswith(self.tails.tail(holder))
+            ):
+                raise BlockInUseError(f"device block {block} is kept as the partly filled block of other tokens")
+            out.append(holder)
+        return out
 
     def allocate(self, tier: Tier, n: int) -> Blocks | None:
         """Allocate ``n`` blocks of ``tier``, evicting unlocked cached blocks if needed.

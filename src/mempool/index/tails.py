@@ -60,6 +60,10 @@ class TailStore:
         self._blocks[block] = key
         self.mask[block] = True
 
+    def tail(self, key: _Key) -> bytes:
+        """The token key of the tail at ``key`` (which must exist)."""
+        return self._tails[key][0]
+
     def find(self, namespace: Hashable, prefix: bytes, following: bytes) -> tuple[int, int]:
         """The tail after ``prefix`` and how many of its tokens ``following`` starts with:
         ``(block, tokens)``, or ``(-1, 0)`` when none serves. A hit counts as a use."""
