@@ -118,10 +118,6 @@ class TailStore:
         ids = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
         return int(np.count_nonzero(self._alloc._refs[ids] == 1))
 
-    def tokens(self) -> int:
-        """Tokens the tails hold."""
-        return sum(len(tail) for tail, _ in self._tails.values()) // TOKEN_BYTES
-
     def check(self, where: np.ndarray) -> None:
         """Assert the store's invariants; ``where``: the tree's device block -> node map."""
         assert len(self._blocks) == len(self._tails), "a block held by two tails, or a stale block map"
