@@ -178,7 +178,8 @@ class MemPool:
             self.index.on_removed = callback
 
     def evict(self, n: int, tier: Tier | str = Tier.DEVICE) -> int:
-        """Free up to ``n`` blocks of ``tier`` from unlocked cached prefixes; returns how many."""
+        """Free up to ``n`` blocks of ``tier``: tails first, then unlocked cached prefixes (device
+        blocks demoted to the host tier where it has room); returns how many."""
         tier = _as_tier(tier)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise InvalidArgumentError(f"n must be an int >= 0, got {n!r}")
