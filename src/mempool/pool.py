@@ -307,23 +307,27 @@ class MemPool:
         """Send the KV of ``tokens``' first ``len(blocks)`` blocks to ``peer`` and cache it there.
 
         The receiver first matches the prefix it already caches (``skipped_blocks``), so only
-        the missing blocks travel; it inserts them only after every byte has landed.
+        the missing blocks travel; it inserts them only after every byte has landed. A last
+        block that ``tokens`` fill only partly (``len(blocks) == ceil(len(tokens) / block_size)``)
+        travels too and is kept there as a tail (:meth:`insert_tail`): a prompt that continues
+        ``tokens`` then reuses every token of it.
 
         Returns:
             what moved; ``None`` when the receiver has no room (back-pressure).
         Raises:
-            InvalidTokensError, InvalidArgumentError (more blocks than full token blocks, or a
+            InvalidTokensError, InvalidArgumentError (more blocks than ``tokens`` reach into, or a
             namespace that is not None/str/int), the block errors, UnknownPeerError, TransferError.
         """
         key = encode_tokens(tokens)
         check_namespace(namespace)
         n = len(blocks) if isinstance(blocks, Blocks) else 0
-        if n * self.config.block_size * 4 > len(key):
-            raise InvalidArgumentError(f"{n} blocks need {n * self.config.block_size} tokens, got {len(key) // 4}")
+        bs = self.config.block_size
+        if n and len(key) <= (n - 1) * bs * 4:
+            raise InvalidArgumentError(f"{n} blocks need more than {(n - 1) * bs} tokens, got {len(key) // 4}")
         agent = self._transport()
         self.share(blocks)
         try:
-            return agent.transfer(peer, blocks.ids, blocks.tier, None, key[: n * self.config.block_size * 4], namespace)
+            return agent.transfer(peer, blocks.ids, blocks.tier, None, key[: n * bs * 4], namespace)
         finally:
             self.free(blocks)
 

@@ -10,7 +10,7 @@ import pytest
 from memserve.launch import Cluster
 from memserve.stages import STAGES
 
-from .helpers import get, hand_started, wait_for
+from .helpers import drained, get, hand_started, wait_for
 from .helpers import post_ok as post
 
 pytest.importorskip("aiohttp")
@@ -78,6 +78,22 @@ def test_caching_stages_move_fewer_blocks_on_the_second_turn() -> None:
         moved = second_turn_blocks(stage)
         assert moved < basic, (stage, moved, basic)
         assert moved <= 2  # only the blocks decode does not already cache
+
+
+def test_insert_handoff_and_send_back_carry_the_partly_filled_last_block() -> None:
+    """``transfer_with_insert`` sends a sequence's partly filled last block too, and the peer keeps
+    it as a tail: decode computes only the prefill's token, and (stage 3) the prefill instance's
+    next turn reuses every token the decode instance computed."""
+    with Cluster("pd-caching-3", **SMALL) as c:
+        prompt = list(range(3000, 3100))  # 6 blocks of 16 and 4 tokens
+        r = post(f"{c.url}/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True})
+        decode = get(f"{c.url}/admin/stats")["instances"]["decode-1"]["counters"]
+        assert (decode["prompt_tokens"], decode["cached_tokens"]) == (100, 100)  # 96 indexed + a 4-token tail
+        turn2 = prompt + r["choices"][0]["token_ids"] + list(range(4000, 4010))
+        post(f"{c.url}/v1/completions", {"prompt": turn2, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        prefill = drained(c.url)["instances"]["prefill-0"]["counters"]
+        # decode sent back the K/V of 100 + 19 tokens (the last output has none): 7 blocks and a 7-token tail
+        assert prefill["cached_tokens"] == 119
 
 
 def test_openai_client_completes_chats_and_streams() -> None:

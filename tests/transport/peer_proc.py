@@ -117,6 +117,14 @@ class Peer:
         if op == "match_tail":  # digest of the matched blocks after the first skip_blocks
             with pool.match(cmd["tokens"], cmd.get("ns")) as m:
                 return {"digest": digest(pool, m.blocks[cmd["skip_blocks"] :])}
+        if op == "copy_tail":  # the tail kept after tokens[:start], copied into a block of our own
+            own = pool.alloc(1)
+            assert own is not None
+            try:
+                n = pool.copy_tail(cmd["tokens"], cmd["start"], own, cmd.get("ns"))
+                return {"tokens": n, "digest": digest(pool, own) if n else None}
+            finally:
+                pool.free(own)
         if op == "digest_rows":
             return {"digest": digest(pool, self.handles[cmd["handle"]][cmd["start"] : cmd["stop"]])}
         if op == "digest":

@@ -73,6 +73,36 @@ def test_transfer_with_insert_sends_only_missing_blocks(spawn, path: str) -> Non
     assert decode.ok("state")["transport"]["received"] == 3  # the three transfers above, no more
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_transfer_with_insert_keeps_a_partly_filled_last_block_as_a_tail(spawn, path: str) -> None:
+    prefill = spawn("prefill", **path_config(path))
+    decode = spawn("decode", **path_config(path))
+    prefill.connect_to(decode)
+    seq = [*toks(3), 901, 902]  # 3 full blocks, then 2 tokens of a fourth
+    prefill.ok("alloc_fill", name="seq", n=4, layout="scattered", seed=3)
+    res = prefill.ok("send_insert", peer="decode", tokens=seq, handle="seq")["result"]
+    assert (res["sent"], res["skipped"]) == (4, 0)
+    hit = decode.ok("match", tokens=seq)  # the whole blocks, indexed
+    assert (
+        hit["num_tokens"] == 12 and hit["digest"] == prefill.ok("digest_rows", handle="seq", start=0, stop=3)["digest"]
+    )
+    # the next turn continues the sequence: the tail serves its 2 tokens, bit for bit
+    got = decode.ok("copy_tail", tokens=[*seq, 903], start=12)
+    assert got["tokens"] == 2 and got["digest"] == prefill.ok("digest_rows", handle="seq", start=3, stop=4)["digest"]
+    state = decode.ok("state")
+    assert state["device_used"] == state["device_cached"] == 4  # 3 indexed + 1 tail, nothing else held
+    # again, one token longer: the whole blocks are there, only the new tail travels (and replaces the old)
+    prefill.ok("alloc_fill", name="seq2", n=4, seed=4)
+    res2 = prefill.ok("send_insert", peer="decode", tokens=[*seq, 903], handle="seq2")["result"]
+    assert (res2["sent"], res2["skipped"]) == (1, 3)
+    assert decode.ok("copy_tail", tokens=[*seq, 903, 904], start=12)["tokens"] == 3
+    assert decode.ok("state")["device_used"] == 4
+    # more blocks than the tokens reach into: refused before anything moves
+    out = prefill.call("send_insert", peer="decode", tokens=toks(3), handle="seq")
+    assert out["error"] == "InvalidArgumentError", out
+    assert prefill.ok("state")["transport"]["failed"] == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_wrong_secret_is_refused_on_both_sides(spawn, backend: str) -> None:
     a = spawn("a", backend=backend)

@@ -21,7 +21,8 @@ secret (the scheduler, the launcher) drive an instance; a wrong or missing token
 
 ``handoff`` ``{"peer", "mode": "transfer" | "insert"}``: after the first token, send the prompt's KV
 to ``peer`` (``transfer`` under the request id, partial last block included; or
-``transfer_with_insert`` of the full blocks, which only sends what the peer does not cache).
+``transfer_with_insert``, which sends only the whole blocks the peer does not cache, and the
+partly filled last one, which the peer keeps as a tail).
 ``kv_key``: claim KV a prefill instance transferred under that key and continue from it.
 ``send_back`` ``{"peer"}``: when finished, ``transfer_with_insert`` the prompt + output KV to ``peer``.
 """
@@ -285,9 +286,8 @@ class Instance:
         try:
             if mode == "transfer":
                 result = self.pool.transfer(peer, blocks, key=rid)
-            else:
-                full = len(kv_tokens) // self.config.block_size
-                result = self.pool.transfer_with_insert(peer, kv_tokens[: full * self.config.block_size], blocks[:full])
+            else:  # the partly filled last block too: the peer keeps it as a tail
+                result = self.pool.transfer_with_insert(peer, kv_tokens, blocks)
             done["transfer"] = {"mode": mode, **_transfer_summary(result)}
         except Exception as exc:  # reported to the scheduler, which falls back to recomputation
             done["transfer"] = {"error": f"{type(exc).__name__}: {exc}"}

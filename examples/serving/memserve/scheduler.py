@@ -422,9 +422,9 @@ class Scheduler:
         n, size = len(tokens), self.trees["decode"].block_size
         if self.stage.handoff == "transfer":  # every block, the partial last one too
             have, blocks = 0, -(-n // size)
-        else:  # transfer_with_insert of the whole blocks decode lacks
+        else:  # transfer_with_insert of the whole blocks decode lacks, and the partly filled last one
             have = self.trees["decode"].match(tokens, time.monotonic()).get(decode.name, 0)
-            blocks = n // size - have // size
+            blocks = -(-n // size) - have // size
         return self._transfer_pays("handoff", prefill, decode, n, have, n, blocks)
 
     # -- requests ------------------------------------------------------------------------------

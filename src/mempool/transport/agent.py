@@ -80,6 +80,7 @@ class PoolOps(Protocol):
     def share(self, blocks: Blocks) -> None: ...
     def match(self, tokens: Any, namespace: Hashable = ..., *, promote: bool = ...) -> Match: ...
     def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> int: ...
+    def insert_tail(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> bool: ...
     def storage(self, tier: Tier = ...) -> KVStorage: ...
 
 
@@ -646,10 +647,14 @@ class TransferAgent:
             tokens = None
             if "tokens" in msg:
                 tokens = np.frombuffer(unpack_bytes(msg["tokens"]), dtype=np.int32)
-                if len(tokens) < n * self._block_size:
-                    return await self._fail(peer, xid, "bad_request", f"{n} blocks need {n * self._block_size} tokens")
+                if len(tokens) <= (n - 1) * self._block_size:
+                    return await self._fail(
+                        peer, xid, "bad_request", f"{n} blocks need > {(n - 1) * self._block_size} tokens"
+                    )
+                # a partly filled last block is kept as a tail (MemPool.insert_tail)
                 tokens = tokens[: n * self._block_size]
-                match = self._pool.match(tokens, ns, promote=True)
+                whole = len(tokens) // self._block_size
+                match = self._pool.match(tokens[: whole * self._block_size], ns, promote=True)
                 skip = len(match.blocks)
             elif key is None:
                 return await self._fail(peer, xid, "bad_request", "a transfer needs a key or tokens")
@@ -684,7 +689,10 @@ class TransferAgent:
             if tokens is not None:
                 assert match is not None
                 full = match.blocks if dst is None else match.blocks.concat(dst)
-                self._pool.insert(tokens, full, ns)
+                whole = len(tokens) // self._block_size
+                self._pool.insert(tokens[: whole * self._block_size], full[:whole], ns)
+                if whole < n:
+                    self._pool.insert_tail(tokens, full[whole:], ns)
             else:
                 assert dst is not None and key is not None
                 with self._receipts_lock:
