@@ -97,6 +97,13 @@ def test_transfer_with_insert_keeps_a_partly_filled_last_block_as_a_tail(spawn, 
     assert (res2["sent"], res2["skipped"]) == (1, 3)
     assert decode.ok("copy_tail", tokens=[*seq, 903, 904], start=12)["tokens"] == 3
     assert decode.ok("state")["device_used"] == 4
+    # a sequence shorter than a block: its one block travels as a tail, nothing is indexed
+    prefill.ok("alloc_fill", name="short", n=1, seed=5)
+    res3 = prefill.ok("send_insert", peer="decode", tokens=[7, 8, 9], handle="short")["result"]
+    assert (res3["sent"], res3["skipped"]) == (1, 0)
+    short = decode.ok("copy_tail", tokens=[7, 8, 9, 10], start=0)
+    assert short["tokens"] == 3 and short["digest"] == prefill.ok("digest", handle="short")["digest"]
+    assert decode.ok("state")["device_used"] == 5
     # more blocks than the tokens reach into: refused before anything moves
     out = prefill.call("send_insert", peer="decode", tokens=toks(3), handle="seq")
     assert out["error"] == "InvalidArgumentError", out
