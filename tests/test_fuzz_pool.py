@@ -83,6 +83,13 @@ class PoolFuzz(RuleBasedStateMachine):
     def insert_tail(self, data: st.DataObject, tokens: Any, namespace: Any) -> None:
         self.call(self.pool.insert_tail, tokens, self.pick(data), namespace)
 
+    @rule(data=st.data(), tokens=TOKENS, namespace=st.sampled_from([None, "a", []]))
+    def insert_sequence(self, data: st.DataObject, tokens: Any, namespace: Any) -> None:
+        before = self.pool.stats(), [a._refs.tolist() for a in self.pool._alloc.values()]
+        ok, _ = self.call(self.pool.insert_sequence, tokens, self.pick(data), namespace)
+        if not ok:  # all or nothing
+            assert (self.pool.stats(), [a._refs.tolist() for a in self.pool._alloc.values()]) == before
+
     @rule(data=st.data(), tokens=TOKENS, start=st.one_of(st.integers(-2, 8), st.just(1.5), st.just(None)))
     def copy_tail(self, data: st.DataObject, tokens: Any, start: Any) -> None:
         ok, n = self.call(self.pool.copy_tail, tokens, start, self.pick(data))

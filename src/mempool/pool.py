@@ -145,6 +145,17 @@ class MemPool:
         with self._lock:
             return self.index.insert_tail(tokens, blocks, namespace)
 
+    def insert_sequence(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Cache a sequence that is done writing, all or nothing: its whole blocks (:meth:`insert`)
+        and its partly filled last block as a tail (:meth:`insert_tail`).
+
+        ``tokens``: those with K/V; ``blocks``: the device blocks holding them, one per
+        ``block_size`` tokens started. Returns how many whole blocks were newly indexed. See
+        :meth:`RadixIndex.insert_sequence`.
+        """
+        with self._lock:
+            return self.index.insert_sequence(tokens, blocks, namespace)
+
     def copy_tail(self, tokens: Any, start: int, blocks: Blocks, namespace: Hashable = None) -> int:
         """Copy a kept tail that continues ``tokens[:start]`` into ``blocks`` (one device block of the
         caller's, the one for positions ``start`` on); returns how many tokens of

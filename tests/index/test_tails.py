@@ -29,9 +29,8 @@ def finished(pool: MemPool, tokens: list[int], namespace: object = None) -> tupl
     blocks = pool.alloc(-(-len(tokens) // B))
     assert blocks is not None
     kv = fill_random(pool, blocks, seed=len(tokens))
-    full = len(tokens) // B
-    pool.insert(tokens, blocks[:full], namespace)
-    assert pool.insert_tail(tokens, blocks[full : full + 1], namespace) == bool(len(tokens) % B)
+    pool.insert_sequence(tokens, blocks, namespace)
+    assert (pool.index.tails.holds(int(blocks.ids[-1])) is not None) == bool(len(tokens) % B)
     pool.free(blocks)
     pool.check_invariants()
     return blocks, kv
@@ -234,3 +233,35 @@ def test_a_tail_that_its_sequence_fills_up_becomes_a_whole_block() -> None:
     pool.free(other)
     pool.check_invariants()
     assert pool.stats()["device"]["used"] == 4
+
+
+def test_insert_sequence_caches_whole_blocks_and_the_tail_all_or_nothing() -> None:
+    pool = make_pool()
+    tokens = list(range(100, 110))  # 2 whole blocks and 2 tokens
+    blocks = pool.alloc(3)
+    other = pool.alloc(1)
+    assert blocks is not None and other is not None
+    kv = fill_random(pool, blocks, seed=3)
+    before = snapshot(pool)
+    for call, error in [
+        (lambda: pool.insert_sequence(tokens, blocks[:2]), InvalidArgumentError),  # the tail's block missing
+        (lambda: pool.insert_sequence(tokens, blocks.concat(other)), InvalidArgumentError),  # one too many
+        (lambda: pool.insert_sequence(tokens, Blocks(Tier.DEVICE, [*blocks.ids[:2], blocks.ids[0]])), BlockInUseError),
+        (lambda: pool.insert_sequence([1.5] * 10, blocks), InvalidTokensError),
+    ]:
+        with pytest.raises(error):
+            call()
+        assert snapshot(pool) == before  # nothing indexed, no tail kept, no reference taken
+    assert pool.insert_sequence(tokens, blocks) == 2
+    with pool.match(tokens) as m:
+        assert m.num_tokens == 8 and m.blocks.tolist() == blocks.tolist()[:2]
+    own = pool.alloc(1)
+    assert own is not None
+    assert pool.copy_tail([*tokens, 5], 8, own) == 2
+    assert torch.equal(pool.storage(Tier.DEVICE).gather(own.ids)[0], kv[2])
+    assert pool.insert_sequence(tokens[:8], blocks[:2]) == 0  # a block boundary: nothing new, no tail
+    pool.free(own)
+    pool.free(other)
+    pool.free(blocks)
+    pool.check_invariants()
+    assert pool.stats()["device"]["used"] == pool.stats()["device"]["cached"] == 3  # 2 indexed + the tail

@@ -423,16 +423,9 @@ class Engine:
         ``tail`` (the sequence writes no more) keep its partly filled last block as a tail."""
         if seq.own is None:
             return
-        full, part = divmod(seq.num_computed, self.block_size)
-        table = seq.table
-        if full:
-            self.pool.insert(
-                seq.tokens[: full * self.block_size], Blocks(Tier.DEVICE, table[:full]), self.config.namespace
-            )
-        if tail and part:
-            self.pool.insert_tail(
-                seq.tokens[: seq.num_computed], Blocks(Tier.DEVICE, table[full : full + 1]), self.config.namespace
-            )
+        n = seq.num_computed if tail else seq.num_computed - seq.num_computed % self.block_size
+        table = Blocks(Tier.DEVICE, seq.table[: -(-n // self.block_size)])
+        self.pool.insert_sequence(seq.tokens[:n], table, self.config.namespace)
 
     def close(self) -> None:
         """Abort every request, release held ones; close the pool if the engine created it."""

@@ -285,6 +285,38 @@ class RadixIndex:
             or is a tail already). On any error nothing changes.
         """
         key = encode_tokens(tokens)
+        block = self._tail_block(key, blocks, namespace)
+        if block is None:
+            return False
+        cut = len(key) - len(key) % self._tb
+        self.tails.put(namespace, key[:cut], key[cut:], block)
+        return True
+
+    def insert_sequence(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
+        """Cache a sequence that is done writing, all or nothing: :meth:`insert` its whole blocks
+        and keep the partly filled last one as a tail (:meth:`insert_tail`). ``blocks`` hold the
+        K/V of every token: ``ceil(len(tokens) / block_size)`` of them. Returns how many whole
+        blocks were newly indexed.
+        Raises:
+            what :meth:`insert` and :meth:`insert_tail` raise; InvalidArgumentError for a block
+            count that does not cover ``tokens`` exactly. On any error nothing changes.
+        """
+        key = encode_tokens(tokens)
+        full, part = divmod(len(key) // TOKEN_BYTES, self.block_size)
+        if not isinstance(blocks, Blocks) or len(blocks) != full + bool(part):
+            got = len(blocks) if isinstance(blocks, Blocks) else blocks
+            raise InvalidArgumentError(f"{len(key) // TOKEN_BYTES} tokens need {full + bool(part)} blocks, got {got}")
+        block = self._tail_block(key, blocks[full:], namespace) if part else None
+        if block is not None and block in blocks.ids[:full]:  # checked before the insert: after it nothing may fail
+            raise BlockInUseError(f"device block {block} is given for a whole block and the tail")
+        added = self.insert(np.frombuffer(key, dtype=np.int32)[: full * self.block_size], blocks[:full], namespace)
+        if block is not None:
+            self.tails.put(namespace, key[: full * self._tb], key[full * self._tb :], block)
+        return added
+
+    def _tail_block(self, key: bytes, blocks: Blocks, namespace: Hashable) -> int | None:
+        """The one device block ``blocks`` may keep as the tail of ``key``; ``None`` when ``key``
+        ends on a block boundary and ``blocks`` is at most one block. Raises as :meth:`insert_tail`."""
         tier = self._tier(blocks)
         if tier is not Tier.DEVICE:
             raise WrongTierError(f"tails live on the device tier, got {tier.value} blocks")
@@ -292,15 +324,14 @@ class RadixIndex:
         _check_namespace(namespace)
         cut = len(key) - len(key) % self._tb
         if cut == len(key) and len(ids) <= 1:
-            return False
+            return None
         if len(ids) != 1:
             raise InvalidArgumentError(f"a tail is one block, got {len(ids)}")
         block = int(ids[0])
         holder = self.tails.holds(block)
         if self._where[tier][block] or (holder is not None and holder != (namespace, key[:cut])):
             raise BlockInUseError(f"device block {block} is cached already")
-        self.tails.put(namespace, key[:cut], key[cut:], block)
-        return True
+        return block
 
     def copy_tail(self, tokens: Any, start: int, blocks: Blocks, namespace: Hashable = None) -> int:
         """Copy the kept tail that follows ``tokens[:start]`` into ``blocks`` (one device block of the

@@ -243,12 +243,8 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         length = min(layer.length for layer in self._layers)
         if len(seq) < length or seq[: len(self.prompt)] != self.prompt[: len(seq)]:
             raise InvalidArgumentError("tokens must be the cache's sequence: its prompt, then what was generated")
-        full, part = divmod(length, self._table.block_size)
-        ids = self._table.ids
-        added = self.pool.insert(seq[: full * self._table.block_size], Blocks(Tier.DEVICE, ids[:full]), self.namespace)
-        if part:  # the partly filled last block, for a prompt that continues this sequence
-            self.pool.insert_tail(seq[:length], Blocks(Tier.DEVICE, ids[full : full + 1]), self.namespace)
-        return added
+        blocks = Blocks(Tier.DEVICE, self._table.ids[: -(-length // self._table.block_size)])
+        return self.pool.insert_sequence(seq[:length], blocks, self.namespace)
 
     def close(self) -> None:
         """Give the blocks back: unlock the prefix, free the rest (what was committed stays cached)."""

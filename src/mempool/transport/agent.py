@@ -9,7 +9,7 @@ receipt expiry and both halves of every transfer. A transfer of ``n`` blocks::
                                       <---   ready {skip: k, segments}   (or fail {no_space})
     per segment: storage view, or a          per segment: receive into its KV storage
       gather into staging; one message  ==>    (or staging, then one scatter)
-                                             insert(tokens, cached + new) | receipt[key]
+                                             insert_sequence(tokens, cached + new) | receipt[key]
                                       <---   done {skipped, received}
     free(shared reference)
 
@@ -79,8 +79,7 @@ class PoolOps(Protocol):
     def free(self, blocks: Blocks) -> int: ...
     def share(self, blocks: Blocks) -> None: ...
     def match(self, tokens: Any, namespace: Hashable = ..., *, promote: bool = ...) -> Match: ...
-    def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> int: ...
-    def insert_tail(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> bool: ...
+    def insert_sequence(self, tokens: Any, blocks: Blocks, namespace: Hashable = ...) -> int: ...
     def storage(self, tier: Tier = ...) -> KVStorage: ...
 
 
@@ -688,11 +687,7 @@ class TransferAgent:
             # every byte has landed: only now does anything become visible
             if tokens is not None:
                 assert match is not None
-                full = match.blocks if dst is None else match.blocks.concat(dst)
-                whole = len(tokens) // self._block_size
-                self._pool.insert(tokens[: whole * self._block_size], full[:whole], ns)
-                if whole < n:
-                    self._pool.insert_tail(tokens, full[whole:], ns)
+                self._pool.insert_sequence(tokens, match.blocks if dst is None else match.blocks.concat(dst), ns)
             else:
                 assert dst is not None and key is not None
                 with self._receipts_lock:
