@@ -70,8 +70,10 @@ def test_main_job_compares_stages(tmp_path: Path) -> None:
 
 def test_evaluation_smoke(tmp_path: Path) -> None:
     """The evaluation's quick version: every metric present and sane (never a speed threshold)."""
+    # sessions arrive 4 a second (default: 1): the smoke checks metrics, not pacing
+    args = ["pd", "routing", "links", "--quick", "--rate", "4", "--out", str(tmp_path)]
     out = subprocess.run(
-        [sys.executable, "-m", "memserve.evaluate", "pd", "routing", "links", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "memserve.evaluate", *args],
         check=True,
         capture_output=True,
         text=True,
