@@ -27,6 +27,23 @@ def digest(pool: MemPool, blocks: Blocks) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def block_digests(pool: MemPool, blocks: Blocks) -> list[str]:
+    """One digest per block, in order."""
+    return [digest(pool, blocks[i : i + 1]) for i in range(len(blocks))]
+
+
+def token_kv(tokens: list[int], block_size: int, block_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Stand-in K/V for ``tokens``: block i is a function of ``tokens[: (i + 1) * block_size]``
+    alone, as a model's K/V is of the tokens up to it, so two sequences with a common prefix
+    have the same bytes in its whole blocks."""
+    out = []
+    for i in range(-(-len(tokens) // block_size)):
+        seed = int.from_bytes(hashlib.sha256(repr(tokens[: (i + 1) * block_size]).encode()).digest()[:8], "little")
+        g = torch.Generator().manual_seed(seed)
+        out.append(torch.rand(block_shape, generator=g) + 0.5)
+    return torch.stack(out).to(dtype)
+
+
 class Peer:
     def __init__(self, cfg: dict[str, Any]) -> None:
         layout = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4, "dtype": "float16"}
@@ -81,6 +98,40 @@ class Peer:
             return {"peers": pool.peers()}
         if op == "alloc_fill":
             return self.alloc_fill(**cmd)
+        if op == "alloc_tokens":  # blocks holding token_kv(tokens); None when the device tier is full
+            tokens, storage = cmd["tokens"], pool.storage()
+            n = -(-len(tokens) // pool.config.block_size)
+            if cmd.get("layout") == "scattered":
+                run = pool.alloc(2 * n)
+                blocks = None if run is None else Blocks(Tier.DEVICE, run.ids[::2], owner=pool)
+                if run is not None:
+                    pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
+            else:
+                blocks = pool.alloc(n)
+            if blocks is None:
+                return {"ids": None}
+            storage.scatter(
+                blocks.ids, token_kv(tokens, pool.config.block_size, storage.layout.block_shape, storage.tensor.dtype)
+            )
+            self.handles[cmd["name"]] = blocks
+            return {"ids": blocks.tolist(), "digest": digest(pool, blocks), "blocks": block_digests(pool, blocks)}
+        if op == "cached":  # what the index holds of tokens: its whole blocks (both tiers), then the tail
+            tokens, ns, bs = cmd["tokens"], cmd.get("ns"), pool.config.block_size
+            with pool.match(tokens, ns) as m:
+                blocks = block_digests(pool, m.blocks) + block_digests(pool, m.host_blocks)
+            tail: dict[str, Any] = {"tokens": 0, "digest": None}
+            if len(blocks) == len(tokens) // bs:
+                # a full tier would make room by dropping tails first (perhaps this one)
+                own = pool.alloc(1) if pool.stats()["device"]["free"] else None
+                if own is None:
+                    tail = {"tokens": None, "digest": None}  # no free block to copy it into: unknown
+                else:
+                    try:
+                        n = pool.copy_tail(tokens, len(blocks) * bs, own, ns)
+                        tail = {"tokens": n, "digest": digest(pool, own) if n else None}
+                    finally:
+                        pool.free(own)
+            return {"blocks": blocks, "tail": tail}
         if op == "send":
             return self._result(pool.transfer(cmd["peer"], self.handles[cmd["handle"]], key=cmd["key"]))
         if op == "send_insert":
@@ -145,6 +196,7 @@ class Peer:
             return {
                 "device_used": s["device"]["used"],
                 "device_cached": s["device"]["cached"],
+                "host_used": s["host"]["used"] if "host" in s else 0,
                 "transport": pool.transport_stats(),
                 "peers": pool.peers(),
                 "refusals": pool._agent.refusals if pool._agent else [],
