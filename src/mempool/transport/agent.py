@@ -711,6 +711,10 @@ class TransferAgent:
                 await self._fail(peer, xid, "bad_request", str(exc))
         finally:
             try:
+                if peer.alive and any(not t.done() for t in inflight):
+                    # receives still posted are abandoned: end them on the link before anything is freed
+                    error = TransferError(f"transfer {xid} from {peer.name} abandoned mid-flight")
+                    await asyncio.shield(self._drop(peer, error))
                 await _settle(inflight)  # nothing may still write into dst or staging
                 if dst is not None:
                     self._pool.free(dst)

@@ -17,7 +17,9 @@ import asyncio
 import datetime
 import ipaddress
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +35,8 @@ _ID_BYTES = 32  # connection ids are 32 hex chars
 class Link(Protocol):
     """One peer's data path. ``send``/``recv`` take contiguous tensors and a per-message tag."""
 
-    #: received bytes may land late after a failed wait, so receive into staging, not into KV
+    #: receive into staging, then copy into KV storage (a backend whose abort is not known to end
+    #: posted receives)
     receive_via_staging: bool
     calls: int
 
@@ -42,7 +45,8 @@ class Link(Protocol):
     async def recv(self, buf: torch.Tensor, tag: int) -> None: ...
 
     async def abort(self) -> None:
-        """Tear the link down; no pending receive writes anything afterwards."""
+        """Tear the link down; once it returns, no posted receive writes and no posted send reads
+        anything more."""
         ...
 
 
@@ -223,37 +227,78 @@ class UcxBackend:
 
 
 # -- torch.distributed ---------------------------------------------------------------------------
-class _TorchLink:
-    receive_via_staging = True  # a timed-out gloo receive may still complete later
+# A gloo group's abort() (and shutdown()) leaves posted operations running (torch 2.13): a message
+# the peer sends afterwards still lands in a posted receive's buffer, and a posted send still
+# reads its buffer when the peer's receive comes. What does end them is gloo's own timeout: a
+# wait that times out signals every pair of its context ("Application timeout caused pair
+# closure"), failing each pending operation, before it returns; after that nothing moves on the
+# group. So the link aborts a gloo group by waiting 1 ms on a receive that no message can match.
+_ABORT_TAG = 0x7FFFFFFF  # data tags are reduced below it
 
-    def __init__(self, pg: Any, rank: int, executor: ThreadPoolExecutor, timeout: float) -> None:
+
+class _TorchLink:
+    # gloo: abort() ends posted operations (above), so receives may target KV storage. NCCL: its
+    # abort is ncclCommAbort, not verified here (no GPU): receive into staging to be safe.
+    receive_via_staging: bool
+
+    def __init__(self, pg: Any, rank: int, executor: ThreadPoolExecutor, timeout: float, *, gloo: bool) -> None:
         self._pg = pg
         self._peer = 1 - rank
         self._executor = executor
         self._timeout = datetime.timedelta(seconds=timeout)
+        self._gloo = gloo
+        self.receive_via_staging = not gloo
         self.calls = 0
+        self._ops: set[Future[None]] = set()  # posted operations whose thread has not returned yet
+        self._ops_lock = threading.Lock()
 
-    async def _run(self, what: str, fn: Any) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run(self, what: str, post: Callable[[Any], Any]) -> None:
+        pg = self._pg
+        if pg is None:
+            raise PeerLostError(f"torch.distributed {what}: the link was aborted")
+        op = self._executor.submit(lambda: post(pg).wait(self._timeout))
+        with self._ops_lock:
+            self._ops.add(op)
+        op.add_done_callback(self._op_ended)
         try:
-            await loop.run_in_executor(self._executor, fn)
+            await asyncio.wrap_future(op)
         except Exception as exc:
             raise PeerLostError(f"torch.distributed {what} failed: {exc}") from exc
 
+    def _op_ended(self, op: Future[None]) -> None:
+        with self._ops_lock:
+            self._ops.discard(op)
+
     async def send(self, buf: torch.Tensor, tag: int) -> None:
         self.calls += 1
-        await self._run("send", lambda: self._pg.send([buf], self._peer, tag & 0x7FFFFFFF).wait(self._timeout))
+        await self._run("send", lambda pg: pg.send([buf], self._peer, tag % _ABORT_TAG))
 
     async def recv(self, buf: torch.Tensor, tag: int) -> None:
-        await self._run("recv", lambda: self._pg.recv([buf], self._peer, tag & 0x7FFFFFFF).wait(self._timeout))
+        await self._run("recv", lambda pg: pg.recv([buf], self._peer, tag % _ABORT_TAG))
 
     async def abort(self) -> None:
+        """End the group and every operation posted on it; returns once none can move a byte."""
         pg, self._pg = self._pg, None
+        loop = asyncio.get_running_loop()
         if pg is not None:
+            await loop.run_in_executor(self._executor, self._end, pg)
+        with self._ops_lock:
+            ops = list(self._ops)
+        if ops:  # their waits fail at once now; let their threads return
+            await asyncio.wait([asyncio.wrap_future(op) for op in ops], timeout=self._timeout.total_seconds())
+
+    def _end(self, pg: Any) -> None:
+        if self._gloo:
             try:
-                pg.abort()
+                pg.recv([torch.zeros(1, dtype=torch.uint8)], self._peer, _ABORT_TAG).wait(
+                    datetime.timedelta(milliseconds=1)
+                )
             except Exception:
-                pass
+                pass  # timed out, as meant (or the group had failed already): every pair is closed
+        try:
+            pg.abort()
+        except Exception:
+            pass
 
 
 class TorchBackend:
@@ -315,13 +360,13 @@ class TorchBackend:
             return self._group(dist.PrefixStore(conn_id, store), 1, timeout)
 
         pg = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._executor, build), timeout + 1)
-        return _TorchLink(pg, 1, self._executor, timeout)
+        return _TorchLink(pg, 1, self._executor, timeout, gloo=self._device.type != "cuda")
 
     async def accept(self, conn_id: str, timeout: float) -> Link:
         store = self._dist.PrefixStore(conn_id, self._store)  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         pg = await asyncio.wait_for(loop.run_in_executor(self._executor, self._group, store, 0, timeout), timeout + 1)
-        return _TorchLink(pg, 0, self._executor, timeout)
+        return _TorchLink(pg, 0, self._executor, timeout, gloo=self._device.type != "cuda")
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,92 @@
+"""The torch.distributed (gloo) data link alone: once ``abort()`` returns, no receive it had
+posted writes into its buffer and no send it had posted reads from its buffer, whatever the peer
+does next. (Gloo's own ``ProcessGroup.abort()`` leaves posted operations running: a late message
+from the peer still lands, so a buffer given back after a failure could be overwritten or sent
+from after it was reused.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import torch
+
+from mempool.errors import PeerLostError
+from mempool.transport.links import Link, TorchBackend
+
+CONN = "c" * 32
+
+
+def linked(body: Callable[[Link, Link], Awaitable[None]]) -> None:
+    """Run ``body(a, b)`` on two linked gloo endpoints (ranks of one process group, one process)."""
+
+    async def main() -> None:
+        a, b = TorchBackend(device=torch.device("cpu")), TorchBackend(device=torch.device("cpu"))
+        info = await a.start("127.0.0.1")
+        la, lb = await asyncio.gather(a.accept(CONN, 10.0), b.connect(info, CONN, 10.0))
+        try:
+            await body(la, lb)
+        finally:
+            await la.abort()
+            await lb.abort()
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+async def ended(op: Awaitable[Any], timeout: float = 10.0) -> BaseException | None:
+    """The error ``op`` ended with (None if it succeeded)."""
+    try:
+        await asyncio.wait_for(op, timeout)
+    except (PeerLostError, asyncio.TimeoutError) as exc:
+        return exc
+    return None
+
+
+def test_a_receive_posted_before_abort_writes_nothing_after_it() -> None:
+    async def body(a: Link, b: Link) -> None:
+        buf = torch.zeros(4096)
+        rx = asyncio.ensure_future(a.recv(buf, 5))
+        await asyncio.sleep(0.3)  # posted, waiting for the peer
+        await a.abort()
+        late = await ended(b.send(torch.ones(4096), 5), 5.0)  # the peer sends anyway
+        await asyncio.sleep(0.3)
+        assert int(torch.count_nonzero(buf)) == 0, "a late message landed after abort()"
+        assert isinstance(late, PeerLostError), late  # and its sender is told the link is gone
+        assert isinstance(await ended(rx), PeerLostError)
+
+    linked(body)
+
+
+def test_a_send_posted_before_abort_reads_nothing_after_it() -> None:
+    async def body(a: Link, b: Link) -> None:
+        src = torch.ones(4096)
+        tx = asyncio.ensure_future(a.send(src, 6))
+        await asyncio.sleep(0.3)  # posted, waiting for the peer's receive
+        await a.abort()
+        src.fill_(7.0)  # the sender reuses that memory for something else
+        out = torch.zeros(4096)
+        await ended(b.recv(out, 6), 5.0)
+        assert not bool((out == 7.0).any()), "a send read its buffer after abort()"
+        assert isinstance(await ended(tx), PeerLostError)
+
+    linked(body)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_abort_is_prompt_and_idempotent(n: int) -> None:
+    async def body(a: Link, b: Link) -> None:
+        rxs = [asyncio.ensure_future(a.recv(torch.zeros(16), 10 + i)) for i in range(n)]
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await a.abort()
+        await a.abort()
+        assert loop.time() - t0 < 5.0  # not the link's 10 s timeout
+        for rx in rxs:
+            assert isinstance(await ended(rx, 5.0), PeerLostError)
+
+    linked(body)
