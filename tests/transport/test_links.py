@@ -1,8 +1,8 @@
-"""The torch.distributed (gloo) data link alone: once ``abort()`` returns, no receive it had
-posted writes into its buffer and no send it had posted reads from its buffer, whatever the peer
-does next. (Gloo's own ``ProcessGroup.abort()`` leaves posted operations running: a late message
-from the peer still lands, so a buffer given back after a failure could be overwritten or sent
-from after it was reused.)"""
+"""Each data link alone (ucx, and torch.distributed on gloo): once ``abort()`` returns, no
+receive it had posted writes into its buffer and no send it had posted reads from its buffer,
+whatever the peer does next. (Gloo's own ``ProcessGroup.abort()`` leaves posted operations
+running: a late message from the peer still lands, so a buffer given back after a failure could
+be overwritten or sent from after it was reused.) Both ends live in this process."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ import pytest
 import torch
 
 from mempool.errors import PeerLostError
-from mempool.transport.links import Link, TorchBackend
+from mempool.transport.links import Link, make_backend
+
+from .conftest import BACKENDS
 
 CONN = "c" * 32
 
 
-def linked(body: Callable[[Link, Link], Awaitable[None]]) -> None:
-    """Run ``body(a, b)`` on two linked gloo endpoints (ranks of one process group, one process)."""
+def linked(backend: str, body: Callable[[Link, Link], Awaitable[None]]) -> None:
+    """Run ``body(a, b)`` on the two ends of one link of ``backend``."""
 
     async def main() -> None:
-        a, b = TorchBackend(device=torch.device("cpu")), TorchBackend(device=torch.device("cpu"))
+        a, b = (make_backend(backend, device=torch.device("cpu"), shared_memory=True, host="127.0.0.1") for _ in "ab")
         info = await a.start("127.0.0.1")
         la, lb = await asyncio.gather(a.accept(CONN, 10.0), b.connect(info, CONN, 10.0))
         try:
@@ -46,7 +48,8 @@ async def ended(op: Awaitable[Any], timeout: float = 10.0) -> BaseException | No
     return None
 
 
-def test_a_receive_posted_before_abort_writes_nothing_after_it() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_receive_posted_before_abort_writes_nothing_after_it(backend: str) -> None:
     async def body(a: Link, b: Link) -> None:
         buf = torch.zeros(4096)
         rx = asyncio.ensure_future(a.recv(buf, 5))
@@ -58,10 +61,11 @@ def test_a_receive_posted_before_abort_writes_nothing_after_it() -> None:
         assert isinstance(late, PeerLostError), late  # and its sender is told the link is gone
         assert isinstance(await ended(rx), PeerLostError)
 
-    linked(body)
+    linked(backend, body)
 
 
-def test_a_send_posted_before_abort_reads_nothing_after_it() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_send_posted_before_abort_reads_nothing_after_it(backend: str) -> None:
     async def body(a: Link, b: Link) -> None:
         src = torch.ones(4096)
         tx = asyncio.ensure_future(a.send(src, 6))
@@ -73,13 +77,13 @@ def test_a_send_posted_before_abort_reads_nothing_after_it() -> None:
         assert not bool((out == 7.0).any()), "a send read its buffer after abort()"
         assert isinstance(await ended(tx), PeerLostError)
 
-    linked(body)
+    linked(backend, body)
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_abort_is_prompt_and_idempotent(n: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_abort_is_prompt_and_idempotent(backend: str) -> None:
     async def body(a: Link, b: Link) -> None:
-        rxs = [asyncio.ensure_future(a.recv(torch.zeros(16), 10 + i)) for i in range(n)]
+        rxs = [asyncio.ensure_future(a.recv(torch.zeros(16), 10 + i)) for i in range(3)]
         await asyncio.sleep(0.2)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -89,4 +93,4 @@ def test_abort_is_prompt_and_idempotent(n: int) -> None:
         for rx in rxs:
             assert isinstance(await ended(rx, 5.0), PeerLostError)
 
-    linked(body)
+    linked(backend, body)
