@@ -71,14 +71,18 @@ class Peer:
         self.jobs: dict[str, threading.Thread] = {}
         self.results: dict[str, Any] = {}
 
+    def alloc(self, n: int, layout: str = "run") -> Blocks | None:
+        """``n`` device blocks: one run, or every other block of one (``scattered``); None if no room."""
+        if layout != "scattered":
+            return self.pool.alloc(n)
+        run = self.pool.alloc(2 * n)
+        if run is None:
+            return None
+        self.pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
+        return Blocks(Tier.DEVICE, run.ids[::2], owner=self.pool)
+
     def alloc_fill(self, name: str, n: int, layout: str = "run", seed: int = 0) -> dict[str, Any]:
-        if layout == "run":
-            blocks = self.pool.alloc(n)
-        else:
-            run = self.pool.alloc(2 * n)
-            assert run is not None
-            self.pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
-            blocks = Blocks(Tier.DEVICE, run.ids[::2], owner=self.pool)
+        blocks = self.alloc(n, layout)
         assert blocks is not None
         if n == 0:
             self.handles[name] = blocks
@@ -100,14 +104,7 @@ class Peer:
             return self.alloc_fill(**cmd)
         if op == "alloc_tokens":  # blocks holding token_kv(tokens); None when the device tier is full
             tokens, storage = cmd["tokens"], pool.storage()
-            n = -(-len(tokens) // pool.config.block_size)
-            if cmd.get("layout") == "scattered":
-                run = pool.alloc(2 * n)
-                blocks = None if run is None else Blocks(Tier.DEVICE, run.ids[::2], owner=pool)
-                if run is not None:
-                    pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
-            else:
-                blocks = pool.alloc(n)
+            blocks = self.alloc(-(-len(tokens) // pool.config.block_size), cmd.get("layout", "run"))
             if blocks is None:
                 return {"ids": None}
             storage.scatter(
