@@ -114,6 +114,28 @@ class PeerProcess:
     def connect_to(self, other: PeerProcess) -> None:
         self.ok("connect", name=other.name, host=other.host, port=other.port)
 
+    def pause(self) -> None:
+        """SIGSTOP the peer and return once every one of its threads has stopped: the thread the
+        kernel hands the signal to may sit in an uninterruptible wait for a while, and until it
+        wakes the others go on running (answering a transfer, say)."""
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in self._tasks()]
+            except OSError:  # a thread ended between the listing and the read
+                continue
+            if all(s in "tTZX" for s in states):
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"{self.name} did not stop within 10 s")
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def _tasks(self) -> list[Path]:
+        return list(Path(f"/proc/{self.proc.pid}/task").iterdir())
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from typing import Any
 
@@ -109,14 +108,14 @@ def test_random_transfers_stay_bit_exact_and_leak_nothing(spawn: Any, path: str)
         else:  # the receiver stops answering mid-transfer: the sender gives up within its deadline
             name = f"x{step}"
             a.ok("alloc_tokens", name=name, tokens=list(range(1, 90)))
-            b.proc.send_signal(signal.SIGSTOP)
+            b.pause()
             try:
                 t0 = time.monotonic()
                 out = a.call("send", peer="b", handle=name, key=name, timeout=60)
                 assert out.get("error") in ("TransferTimeoutError", "PeerLostError"), out
                 assert time.monotonic() - t0 < 15
             finally:
-                b.proc.send_signal(signal.SIGCONT)
+                b.resume()
             a.ok("free", handle=name)
             b.wait_state(lambda s: not s["peers"])
             a.wait_state(lambda s: not s["peers"])

@@ -246,19 +246,17 @@ def test_concurrent_transfers_both_ways_stay_bit_exact(spawn, path: str) -> None
 
 
 def test_stalled_receiver_times_out_and_nothing_leaks(spawn) -> None:
-    import signal
-
     a = spawn("a", deadline_s=2.0, heartbeat_s=0.5)
     b = spawn("b", deadline_s=2.0, heartbeat_s=0.5)
     a.connect_to(b)
     a.ok("alloc_fill", name="kv", n=16, seed=1)
-    b.proc.send_signal(signal.SIGSTOP)  # alive, but silent
+    b.pause()  # alive, but silent
     try:
         t0 = time.monotonic()
         out = a.call("send", peer="b", handle="kv", key="k", timeout=30)
         elapsed = time.monotonic() - t0
     finally:
-        b.proc.send_signal(signal.SIGCONT)
+        b.resume()
     assert out.get("error") in ("TransferTimeoutError", "PeerLostError"), out
     assert elapsed < 10  # the deadline, not a hang
     assert a.ok("state")["device_used"] == 16
@@ -304,8 +302,6 @@ def test_receiver_killed_mid_pull_leaves_the_blocks_held_until_the_senders_deadl
 
 
 def test_a_pull_that_ends_after_the_senders_deadline_is_discarded(spawn) -> None:
-    import signal
-
     a = spawn("a", same_host_pull=True, deadline_s=1.5, heartbeat_s=0.25)
     b = spawn("b", same_host_pull=True, deadline_s=10.0)
     a.connect_to(b)
@@ -313,11 +309,11 @@ def test_a_pull_that_ends_after_the_senders_deadline_is_discarded(spawn) -> None
     b.ok("set_pull_delay", seconds=2.5)  # the copy is done; its commit comes after a's deadline
     a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
     b.wait_state(lambda s: s["transport"]["receiving"] == 1)
-    a.proc.send_signal(signal.SIGSTOP)  # a can neither give up nor drop the link: only b's check is left
+    a.pause()  # a can neither give up nor drop the link: only b's check is left
     try:
         state = b.wait_state(lambda s: s["transport"]["receiving"] == 0)
     finally:
-        a.proc.send_signal(signal.SIGCONT)
+        a.resume()
     assert state["device_used"] == 0 and state["transport"]["pulled"] == 0 and state["peers"] == {}, state
     assert b.ok("claim", key="k")["claimed"] is None
     out = a.call("wait", job="j", timeout=30)
