@@ -94,3 +94,22 @@ def test_abort_is_prompt_and_idempotent(backend: str) -> None:
             assert isinstance(await ended(rx, 5.0), PeerLostError)
 
     linked(backend, body)
+
+
+def test_a_gloo_link_aborted_after_its_backend_closed_still_ends_posted_receives() -> None:
+    async def main() -> None:
+        a, b = (make_backend("torch", device=torch.device("cpu"), shared_memory=True, host="127.0.0.1") for _ in "ab")
+        info = await a.start("127.0.0.1")
+        la, lb = await asyncio.gather(a.accept(CONN, 10.0), b.connect(info, CONN, 10.0))
+        buf = torch.zeros(64)
+        rx = asyncio.ensure_future(la.recv(buf, 3))
+        await asyncio.sleep(0.2)
+        await a.close()  # its worker threads take no new work now
+        await la.abort()
+        assert isinstance(await ended(rx, 5.0), PeerLostError)
+        assert isinstance(await ended(lb.send(torch.ones(64), 3), 5.0), PeerLostError)
+        assert int(torch.count_nonzero(buf)) == 0
+        await lb.abort()
+        await b.close()
+
+    asyncio.run(main())

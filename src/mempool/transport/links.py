@@ -281,7 +281,10 @@ class _TorchLink:
         pg, self._pg = self._pg, None
         loop = asyncio.get_running_loop()
         if pg is not None:
-            await loop.run_in_executor(self._executor, self._end, pg)
+            try:
+                await loop.run_in_executor(self._executor, self._end, pg)
+            except RuntimeError:  # the backend closed its executor already: end it here (~1 ms)
+                self._end(pg)
         with self._ops_lock:
             ops = list(self._ops)
         if ops:  # their waits fail at once now; let their threads return
