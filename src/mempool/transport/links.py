@@ -256,7 +256,10 @@ class _TorchLink:
         pg = self._pg
         if pg is None:
             raise PeerLostError(f"torch.distributed {what}: the link was aborted")
-        op = self._executor.submit(lambda: post(pg).wait(self._timeout))
+        try:
+            op = self._executor.submit(lambda: post(pg).wait(self._timeout))
+        except RuntimeError as exc:  # the backend is closed
+            raise PeerLostError(f"torch.distributed {what}: the backend is closed") from exc
         with self._ops_lock:
             self._ops.add(op)
         op.add_done_callback(self._op_ended)
