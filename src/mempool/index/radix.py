@@ -297,6 +297,7 @@ class RadixIndex:
         and keep the partly filled last one as a tail (:meth:`insert_tail`). ``blocks`` hold the
         K/V of every token: ``ceil(len(tokens) / block_size)`` of them. Returns how many whole
         blocks were newly indexed.
+
         Raises:
             what :meth:`insert` and :meth:`insert_tail` raise; InvalidArgumentError for a block
             count that does not cover ``tokens`` exactly. On any error nothing changes.
