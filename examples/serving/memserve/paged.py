@@ -16,7 +16,7 @@ over exactly the same bytes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ class StepInput:
     tables: torch.Tensor  # [B, max_blocks] padded block tables (padding repeats a real block, masked out)
     context_lens: torch.Tensor  # [B] int64: each sequence's context after the step (its new tokens included)
     decode_mask: torch.Tensor | None  # [B, 1, 1, S] when every sequence has exactly one new token
+    # additive masks of sequences that attend to cached context, built by the first layer that
+    # needs one and reused by the others: (sequence, query heads per KV head, dtype) -> mask
+    masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -164,8 +167,28 @@ def paged_attention(
         query = q[first : first + n].transpose(0, 1)[None]  # [1, heads, n, D]
         if n == ctx:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
-        else:  # causal, aligned to the end: new token j sees context positions <= ctx - n + j
-            mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+        else:
+            # The query heads that share a KV head go as one head of group * n rows (enable_gqa's
+            # head order: head h reads KV head h // group): fewer, taller problems, the same math
+            # (the same bits in our tests but for one-token chunks, a last-ulp difference). On
+            # CPU, up to 15% faster a call for a few dozen new tokens over hundreds cached.
+            group = heads // keys.shape[1]
+            packed = query.reshape(1, keys.shape[1], group * n, dim)
+            mask = _cached_mask(step, i, group, n, ctx, q)
+            out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask).view(1, heads, n, dim)
         outs.append(out[0].transpose(0, 1).reshape(n, heads * dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _cached_mask(step: StepInput, seq: int, group: int, n: int, ctx: int, q: torch.Tensor) -> torch.Tensor:
+    """The additive causal mask ``[group * n, ctx]`` of ``n`` new tokens aligned to the end of
+    ``ctx`` (new token j sees context positions <= ctx - n + j), repeated for ``group`` query
+    heads; built once per step."""
+    key = (seq, group, q.dtype)
+    mask = step.masks.get(key)
+    if mask is None:
+        seen = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        zero = torch.zeros((), dtype=q.dtype, device=q.device)
+        mask = torch.where(seen, zero, float("-inf")).repeat(group, 1)
+        step.masks[key] = mask
+    return mask
