@@ -17,6 +17,10 @@ settings.register_profile("ci", max_examples=200, deadline=None, suppress_health
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# memserve instances started by tests skip the step-size warm-up (memserve.instance.WARM_UP_ENV):
+# ~1 s of CPU an instance on 2 cores, and no test times a first request (tests/serving cover it)
+os.environ.setdefault("MEMSERVE_WARM_UP_TOKENS", "0")
+
 BLOCK_SIZE = 4
 
 

@@ -86,6 +86,45 @@ def test_packed_weights_follow_an_in_place_change(tmp_path: Path) -> None:
     engine.close()
 
 
+def test_warm_up_runs_every_step_size_on_each_packed_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine sets up each linear shape for every step of up to ``warm_up_tokens`` tokens, and the
+    vocabulary screen for every batch up to ``max_running``, before its first request."""
+    from memserve import LlamaModel, preset
+    from memserve.model import Linear
+
+    model = LlamaModel(preset("tiny")).init_random()
+    calls: dict[str, list[int]] = {}
+    forward, argmax = Linear.forward, Linear.argmax
+
+    def record(kind: str, fn: Any) -> Any:
+        def wrapped(self: Linear, x: torch.Tensor) -> Any:
+            calls.setdefault(f"{kind} {self.in_features}x{self.out_features}", []).append(len(x))
+            return fn(self, x)
+
+        return wrapped
+
+    monkeypatch.setattr(Linear, "forward", record("forward", forward))
+    monkeypatch.setattr(Linear, "argmax", record("argmax", argmax))
+    with pytest.raises(ValueError, match="warm_up_tokens"):
+        EngineConfig(warm_up_tokens=-1)
+    engine = Engine(model, EngineConfig(block_size=4, device_blocks=64, host_blocks=0, warm_up_tokens=6, max_running=3))
+    c = model.config
+    shapes = {
+        (c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim),
+        (c.num_heads * c.head_dim, c.hidden_size),
+    }
+    shapes |= {(c.hidden_size, 2 * c.intermediate_size), (c.intermediate_size, c.hidden_size)}
+    want = {f"forward {i}x{o}": [1, 2, 3, 4, 5, 6] for i, o in shapes}  # one layer of each shape is enough
+    if model.lm_head._screen() is not None:  # where the CPU has int8 dot products
+        want[f"argmax {c.hidden_size}x{c.vocab_size}"] = [1, 2, 3]
+    # (the screen computes a row in full where it cannot decide: lm_head forwards, left out here)
+    assert {k: v for k, v in calls.items() if k.startswith("argmax") or k in want} == want
+    engine.close()
+    calls.clear()
+    Engine(model, EngineConfig(block_size=4, device_blocks=64, host_blocks=0, warm_up_tokens=0)).close()
+    assert not calls  # 0: no warm-up
+
+
 def test_hf_generate_agrees_with_engine(tmp_path: Path) -> None:
     hf = save_hf(tmp_path)
     prompt = make_prompts([21], vocab=SMALL_HF["vocab_size"], seed=5)[0]

@@ -60,6 +60,8 @@ from .worker import EngineWorker
 
 ROLES = ("colocated", "prefill", "decode")
 SECRET_ENV = "MEMSERVE_SECRET"
+# the default of --warm-up-tokens where the command line leaves it out (a test suite sets 0 here)
+WARM_UP_ENV = "MEMSERVE_WARM_UP_TOKENS"
 STOP = web.AppKey("stop", asyncio.Event)
 KEEPALIVE_S = 1.0
 
@@ -86,6 +88,7 @@ class InstanceConfig:
     max_waiting: int = 256  # requests queued before their prefill; past it new ones are refused (503)
     ucx_shared_memory: bool = True  # off: KV to peers on this machine takes the network too (no pull either)
     transfer_deadline_s: float = 30.0  # the longest one wait of a transfer may take (a lost peer)
+    warm_up_tokens: int = 64  # step sizes set up before serving (EngineConfig.warm_up_tokens); 0: none
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -134,6 +137,7 @@ class Instance:
                 device_blocks=config.device_blocks,
                 host_blocks=config.host_blocks,
                 caching=config.caching,
+                warm_up_tokens=config.warm_up_tokens,
             ),
             stop_ids=stop_ids,
         )
@@ -438,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before new ones get 503")
+    ap.add_argument(
+        "--warm-up-tokens",
+        type=int,
+        default=int(os.environ.get(WARM_UP_ENV) or 64),
+        help=f"set up every step size up to this before serving (0: none; default: ${WARM_UP_ENV} or 64)",
+    )
     ap.add_argument("--scheduler", default=None, help="register with the scheduler at this URL")
     ap.add_argument("--exit-with-parent", action="store_true")
     args = ap.parse_args(argv)
@@ -467,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         max_waiting=args.max_waiting,
         ucx_shared_memory=args.ucx_shared_memory == "on",
         transfer_deadline_s=args.transfer_deadline,
+        warm_up_tokens=args.warm_up_tokens,
     )
     instance = Instance(config, secret, Tokenizer("llama3").stop_ids, Faults.from_env())
     token = control_token(secret)

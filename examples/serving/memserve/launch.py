@@ -50,6 +50,7 @@ def instance_command(
     scheduler: str | None = None,
     ucx_shared_memory: bool = True,
     transfer_deadline_s: float = 30.0,
+    warm_up_tokens: int | None = None,
 ) -> list[str]:
     """The command line of one instance process that exits with its parent (``scheduler``: register
     there by itself, as an instance started by hand does)."""
@@ -59,6 +60,8 @@ def instance_command(
     cmd += ["--threads", str(threads), "--max-waiting", str(max_waiting), "--exit-with-parent"]
     cmd += ["--ucx-shared-memory", "on" if ucx_shared_memory else "off"]
     cmd += ["--transfer-deadline", str(transfer_deadline_s)]
+    if warm_up_tokens is not None:  # else the instance's default
+        cmd += ["--warm-up-tokens", str(warm_up_tokens)]
     return cmd + (["--scheduler", scheduler] if scheduler else [])
 
 
@@ -133,9 +136,11 @@ class Cluster(Managed):
         stall_timeout_s: float = 15.0,
         link_aware: bool = True,
         faults: dict[str, dict[str, Any]] | None = None,
+        warm_up_tokens: int | None = None,
     ) -> None:
         """``faults``: instance name -> what :mod:`memserve.faults` injects there (tests);
-        ``prefill=decode=0`` (or ``colocated=0``): the scheduler alone, instances join it."""
+        ``prefill=decode=0`` (or ``colocated=0``): the scheduler alone, instances join it;
+        ``warm_up_tokens``: as ``EngineConfig``'s, ``None`` leaves the instances' default."""
         self.stage: Stage = stage(stage_name)
         self.roles = roles_for(self.stage, prefill, decode, colocated)
         self.policy, self.model, self.host, self.port = policy, model, host, port
@@ -148,6 +153,7 @@ class Cluster(Managed):
         self.max_inflight, self.max_waiting, self.stall_timeout_s = max_inflight, max_waiting, stall_timeout_s
         self.link_aware = link_aware
         self.faults = faults or {}
+        self.warm_up_tokens = warm_up_tokens
         # instances started by hand elsewhere must share it: they read the same variable
         self.secret = os.environ.get(SECRET_ENV) or secrets.token_hex(16)
         self.procs: list[subprocess.Popen[str]] = []
@@ -180,6 +186,7 @@ class Cluster(Managed):
             backend=self.backend,
             threads=self.threads,
             max_waiting=self.max_waiting,
+            warm_up_tokens=self.warm_up_tokens,
         )
         env = {**os.environ, SECRET_ENV: self.secret}
         if name in self.faults:

@@ -350,6 +350,29 @@ class LlamaModel(nn.Module):
                 module.pack(enabled, screen=screen and module is self.lm_head)
         return self
 
+    @torch.inference_mode()
+    def warm_up(self, rows: int, sequences: int) -> LlamaModel:
+        """Run every packed linear once for each step size up to ``rows`` tokens, and the
+        vocabulary screen for each count up to ``sequences`` rows, so that steps of those sizes
+        never pay oneDNN's set-up for a row count it has not seen (measured on the default model,
+        over 500 cached tokens: a step of 30-37 new tokens 36 ms the first time, 22 ms after; of
+        400, 130 and 110 ms). oneDNN keeps what it set up for the process (up to 1,024 shapes), so
+        a second model of the same shapes warms up quickly. A no-op where nothing is packed."""
+        gen = torch.Generator().manual_seed(0)
+        seen: set[tuple[int, int]] = set()
+        for module in self.modules():
+            if not isinstance(module, Linear) or module._current() is None:
+                continue
+            if module is self.lm_head:
+                if module._screen() is not None:
+                    for m in range(1, sequences + 1):
+                        module.argmax(torch.randn(m, module.in_features, generator=gen))
+            elif (module.in_features, module.out_features) not in seen:
+                seen.add((module.in_features, module.out_features))
+                for m in range(1, rows + 1):
+                    module(torch.randn(m, module.in_features, generator=gen))
+        return self
+
     def init_random(self, seed: int | None = None) -> LlamaModel:
         """Deterministic random weights from ``seed`` (default: the config's), the same on any device."""
         gen = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
