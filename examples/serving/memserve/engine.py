@@ -61,7 +61,7 @@ class EngineConfig:
     # to this many tokens (and the vocabulary screen for every batch up to max_running), so that
     # no request pays oneDNN's one-time set-up for a step size it has not seen yet (measured: a
     # turn of 30-37 new tokens over 500 cached, 36 ms the first time, 22 ms after); 0: off.
-    # ~1.4 s for the default model, ~0.3 s more for another of its shapes in the same process
+    # 0.5-1.4 s for the default model, ~0.3 s for another of its shapes in the same process
     warm_up_tokens: int = 64
 
     def __post_init__(self) -> None:

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--warm-up-tokens",
         type=int,
-        default=int(os.environ.get(WARM_UP_ENV) or 64),
+        default=os.environ.get(WARM_UP_ENV) or "64",  # a string default goes through type=int, as typed
         help=f"set up every step size up to this before serving (0: none; default: ${WARM_UP_ENV} or 64)",
     )
     ap.add_argument("--scheduler", default=None, help="register with the scheduler at this URL")
