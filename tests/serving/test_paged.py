@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memserve import paged
 from memserve.paged import Chunk, StepInput, Workspace, paged_attention
 
 SHAPES = [  # heads, kv_heads, head_dim, block_size
@@ -29,8 +30,13 @@ def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ctx: in
     return (weights @ v).transpose(0, 1).reshape(n, heads * dim)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "per-head"])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim", "block"), SHAPES)
-def test_prefill_chunks_over_cached_context_match_reference(heads: int, kv_heads: int, dim: int, block: int) -> None:
+def test_prefill_chunks_over_cached_context_match_reference(
+    heads: int, kv_heads: int, dim: int, block: int, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not packed:  # every chunk over the packed mask's size limit: the per-head path
+        monkeypatch.setattr(paged, "PACKED_MASK_MAX", 0)
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads)
     need = [-(-ctx // block) for ctx, _ in SPANS]
     pool = torch.randn(sum(need) + 4, 2, 2, block, kv_heads, dim, generator=gen)
@@ -47,7 +53,7 @@ def test_prefill_chunks_over_cached_context_match_reference(heads: int, kv_heads
     out = paged_attention(q, k, v, pool, 1, step, Workspace())
     again = paged_attention(q, k, v, pool, 1, step, Workspace())  # a second layer reuses the masks
     assert torch.equal(out, again)
-    assert len(step.masks) == sum(n < ctx for ctx, n in SPANS)  # built once per sequence that needs one
+    assert len(step.masks) == (sum(n < ctx for ctx, n in SPANS) if packed else 0)  # once a sequence that needs one
     first = 0
     for (ctx, n), chunk in zip(SPANS, chunks):
         rows = torch.tensor(chunk.table)
