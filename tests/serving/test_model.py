@@ -9,8 +9,17 @@ from typing import Any
 import pytest
 import torch
 
-from memserve import Engine, EngineConfig, ModelConfig, ModelConfigError, SamplingParams, load_pretrained
-from memserve.model import rope_inv_freq
+from memserve import (
+    Engine,
+    EngineConfig,
+    LlamaModel,
+    ModelConfig,
+    ModelConfigError,
+    SamplingParams,
+    load_pretrained,
+    preset,
+)
+from memserve.model import Linear, rope_inv_freq
 
 from ..hf_models import SMALL_HF, tiny_hf
 from .conftest import make_prompts, run
@@ -89,9 +98,6 @@ def test_packed_weights_follow_an_in_place_change(tmp_path: Path) -> None:
 def test_warm_up_runs_every_step_size_on_each_packed_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine sets up each linear shape for every step of up to ``warm_up_tokens`` tokens, and the
     vocabulary screen for every batch up to ``max_running``, before its first request."""
-    from memserve import LlamaModel, preset
-    from memserve.model import Linear
-
     model = LlamaModel(preset("tiny")).init_random()
     calls: dict[str, list[int]] = {}
     forward, argmax = Linear.forward, Linear.argmax
