@@ -105,6 +105,8 @@ def test_a_gloo_link_aborted_after_its_backend_closed_still_ends_posted_receives
         rx = asyncio.ensure_future(la.recv(buf, 3))
         await asyncio.sleep(0.2)
         await a.close()  # its worker threads take no new work now
+        with pytest.raises(PeerLostError, match="closed"):  # a new operation: refused, typed
+            await la.send(torch.ones(64), 4)
         await la.abort()
         assert isinstance(await ended(rx, 5.0), PeerLostError)
         assert isinstance(await ended(lb.send(torch.ones(64), 3), 5.0), PeerLostError)

@@ -168,8 +168,8 @@ def paged_attention(
         group = heads // keys.shape[1]
         if n == ctx:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
-        elif group * n * ctx > PACKED_MASK_MAX:  # causal, aligned to the end (see _cached_mask)
-            seen = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        elif group * n * ctx > PACKED_MASK_MAX:
+            seen = _causal_tail(n, ctx, q.device)
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=seen, enable_gqa=True)
         else:
             # The query heads that share a KV head go as one head of group * n rows (enable_gqa's
@@ -188,15 +188,18 @@ def paged_attention(
 PACKED_MASK_MAX = 1 << 22
 
 
+def _causal_tail(n: int, ctx: int, device: torch.device) -> torch.Tensor:
+    """``[n, ctx]`` booleans: new token j (the last ``n`` of ``ctx``) sees positions <= ctx - n + j."""
+    return torch.arange(ctx, device=device)[None, :] <= torch.arange(ctx - n, ctx, device=device)[:, None]
+
+
 def _cached_mask(step: StepInput, seq: int, group: int, n: int, ctx: int, q: torch.Tensor) -> torch.Tensor:
-    """The additive causal mask ``[group * n, ctx]`` of ``n`` new tokens aligned to the end of
-    ``ctx`` (new token j sees context positions <= ctx - n + j), repeated for ``group`` query
-    heads; built once per step."""
+    """:func:`_causal_tail` as an additive mask in ``q``'s dtype, repeated for ``group`` query heads
+    (``[group * n, ctx]``); built once per step."""
     key = (seq, group, q.dtype)
     mask = step.masks.get(key)
     if mask is None:
-        seen = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        mask = torch.where(seen, zero, float("-inf")).repeat(group, 1)
+        mask = torch.where(_causal_tail(n, ctx, q.device), zero, float("-inf")).repeat(group, 1)
         step.masks[key] = mask
     return mask
