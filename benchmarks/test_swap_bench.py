@@ -45,8 +45,8 @@ def blocks_for(pool: MemPool, n: int, layout: str) -> Blocks:
         return got
     run = pool.alloc(2 * n)  # every other block: n runs of one
     assert run is not None
-    pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
-    return Blocks(Tier.DEVICE, run.ids[::2], owner=pool)
+    pool.free(run[1::2])
+    return run[::2]
 
 
 def naive_copy(pool: MemPool, src: Blocks, dst: Blocks) -> None:

@@ -74,7 +74,8 @@ def find_runs(ids: IdArray) -> tuple[IdArray, IdArray]:
 class Blocks:
     """An ordered list of block ids of one tier: what ``alloc`` returns and ``free`` takes.
 
-    A handle records the pool that issued it (``owner``); handles built by hand from ids
+    A handle records which pool issued it (``owner``: an identity token of that pool, which
+    keeps no pool alive; slices and ``concat`` keep it); handles built by hand from ids
     (``Blocks(Tier.DEVICE, [3, 4])``) have no owner and are checked by id alone.
     Holding a handle does not hold a reference: references are counted by the allocator.
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mempool import Blocks, MemPool, PoolConfig, Tier
+from mempool import Blocks, MemPool, PoolConfig
 from mempool.config import TransportConfig
 
 
@@ -78,8 +78,8 @@ class Peer:
         run = self.pool.alloc(2 * n)
         if run is None:
             return None
-        self.pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
-        return Blocks(Tier.DEVICE, run.ids[::2], owner=self.pool)
+        self.pool.free(run[1::2])
+        return run[::2]
 
     def alloc_fill(self, name: str, n: int, layout: str = "run", seed: int = 0) -> dict[str, Any]:
         blocks = self.alloc(n, layout)

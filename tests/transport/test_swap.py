@@ -30,9 +30,8 @@ def snapshot(pool: MemPool) -> tuple[object, ...]:
 def scattered(pool: MemPool, n: int) -> Blocks:
     """``n`` device blocks that are not adjacent (every other block of a larger run)."""
     run = pool.alloc(2 * n)
-    keep = run.ids[::2]
-    pool.free(Blocks(Tier.DEVICE, run.ids[1::2]))
-    return Blocks(Tier.DEVICE, keep, owner=pool)
+    pool.free(run[1::2])
+    return run[::2]
 
 
 @pytest.mark.parametrize("layout", ["run", "scattered"])

@@ -185,6 +185,9 @@ class TransferAgent:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
             self._copier.shutdown(wait=True)
+            self._server = None  # it holds our accept callback: a cycle that would keep the pool alive
+            if not self._thread.is_alive():
+                self._loop.close()
         with self._receipts_lock:
             receipts, self._receipts = self._receipts, {}
         for blocks, _ in receipts.values():

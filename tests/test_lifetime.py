@@ -1,0 +1,101 @@
+"""A pool that is closed and dropped gives its KV memory back at once, by reference counting.
+
+A reference cycle through a pool (its own block handles naming it, a transfer agent's event loop
+holding the agent) left the whole pool to Python's cyclic collector, which freed it whenever it
+next ran: GiBs of KV unmapped inside some later, unrelated call. Measured in the engine
+benchmark, a request's step took 0.25-1.5 s instead of 35 ms that way. These tests run with the
+collector off, so anything still alive after ``del`` is held by a cycle.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from mempool import MemPool, Tier, TransportConfig
+
+from .conftest import make_pool, make_tokens
+from .transport.conftest import BACKENDS, SECRET
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _memfds() -> int:
+    """How many of this process's descriptors are pool memfds."""
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:mempool-kv")
+        except OSError:
+            pass
+    return fds
+
+
+def _exercise(pool: MemPool) -> None:
+    """Every kind of state a pool keeps: indexed prefixes and a tail, a demoted prefix, a match,
+    a swapped-out handle, a deleted prefix."""
+    bs = pool.config.block_size
+    tokens = make_tokens(4 * bs + 2, seed=1)
+    own = pool.alloc(5)
+    assert own is not None
+    pool.insert_sequence(tokens, own)
+    pool.free(own)
+    assert pool.evict(2) == 2
+    with pool.match(tokens, promote=True) as hit:
+        assert hit.num_tokens == 4 * bs
+    moved = pool.swap_out_async(pool.alloc(1))
+    assert moved is not None
+    pool.free(moved.wait())
+    other = make_tokens(2 * bs, seed=2)
+    blocks = pool.alloc(2)
+    assert blocks is not None
+    pool.insert(other, blocks)
+    pool.free(blocks)
+    pool.delete(other)
+    pool.check_invariants()
+
+
+def test_a_dropped_pool_is_freed_at_once(no_cyclic_gc: None) -> None:
+    before = _memfds()
+    pool = make_pool()
+    assert pool.storage(Tier.DEVICE).share_info is not None  # on Linux the tiers are memfds
+    _exercise(pool)
+    storage = weakref.ref(pool.storage(Tier.DEVICE))
+    alive = weakref.ref(pool)
+    pool.close()
+    del pool
+    assert alive() is None and storage() is None
+    assert _memfds() == before  # the KV memory itself is gone, not only the Python objects
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_closed_serving_pool_is_freed_at_once(no_cyclic_gc: None, backend: str) -> None:
+    before = _memfds()
+    a, b = make_pool(), make_pool()
+    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
+    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
+    a.connect("b", host, port)
+    tokens = make_tokens(2 * a.config.block_size, seed=3)
+    blocks = a.alloc(2)
+    assert blocks is not None
+    sent = a.transfer_with_insert("b", tokens, blocks)
+    assert sent is not None and sent.sent_blocks == 2
+    a.free(blocks)
+    alive = [weakref.ref(a), weakref.ref(b)]
+    a.close()
+    b.close()
+    del a, b, blocks
+    assert [ref() for ref in alive] == [None, None]
+    assert _memfds() == before
