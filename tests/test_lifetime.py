@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -103,3 +105,27 @@ def test_a_closed_serving_pool_is_freed_at_once(no_cyclic_gc: None, backend: str
     del a, b, blocks
     assert [ref() for ref in alive] == [None, None]
     assert _memfds() == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pool_that_failed_to_serve_leaves_nothing_running(backend: str) -> None:
+    """The agent's loop thread starts before the port is bound; when binding fails it must stop,
+    or it keeps the pool (and its backend) alive for good. The failure's traceback is a cycle of
+    its own, so here the collector runs."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        pool = make_pool()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError):
+            pool.serve(TransportConfig(name="a", secret=SECRET, backend=backend, port=port))
+        assert pool.transport_stats() == {}  # not serving
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("mempool-agent")]
+        alive = weakref.ref(pool)
+        pool.close()
+        del pool
+        gc.collect()
+        assert alive() is None
+    finally:
+        taken.close()

@@ -262,7 +262,7 @@ class MemPool:
 
         Raises:
             InvalidArgumentError: already serving. BackendUnavailableError: the backend's extra
-            is not installed.
+            is not installed. OSError: the port cannot be bound. On failure nothing keeps running.
         """
         if not isinstance(transport, TransportConfig):
             raise InvalidArgumentError(f"transport must be a TransportConfig, got {type(transport).__name__}")
@@ -276,6 +276,7 @@ class MemPool:
         except BaseException:
             with self._lock:
                 self._agent = None
+            agent.close()  # its loop thread runs already: stop it (it would keep this pool alive)
             raise
 
     def connect(self, name: str, host: str, port: int) -> None:
