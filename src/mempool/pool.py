@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -276,7 +277,8 @@ class MemPool:
         except BaseException:
             with self._lock:
                 self._agent = None
-            agent.close()  # its loop thread runs already: stop it (it would keep this pool alive)
+            with contextlib.suppress(Exception):  # the caller learns of the first failure, not of this
+                agent.close()  # its loop thread runs already: stop it (it would keep this pool alive)
             raise
 
     def connect(self, name: str, host: str, port: int) -> None:
