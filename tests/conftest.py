@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -68,3 +69,15 @@ def pool() -> Iterator[MemPool]:
     yield p
     p.check_invariants()
     p.close()
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic collector off for the test: an object still alive after ``del`` is then
+    held by a reference cycle (or by something else that is alive)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -14,7 +14,6 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,17 +21,6 @@ from mempool import MemPool, Tier, TransportConfig
 
 from .conftest import make_pool, make_tokens
 from .transport.conftest import BACKENDS, SECRET
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
 
 MEMFD = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")  # Linux: CPU tiers are memfds
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import random
 import weakref
 from collections.abc import Callable
@@ -244,20 +243,15 @@ def test_greedy_argmax_agrees_with_torch_on_ties_and_nans() -> None:
     assert argmax_rows(x[:2].bfloat16()) == x[:2].bfloat16().argmax(-1).tolist()  # numpy has no bfloat16
 
 
-def test_a_closed_engine_frees_its_pool_at_once(tiny_model) -> None:
+def test_a_closed_engine_frees_its_pool_at_once(tiny_model, no_cyclic_gc: None) -> None:
     """Engines come and go within a process (benchmarks, tests, a reloaded model): dropping a
     closed one must give its pool's KV memory back there and then, not at the cyclic collector's
     next pass inside some later request (see tests/test_lifetime.py)."""
-    gc.collect()
-    gc.disable()
-    try:
-        engine = Engine(tiny_model, EngineConfig(block_size=4, device_blocks=64, host_blocks=64, caching=True))
-        engine.generate(make_prompts([20, 30], seed=5), SamplingParams(max_tokens=8, ignore_eos=True))
-        engine.add_request(make_prompts([12], seed=6)[0], SamplingParams(max_tokens=8, ignore_eos=True))
-        engine.step()  # one request still running when the engine closes
-        alive = weakref.ref(engine.pool)
-        engine.close()
-        del engine
-        assert alive() is None
-    finally:
-        gc.enable()
+    engine = Engine(tiny_model, EngineConfig(block_size=4, device_blocks=64, host_blocks=64, caching=True))
+    engine.generate(make_prompts([20, 30], seed=5), SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request(make_prompts([12], seed=6)[0], SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # one request still running when the engine closes
+    alive = weakref.ref(engine.pool)
+    engine.close()
+    del engine
+    assert alive() is None
