@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -372,16 +372,18 @@ class TransferAgent:
             while True:
                 msg = await peer.channel.recv()
                 peer.last_seen = time.monotonic()
-                kind = msg["type"]
-                if kind == "begin":
-                    xid = msg.get("xid")
-                    if not isinstance(xid, int) or xid in peer.serving:
-                        raise ChannelClosed(f"bad transfer id {xid!r}")
-                    peer.serving[xid] = self._spawn(self._serve(peer, msg))
-                elif kind in ("ready", "done", "fail"):
-                    queue = peer.waiting.get(msg.get("xid"))  # type: ignore[arg-type]
-                    if queue is not None:
-                        queue.put_nowait(msg)
+                kind, xid = msg["type"], msg.get("xid")
+                if kind in ("begin", "ready", "done", "fail"):
+                    if not _is_int(xid):
+                        raise ChannelClosed(f"{kind} with a bad transfer id {xid!r}")
+                    if kind != "begin":
+                        queue = peer.waiting.get(xid)
+                        if queue is not None:
+                            queue.put_nowait(msg)
+                    elif xid in peer.serving:
+                        raise ChannelClosed(f"begin reusing the running transfer id {xid}")
+                    else:
+                        peer.serving[xid] = self._spawn(self._serve(peer, msg))
                 elif kind == "ping":
                     await peer.channel.send({"type": "pong"})
                 elif kind == "bye":
@@ -390,6 +392,9 @@ class TransferAgent:
                     raise ChannelClosed(f"unexpected frame {kind!r}")
         except ChannelClosed as exc:
             await self._drop(peer, PeerLostError(f"lost {peer.name}: {exc}"))
+        except Exception as exc:  # a frame nothing above foresaw: a peer no one reads is a dead one
+            log.exception("agent %s: reading from %s failed", self.name, peer.name)
+            await self._drop(peer, PeerLostError(f"lost {peer.name}: {exc!r}"))
 
     async def _housekeeping(self) -> None:
         cfg = self.config
@@ -533,10 +538,8 @@ class TransferAgent:
                 return self._pulled(peer, ready, len(ids), started)
             streaming = True
             data_started = time.perf_counter()
-            skip, segments = int(ready["skip"]), [int(x) for x in ready["segments"]]
             chunk = self._chunk_blocks()
-            if skip < 0 or skip + sum(segments) != len(ids) or any(not 0 < x <= chunk for x in segments):
-                raise TransferError(f"{peer.name} sent an impossible plan: skip {skip}, segments {segments[:8]}")
+            skip, segments = _plan_of(peer.name, ready, len(ids), chunk)
             # Runs go straight from KV storage, up to WINDOW messages in flight; scattered parts are
             # gathered (on a worker thread, so the loop keeps driving the link) into two staging
             # buffers, one filling while the other is on the wire.
@@ -599,7 +602,7 @@ class TransferAgent:
     def _pulled(self, peer: _Peer, done: dict[str, Any], n: int, started: float) -> TransferResult:
         """The result of a transfer the receiver pulled."""
         skip, got = done.get("skipped"), done.get("received")
-        if not isinstance(skip, int) or not isinstance(got, int) or skip < 0 or skip + got != n:
+        if not _is_int(skip) or not _is_int(got) or skip < 0 or skip + got != n:
             raise TransferError(f"{peer.name} confirmed an impossible pull: skipped {skip!r}, received {got!r}")
         copy_s = done.get("copy_s")
         data_s = float(copy_s) if isinstance(copy_s, (int, float)) else 0.0
@@ -640,10 +643,11 @@ class TransferAgent:
         self._receiving += 1  # until every block of it is back: a dropped peer's transfers still count
         try:
             n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
-            if not isinstance(n, int) or n <= 0 or (key is not None and not isinstance(key, str)):
+            if not _is_int(n) or n <= 0 or (key is not None and not isinstance(key, str)):
                 return await self._fail(peer, xid, "bad_request", "n must be a positive int and key a str")
-            if ns is not None and not isinstance(ns, (str, int)):
-                return await self._fail(peer, xid, "bad_request", "namespace must be a str or int")
+            if "tokens" in msg and not isinstance(msg["tokens"], str):
+                return await self._fail(peer, xid, "bad_request", "tokens must be base64 text")
+            check_namespace(ns)
             pull = self._pull_source(peer, msg.get("pull"), n)
             skip = 0
             tokens = None
@@ -712,6 +716,10 @@ class TransferAgent:
         except (MemPoolError, ValueError) as exc:  # e.g. bad tokens or a malformed field from the peer
             if peer.alive:
                 await self._fail(peer, xid, "bad_request", str(exc))
+        except Exception as exc:  # nothing above foresaw it: end the link rather than leave the sender waiting
+            log.exception("agent %s: serving transfer %d from %s failed", self.name, xid, peer.name)
+            if peer.alive:
+                await self._drop(peer, PeerLostError(f"transfer {xid} from {peer.name} failed: {exc!r}"))
         finally:
             try:
                 if peer.alive and any(not t.done() for t in inflight):
@@ -772,7 +780,7 @@ class TransferAgent:
         settle and give back whatever happens.
         """
         chunk = self._chunk_blocks()
-        if isinstance(msg.get("chunk"), int) and msg["chunk"] > 0:
+        if _is_int(msg.get("chunk")) and msg["chunk"] > 0:
             chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
         segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
         await peer.channel.send({"type": "ready", "xid": xid, "skip": skip, "segments": segments})
@@ -827,6 +835,29 @@ class TransferAgent:
             await self._drop(peer, PeerLostError(f"lost {peer.name}"))
 
 
+def _is_int(value: object) -> TypeGuard[int]:
+    """Whether a field from the wire is an integer (JSON ``true`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plan_of(peer: str, ready: dict[str, Any], n: int, chunk: int) -> tuple[int, list[int]]:
+    """The receiver's plan in ``ready`` for ``n`` blocks: blocks it has already and the lengths
+    of the data messages, each at most ``chunk`` blocks.
+
+    Raises:
+        TransferError: a plan that is malformed or does not cover exactly ``n`` blocks.
+    """
+    skip, segments = ready.get("skip"), ready.get("segments")
+    if (
+        _is_int(skip)
+        and isinstance(segments, list)
+        and all(_is_int(x) and 0 < x <= chunk for x in segments)
+        and 0 <= skip == n - sum(segments)
+    ):
+        return skip, segments
+    raise TransferError(f"{peer} sent an impossible plan: skip {skip!r}, segments {str(segments)[:80]}")
+
+
 def _is_run(ids: IdArray) -> bool:
     """Whether ``ids`` are consecutive (one contiguous region of KV storage)."""
     n = len(ids)
@@ -866,5 +897,5 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
 
 def check_namespace(namespace: Hashable) -> None:
     """Namespaces cross the wire as JSON: only ``None``, ``str`` and ``int`` are allowed."""
-    if namespace is not None and (isinstance(namespace, bool) or not isinstance(namespace, (str, int))):
+    if namespace is not None and not (isinstance(namespace, str) or _is_int(namespace)):
         raise InvalidArgumentError(f"a transferred namespace must be None, a str or an int, got {namespace!r}")
