@@ -338,6 +338,32 @@ def test_host_insert_without_host_tier_raises() -> None:
         pool.alloc(1, Tier.HOST)
 
 
+def test_lru_order_holds_across_many_touches_and_heap_compactions() -> None:
+    """Every touch queues a fresh heap entry and leaves the old one stale; once stale entries
+    pile up the heap is compacted. Eviction must still follow the last touches exactly."""
+    n = 8
+    pool = make_pool(device_blocks=n, host_blocks=0)
+    for i in range(n):
+        cache(pool, toks(i + 1))
+    rng = np.random.default_rng(0)
+    last: dict[int, int] = {}
+    for t, i in enumerate(rng.integers(0, n, size=600).tolist()):
+        with pool.match(toks(i + 1)):
+            pass
+        last[i] = t
+        assert len(pool.index._dev_heap) <= 2 * n + 64  # compacted, not growing with every touch
+    order = sorted(range(n), key=lambda i: last.get(i, -1))
+    for k in range(n):
+        assert pool.evict(1) == 1
+        for j in order[: k + 1]:  # the least recent ones are gone, in order, and only they
+            with pool.match(toks(j + 1)) as m:
+                assert m.total_tokens == 0, (k, j)
+        for j in order[k + 1 :]:
+            with pool.match(toks(j + 1)) as m:
+                assert m.total_tokens == B, (k, j)
+        pool.check_invariants()
+
+
 def test_lfu_policy_keeps_frequently_matched_prefixes() -> None:
     pool = make_pool(device_blocks=4, host_blocks=0, eviction="lfu")
     cache(pool, toks(1, 2))
