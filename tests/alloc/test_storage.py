@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mempool.alloc import storage as storage_mod
 from mempool.alloc.storage import KVStorage, copy_blocks, gather_view
@@ -94,6 +96,46 @@ def test_copy_blocks_pairs_ids(monkeypatch: pytest.MonkeyPatch, max_runs: int, s
     expected[torch.tensor(dst)] = a.tensor[torch.tensor(src)]
     copy_blocks(a, np.array(src), b, np.array(dst))
     assert torch.equal(b.tensor, expected)
+
+
+@st.composite
+def _copy_case(draw: st.DrawFn) -> tuple[list[int], list[int], int, int]:
+    """Pairs of blocks to copy between two 64-block tiers: destinations distinct, sources any
+    (repeats included), each side drawn as a mix of runs and scattered ids; and the copy's
+    two thresholds (runs copied one by one, staging rows)."""
+    n = draw(st.integers(1, 40))
+    dst = draw(st.permutations(range(64)))[:n]
+    if draw(st.booleans()):  # runs: the allocator's usual output
+        start = draw(st.integers(0, 64 - n))
+        dst = list(range(start, start + n))
+    src = draw(st.lists(st.integers(0, 63), min_size=n, max_size=n))
+    if draw(st.booleans()):
+        start = draw(st.integers(0, 64 - n))
+        src = list(range(start, start + n))
+    return src, dst, draw(st.sampled_from([0, 1, 8, 1000])), draw(st.integers(1, 9))
+
+
+@given(case=_copy_case())
+def test_copy_blocks_matches_indexing_on_every_path(case: tuple[list[int], list[int], int, int]) -> None:
+    """Whatever path a copy takes (slices per run, a gather into each destination run, one
+    vectorised copy, or a gather and scatter through staging rows, in chunks), between tiers or
+    inside one, the result is plain tensor indexing's, and no other block changes."""
+    src, dst, max_runs, staging_rows = case
+    block_bytes = LAYOUT.block_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(storage_mod, "RUN_COPY_MAX", max_runs)
+        mp.setattr(storage_mod, "STAGING_BYTES", staging_rows * block_bytes)
+        a, b = make(64), make(64)
+        b.tensor.mul_(-1)
+        expected = b.tensor.clone()
+        expected[torch.tensor(dst)] = a.tensor[torch.tensor(src)]
+        copy_blocks(a, np.array(src, dtype=np.int64), b, np.array(dst, dtype=np.int64))
+        assert torch.equal(b.tensor, expected)
+        # inside one tier, sources and destinations may overlap: every block is read before any is written
+        inside = a.tensor.clone()
+        inside[torch.tensor(dst)] = a.tensor[torch.tensor(src)]
+        copy_blocks(a, np.array(src, dtype=np.int64), a, np.array(dst, dtype=np.int64))
+        assert torch.equal(a.tensor, inside)
 
 
 def test_copy_blocks_rejects_mismatch() -> None:

@@ -230,6 +230,14 @@ def _copy_runs(
     if n == 0:
         return
     firsts, ends = _run_bounds(src_ids, dst_ids)
+    if src.untyped_storage().data_ptr() == dst.untyped_storage().data_ptr() and (
+        len(firsts) > RUN_COPY_MAX or np.intersect1d(src_ids, dst_ids).size
+    ):
+        # Within one tier torch refuses an op whose input and output share memory (an
+        # index_select into a slice of the tensor it reads, overlapping slices): read every
+        # block first, then write (a block that is both source and destination gets its old value).
+        dst.index_copy_(0, _index(dst_ids, dst.device), src.index_select(0, _index(src_ids, src.device)))
+        return
     if len(firsts) <= RUN_COPY_MAX:
         for a, b in zip(firsts, ends):
             s0, d0 = int(src_ids[a]), int(dst_ids[a])
