@@ -68,7 +68,8 @@ def _frame(pool: MemPool, to: str, frame: dict[str, Any], *, answer: bool = True
             await peer.channel.send(frame)
             return await asyncio.wait_for(queue.get(), 10.0) if answer else None
         finally:
-            peer.waiting.pop(frame.get("xid"), None)  # type: ignore[arg-type]
+            if answer:
+                peer.waiting.pop(frame["xid"], None)
 
     return agent._call(go(), 15.0)
 
