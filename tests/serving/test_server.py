@@ -151,6 +151,34 @@ def test_openai_client_completes_chats_and_streams() -> None:
             assert series in metrics
 
 
+def test_the_heartbeat_drops_expired_prompt_tree_entries() -> None:
+    """A match skips expired entries, but only eviction reports, trims and departures remove
+    entries; one that no report will ever name (a prefix an instance did not keep) must still go,
+    or a long-running scheduler's tree grows for good."""
+    import asyncio
+    import time
+
+    from memserve.scheduler import Scheduler
+
+    sched = Scheduler(STAGES["colocated-caching"], block_size=16, ttl=0.2)
+    tree = sched.trees["colocated"]
+    stale, live = list(range(64)), list(range(1000, 1032))
+    tree.insert("colocated-0", stale, time.monotonic())
+
+    async def run() -> None:
+        beat = asyncio.ensure_future(sched.heartbeat(interval=0.02))
+        try:
+            for _ in range(25):  # 0.5 s: past the TTL and the expiry period (TTL / 4)
+                tree.insert("colocated-0", live, time.monotonic())  # refreshed: it stays
+                await asyncio.sleep(0.02)
+        finally:
+            beat.cancel()
+
+    asyncio.run(run())
+    assert len(tree) == 2 and sched.counters.expired == 4  # the 4 blocks of the stale prompt are gone
+    assert tree.match(live, time.monotonic()) == {"colocated-0": 32}
+
+
 def test_prompt_tree_routes_later_turns_to_the_prefix_holder() -> None:
     with Cluster("colocated-caching", colocated=2, policy="prompt-tree", **SMALL) as c:
         for user in range(4):  # four conversations, interleaved by turn

@@ -100,6 +100,7 @@ class Counters:
     busy: int = 0  # refusals by instances whose queue was full
     instance_failures: int = 0
     removals: int = 0  # evicted prefixes instances reported
+    expired: int = 0  # prompt-tree entries dropped after their TTL (an instance never reported them gone)
     handoff_blocks: int = 0
     handoff_bytes: int = 0
     send_back_blocks: int = 0
@@ -150,6 +151,10 @@ class Scheduler:
         self.stage, self.policy = stage, policy
         self.instances: dict[str, InstanceHandle] = {}
         self.trees = {role: PromptTree(block_size, ttl) for role in ("colocated", "prefill", "decode")}
+        # expired entries are skipped by every match; the heartbeat also drops them now and then, or
+        # entries no eviction report ever names (a prefix an instance did not keep) pile up for good
+        self._expiry_period = min(60.0, ttl / 4)
+        self._next_expiry = time.monotonic() + self._expiry_period
         self.cost = CostModel()
         self.block_bytes, self.bandwidth = block_bytes, bandwidth
         self.link_aware, self.link_ttl_s = link_aware, link_ttl_s
@@ -276,7 +281,8 @@ class Scheduler:
     async def heartbeat(self, interval: float = 1.0, misses: int = 3) -> None:
         """Probe every instance each ``interval`` seconds. ``misses`` failures in a row mark one down
         (one slow answer under load does not); a down instance of the same incarnation (pid) that
-        answers again is taken back."""
+        answers again is taken back. Every ``ttl / 4`` (at most a minute) it also drops the prompt
+        trees' expired entries."""
         while True:
             await asyncio.sleep(interval)
             insts = list(self.instances.values())
@@ -289,6 +295,10 @@ class Scheduler:
                 inst.misses = 0
                 if not inst.alive and self.instances.get(inst.name) is inst:
                     await self._rejoin(inst)
+            now = time.monotonic()
+            if now >= self._next_expiry:
+                self._next_expiry = now + self._expiry_period
+                self.counters.expired += sum(tree.expire(now) for tree in self.trees.values())
 
     async def _rejoin(self, inst: InstanceHandle) -> None:
         """Take back a down instance that answers again (it stalled, or was cut off the network) as a
