@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from mempool.errors import InvalidArgumentError
+from mempool.errors import BlockLockedError, InvalidArgumentError
 from memserve import Engine, EngineConfig, SamplingParams
 from memserve.sampling import argmax_rows
 
@@ -114,6 +115,78 @@ def test_preemption_under_memory_pressure_keeps_tokens(
         engine.pool.check_invariants()
     assert preempted > 0  # the pool really ran out
     assert [got[i] for i in ids] == want
+    assert_no_leaks(engine)
+
+
+def _drive(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """Queue ``requests`` and step until every one is done (invariants after each step); an engine
+    that stops making progress fails here instead of looping."""
+    ids = [engine.add_request(p, params) for p, params in requests]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(20 * sum(params.max_tokens for _, params in requests)):
+        if not engine.has_work():
+            break
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        engine.pool.check_invariants()
+    assert not engine.has_work(), "the engine stopped making progress"
+    return [got[i] for i in ids]
+
+
+def test_a_swapped_request_that_cannot_come_back_is_recomputed(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests over two different cached prefixes on a device tier that holds both prefixes
+    and little else. Each swapped request keeps its prefix locked on the device, so once both are
+    swapped out neither may fit back in; the engine must then recompute one (free it, requeue it)
+    rather than stop, and both must end with the tokens of a plain recompute."""
+    engine = make_engine(caching=True, preemption="swap", device_blocks=20, host_blocks=64)
+    p1, p2 = make_prompts([24, 24], seed=3)
+    engine.generate([p1, p2], SamplingParams(max_tokens=1, ignore_eos=True))  # caches both prefixes
+    unstuck: list[str] = []
+    unstick = engine._unstick
+    monkeypatch.setattr(engine, "_unstick", lambda: (unstuck.append(engine.swapped[0].id), unstick())[1])
+    params = SamplingParams(max_tokens=50, ignore_eos=True)  # 19 blocks each: fits the tier alone
+    requests = [(p1 + [7], params), (p2 + [9], params)]
+    want = [make_engine(caching=False).generate([p], params)[0] for p, _ in requests]
+    assert _drive(engine, requests) == want
+    assert unstuck  # the case this test is for
+    assert_no_leaks(engine)
+
+
+def test_a_victim_whose_blocks_another_request_locked_is_recomputed(
+    make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefill's blocks are cached at once, so a later request may lock them as its prefix;
+    preempting the first by swapping its blocks out is then refused (BlockLockedError) and the
+    engine recomputes it instead. (A seeded workload that meets this case.)"""
+    rng = random.Random(13)
+    heads = make_prompts([rng.randint(8, 24), rng.randint(8, 24)], seed=13)
+    n = rng.randint(4, 9)
+    prompts = [rng.choice(heads) + make_prompts([rng.randint(1, 12)], seed=13_000 + i)[0] for i in range(n)]
+    lengths = [rng.randint(4, 24) for _ in prompts]
+    engine = make_engine(
+        caching=True,
+        preemption="swap",
+        device_blocks=rng.randint(16, 40),
+        host_blocks=rng.choice([8, 16, 64]),
+        max_running=rng.randint(2, 6),
+    )
+    refused: list[int] = []
+    swap_out = engine.pool.swap_out
+
+    def spy(blocks: Any) -> Any:
+        try:
+            return swap_out(blocks)
+        except BlockLockedError:
+            refused.append(len(blocks))
+            raise
+
+    monkeypatch.setattr(engine.pool, "swap_out", spy)
+    requests = [(p, SamplingParams(max_tokens=k, ignore_eos=True)) for p, k in zip(prompts, lengths)]
+    want = [make_engine(caching=False).generate([p], params)[0] for p, params in requests]
+    assert _drive(engine, requests) == want
+    assert refused  # the case this test is for
     assert_no_leaks(engine)
 
 
