@@ -97,9 +97,28 @@ def test_bad_chat_messages(cluster: Cluster) -> None:
         [{"role": "robot", "content": "x"}],
         [{"content": "x"}],
         [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}],
+        [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+        [{"role": "user", "content": ["plain strings are not parts"]}],
     ):
         got, data = request(cluster, "POST", "/v1/chat/completions", json.dumps({"messages": messages}).encode())
         assert got == 400 and data["error"]["message"], messages
+
+
+def test_chat_content_parts_are_their_joined_text(cluster: Cluster) -> None:
+    """OpenAI's list-of-parts form of a message's content: text parts only, read as their text
+    joined, so the answer is the one the plain string gets."""
+
+    def chat(content: Any) -> dict[str, Any]:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0}
+        got, data = request(cluster, "POST", "/v1/chat/completions", json.dumps(body).encode())
+        assert got == 200, data
+        return data
+
+    plain = chat("hello there, memory pool")
+    parts = chat([{"type": "text", "text": "hello there, "}, {"type": "text", "text": "memory pool"}])
+    assert parts["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
 
 
 def test_api_key_routes_and_methods(cluster: Cluster) -> None:
