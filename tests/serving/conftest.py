@@ -40,16 +40,25 @@ def make_prompts(lengths: list[int], vocab: int = 512, seed: int = 0, shared: in
     return [head + torch.randint(0, vocab, (n - shared,), generator=gen).tolist() for n in lengths]
 
 
-def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Run ``prompts`` together; each one's output tokens and stacked per-step logits."""
-    ids = [engine.add_request(p, params) for p in prompts]
+def run(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Run ``prompts`` together (``params`` for all, or one each); each one's output tokens and
+    stacked per-step logits. The pool's invariants are checked after every step, and an engine
+    that stops making progress fails here instead of looping."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, each, strict=True)]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     logits: dict[str, list[torch.Tensor]] = {i: [] for i in ids}
-    while engine.has_work():
+    for _ in range(20 * sum(q.max_tokens for q in each) + 20):
+        if not engine.has_work():
+            break
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
             if out.logits is not None:
                 logits[out.request_id].append(out.logits)
+        engine.pool.check_invariants()
+    assert not engine.has_work(), "the engine stopped making progress"
     return [tokens[i] for i in ids], [torch.stack(logits[i]) if logits[i] else torch.empty(0) for i in ids]
 
 

@@ -118,21 +118,6 @@ def test_preemption_under_memory_pressure_keeps_tokens(
     assert_no_leaks(engine)
 
 
-def _drive(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
-    """Queue ``requests`` and step until every one is done (invariants after each step); an engine
-    that stops making progress fails here instead of looping."""
-    ids = [engine.add_request(p, params) for p, params in requests]
-    got: dict[str, list[int]] = {i: [] for i in ids}
-    for _ in range(20 * sum(params.max_tokens for _, params in requests)):
-        if not engine.has_work():
-            break
-        for out in engine.step():
-            got[out.request_id] += out.new_token_ids
-        engine.pool.check_invariants()
-    assert not engine.has_work(), "the engine stopped making progress"
-    return [got[i] for i in ids]
-
-
 def test_a_swapped_request_that_cannot_come_back_is_recomputed(
     make_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,9 +132,9 @@ def test_a_swapped_request_that_cannot_come_back_is_recomputed(
     unstick = engine._unstick
     monkeypatch.setattr(engine, "_unstick", lambda: (unstuck.append(engine.swapped[0].id), unstick())[1])
     params = SamplingParams(max_tokens=50, ignore_eos=True)  # 19 blocks each: fits the tier alone
-    requests = [(p1 + [7], params), (p2 + [9], params)]
-    want = [make_engine(caching=False).generate([p], params)[0] for p, _ in requests]
-    assert _drive(engine, requests) == want
+    prompts = [p1 + [7], p2 + [9]]
+    want = [make_engine(caching=False).generate([p], params)[0] for p in prompts]
+    assert run(engine, prompts, params)[0] == want
     assert unstuck  # the case this test is for
     assert_no_leaks(engine)
 
@@ -183,9 +168,9 @@ def test_a_victim_whose_blocks_another_request_locked_is_recomputed(
             raise
 
     monkeypatch.setattr(engine.pool, "swap_out", spy)
-    requests = [(p, SamplingParams(max_tokens=k, ignore_eos=True)) for p, k in zip(prompts, lengths)]
-    want = [make_engine(caching=False).generate([p], params)[0] for p, params in requests]
-    assert _drive(engine, requests) == want
+    params = [SamplingParams(max_tokens=k, ignore_eos=True) for k in lengths]
+    want = [make_engine(caching=False).generate([p], q)[0] for p, q in zip(prompts, params)]
+    assert run(engine, prompts, params)[0] == want
     assert refused  # the case this test is for
     assert_no_leaks(engine)
 
