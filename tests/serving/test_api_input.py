@@ -73,6 +73,12 @@ FIELD_CASES = [
     ({**OK, "n": 3}, 400),
     ({**OK, "frobnicate": True}, 400),
     ({**OK, "model": "gpt-9"}, 404),
+    ({**OK, "stream": "yes"}, 400),
+    ({**OK, "stream": True, "stream_options": [1]}, 400),  # was a 500 after the stream had begun
+    ({**OK, "stream": True, "stream_options": {"include_usage": "yes"}}, 400),
+    ({**OK, "stream": True, "stream_options": {"usage": True}}, 400),
+    ({**OK, "user": ["a"]}, 400),
+    ({**OK, "user": {"id": 1}}, 400),
     ({"prompt": list(range(1000, 2100)), "max_tokens": 4}, 400),  # beyond the 1,024-token context window
 ]
 

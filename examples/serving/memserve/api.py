@@ -139,6 +139,21 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_options(body: dict[str, Any]) -> None:
+    """The request's delivery options are of OpenAI's types (``null`` where the field is optional)."""
+    if not isinstance(body.get("stream", False), bool | None):
+        raise BadRequest("stream must be a boolean")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}:
+            raise BadRequest("stream_options must be an object with the fields include_usage, include_obfuscation")
+        for k, v in options.items():
+            if not isinstance(v, bool):
+                raise BadRequest(f"stream_options.{k} must be a boolean")
+    if not isinstance(body.get("user"), str | None):
+        raise BadRequest("user must be a string")
+
+
 def _error(status: int, message: str, code: str | None = None) -> web.Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return web.json_response({"error": {"message": message, "type": kind, "code": code}}, status=status)
@@ -226,6 +241,7 @@ def make_app(
                 )
             tokens = prompt_tokens(body, chat)
             params = _params(body)
+            _check_options(body)
             limit = scheduler.max_context
             if limit and len(tokens) + params["max_tokens"] > limit:
                 raise BadRequest(
