@@ -26,8 +26,11 @@ def cluster() -> Iterator[Cluster]:
         yield c
 
 
-def request(c: Cluster, method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, Any]:
-    u = urlparse(c.url)
+def request(
+    c: Cluster | str, method: str, path: str, body: bytes | None = None, key: str | None = KEY
+) -> tuple[int, Any]:
+    """``method path`` on the API (a Cluster) or on an instance (its URL), with ``key`` as the bearer token."""
+    u = urlparse(c.url if isinstance(c, Cluster) else c)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     headers = {"Content-Type": "application/json"}
     if key:
@@ -233,6 +236,60 @@ def test_fuzzed_bodies_get_an_answer_or_a_4xx_never_a_500(cluster: Cluster, case
         (choice,) = data["choices"]
         assert all(isinstance(t, int) for t in choice["token_ids"]) and choice["finish_reason"] in ("stop", "length")
         assert data["usage"]["completion_tokens"] == len(choice["token_ids"]) >= 1
+
+
+# control bodies that are not what the route expects: (route, body); the instance routes go to a member
+CONTROL_CASES = [
+    ("/admin/register", b"[1, 2]"),
+    ("/admin/register", b"{not json"),
+    ("/admin/register", b'{"name": "x"}'),
+    ("/admin/register", b'{"name": "x", "role": "colocated", "url": "http://127.0.0.1:9", "transport": 9}'),
+    ("/admin/register", b'{"name": "x", "role": "boss", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9]}'),
+    (  # read whole before anything changes: this one used to link "x" in, then fail on its capacity
+        "/admin/register",
+        b'{"name": "x", "role": "decode", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9],'
+        b' "capacity_tokens": "lots"}',
+    ),
+    ("/connect", b"{not json"),
+    ("/connect", b'{"name": "a", "host": "h"}'),
+    ("/connect", b'{"name": "a", "host": "h", "port": "eighty"}'),
+    ("/generate", b"{not json"),
+    ("/generate", b"[]"),
+    ("/push", b"{not json"),
+    ("/push", b'{"peer": "decode-0"}'),
+    ("/push", b'{"peer": "decode-0", "tokens": ["a"]}'),
+    ("/push", b"null"),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), CONTROL_CASES)
+def test_malformed_control_bodies_get_a_400_and_change_nothing(cluster: Cluster, path: str, body: bytes) -> None:
+    from memserve.auth import control_token
+
+    token = control_token(cluster.secret)
+    members = get_json(cluster, "/admin/stats")["members"]
+    target = cluster if path.startswith("/admin/") else members["prefill-0"]["url"]
+    status, data = request(target, "POST", path, body, key=token)
+    assert status == 400 and "malformed" in str(data), (path, body, status, data)
+    assert get_json(cluster, "/admin/stats")["members"] == members  # nobody joined, nobody left
+
+
+def test_a_push_to_an_unknown_peer_is_a_502_naming_the_error(cluster: Cluster) -> None:
+    from memserve.auth import control_token
+
+    prompt = list(range(3000, 3040))
+    assert completion(cluster, prompt=prompt, max_tokens=1, temperature=0)[0] == 200  # prefill-0 caches it
+    url = get_json(cluster, "/admin/stats")["members"]["prefill-0"]["url"]
+    body = json.dumps({"peer": "nobody", "tokens": prompt}).encode()
+    status, data = request(url, "POST", "/push", body, key=control_token(cluster.secret))
+    assert status == 502 and "nobody" in data["error"], (status, data)
+    drained(cluster.url)  # its pool's invariants hold, nothing held
+
+
+def get_json(c: Cluster, path: str) -> Any:
+    status, data = request(c, "GET", path)
+    assert status == 200, data
+    return data
 
 
 def test_the_server_still_works_after_all_that(cluster: Cluster) -> None:

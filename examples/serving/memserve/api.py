@@ -391,8 +391,14 @@ def make_app(
 
     async def register(request: web.Request) -> web.Response:
         try:
-            handle = await scheduler.register(await request.json())
-        except (SchedulerError, KeyError, ValueError) as exc:
+            info = await request.json()
+        except ValueError as exc:
+            return _error(400, f"malformed registration: not JSON: {exc}")
+        try:
+            handle = await scheduler.register(info)
+        except ValueError as exc:  # not a registration: nothing changed
+            return _error(400, str(exc))
+        except SchedulerError as exc:
             return _error(409, str(exc))
         return web.json_response({"ok": True, "name": handle.name})
 

@@ -55,10 +55,9 @@ from .faults import Faults
 from .model import LlamaModel
 from .prompt_tree import chain_keys
 from .sampling import SamplingParams
-from .stages import STAGES
+from .stages import ROLES, STAGES
 from .worker import EngineWorker
 
-ROLES = ("colocated", "prefill", "decode")
 SECRET_ENV = "MEMSERVE_SECRET"
 # the default of --warm-up-tokens where the command line leaves it out (a test suite sets 0 here)
 WARM_UP_ENV = "MEMSERVE_WARM_UP_TOKENS"
@@ -349,15 +348,22 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
         return web.json_response(await asyncio.to_thread(instance.stats, check))
 
     async def connect(request: web.Request) -> web.Response:
-        body = await request.json()
         try:
-            await asyncio.to_thread(instance.pool.connect, str(body["name"]), str(body["host"]), int(body["port"]))
+            body = await request.json()
+            name, host, port = str(body["name"]), str(body["host"]), int(body["port"])
+        except MALFORMED as exc:
+            return _malformed(exc)
+        try:
+            await asyncio.to_thread(instance.pool.connect, name, host, port)
         except MemPoolError as exc:  # unreachable, refused, timed out: the scheduler tries again later
             return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=502)
         return web.json_response({"ok": True})
 
     async def generate(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except MALFORMED as exc:
+            return _malformed(exc)
         loop = loop_holder["loop"]
         lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -368,8 +374,8 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
             await asyncio.to_thread(instance.start, body, emit)
         except Busy as exc:  # (KV claimed for it is freed)
             return web.json_response({"error": str(exc), "busy": True}, status=503)
-        except (ValueError, TypeError, KeyError) as exc:
-            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
+        except MALFORMED as exc:
+            return _malformed(exc)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         try:
@@ -392,8 +398,15 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
         return response
 
     async def push(request: web.Request) -> web.Response:
-        body = await request.json()
-        result = await asyncio.to_thread(instance.push, str(body["peer"]), [int(t) for t in body["tokens"]])
+        try:
+            body = await request.json()
+            peer, tokens = str(body["peer"]), [int(t) for t in body["tokens"]]
+        except MALFORMED as exc:
+            return _malformed(exc)
+        try:
+            result = await asyncio.to_thread(instance.push, peer, tokens)
+        except MemPoolError as exc:  # an unknown or lost peer, a failed transfer: nothing was inserted there
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=502)
         return web.json_response(result, status=200 if "error" not in result else 409)
 
     async def shutdown(request: web.Request) -> web.Response:
@@ -409,6 +422,15 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
     app.router.add_post("/push", push)
     app.router.add_post("/shutdown", shutdown)
     return app
+
+
+# what a control body that is not the JSON object a route expects raises while it is read
+MALFORMED = (ValueError, TypeError, KeyError, IndexError)
+
+
+def _malformed(exc: Exception) -> web.Response:
+    """400 for a control body that is not what the route expects (nothing was done)."""
+    return web.json_response({"error": f"malformed request: {type(exc).__name__}: {exc}"}, status=400)
 
 
 def _watch_parent(parent: int) -> None:

@@ -48,7 +48,7 @@ import aiohttp
 
 from .costmodel import CostModel
 from .prompt_tree import PromptTree
-from .stages import Stage
+from .stages import ROLES, Stage
 
 POLICIES = ("least-load", "session-id", "prompt-tree")
 
@@ -84,6 +84,33 @@ class InstanceHandle:
     inflight: int = 0
     queued_seconds: float = 0.0
     requests: int = 0
+
+
+def _registration(info: Any) -> tuple[InstanceHandle, int, list[int], int]:
+    """An instance's registration read whole: its handle, capacity in tokens, stop ids and
+    vocabulary size (0: not given). Raises ``ValueError`` for a malformed one."""
+    try:
+        if not isinstance(info, dict):
+            raise TypeError("a registration is a JSON object")
+        host, port = info["transport"]
+        handle = InstanceHandle(
+            str(info["name"]),
+            str(info["role"]),
+            str(info["url"]),
+            (str(host), int(port)),
+            bool(info.get("caching", True)),
+            int(info.get("block_bytes", 0)),
+            int(info.get("pid", 0)),
+        )
+        numbers = int(info.get("capacity_tokens") or 0), int(info.get("vocab_size") or 0)
+        stop_ids = [int(t) for t in info.get("stop_ids", ())]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"malformed registration: {type(exc).__name__}: {exc}") from None
+    if handle.role not in ROLES:
+        raise ValueError(f"malformed registration: role must be one of {ROLES}, got {handle.role!r}")
+    if not handle.name or min(numbers) < 0 or not 0 < port < 65536:
+        raise ValueError("malformed registration: an empty name, a negative size or a port out of range")
+    return handle, numbers[0], stop_ids, numbers[1]
 
 
 @dataclass
@@ -150,7 +177,7 @@ class Scheduler:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.stage, self.policy = stage, policy
         self.instances: dict[str, InstanceHandle] = {}
-        self.trees = {role: PromptTree(block_size, ttl) for role in ("colocated", "prefill", "decode")}
+        self.trees = {role: PromptTree(block_size, ttl) for role in ROLES}
         # expired entries are skipped by every match; the heartbeat also drops them now and then, or
         # entries no eviction report ever names (a prefix an instance did not keep) pile up for good
         self._expiry_period = min(60.0, ttl / 4)
@@ -192,15 +219,7 @@ class Scheduler:
             return await self._register(info)
 
     async def _register(self, info: dict[str, Any]) -> InstanceHandle:
-        handle = InstanceHandle(
-            str(info["name"]),
-            str(info["role"]),
-            str(info["url"]),
-            (str(info["transport"][0]), int(info["transport"][1])),
-            bool(info.get("caching", True)),
-            int(info.get("block_bytes", 0)),
-            int(info.get("pid", 0)),
-        )
+        handle, capacity, stop_ids, vocab = _registration(info)  # all read before anything changes
         old = self.instances.get(handle.name)
         if old is not None and old.alive and old.pid == handle.pid:
             raise SchedulerError(f"an instance named {handle.name!r} is registered already")
@@ -223,12 +242,10 @@ class Scheduler:
             self.links = {k: v for k, v in self.links.items() if handle.name not in k}
             self._link_samples = {k: v for k, v in self._link_samples.items() if handle.name not in k}
         self.instances[handle.name] = handle
-        if info.get("capacity_tokens"):
-            cap = int(info["capacity_tokens"])
-            self.max_context = cap if not self.max_context else min(self.max_context, cap)
-        self.stop_ids.update(int(t) for t in info.get("stop_ids", ()))
-        if info.get("vocab_size"):
-            vocab = int(info["vocab_size"])
+        if capacity:
+            self.max_context = capacity if not self.max_context else min(self.max_context, capacity)
+        self.stop_ids.update(stop_ids)
+        if vocab:
             self.vocab_size = vocab if not self.vocab_size else min(self.vocab_size, vocab)
         return handle
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ROLES = ("colocated", "prefill", "decode")  # what an instance can be
+
 
 @dataclass(frozen=True)
 class Stage:
