@@ -12,44 +12,21 @@ import asyncio
 import base64
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pytest
 
-from mempool import MemPool, TransportConfig
+from mempool import MemPool
 from mempool.errors import TransferError
 
-from ..conftest import fill_random, make_pool, make_tokens
-from .conftest import SECRET
-
-DEADLINE_S = 20.0  # far above any answer below: a test that waits it out has found a hang
-
-
-def _serve(pool: MemPool, name: str, *, pull: bool) -> tuple[str, int]:
-    cfg = TransportConfig(name=name, secret=SECRET, backend="torch", same_host_pull=pull, deadline_s=DEADLINE_S)
-    return pool.serve(cfg)
-
-
-@contextmanager
-def _connected(pull: bool) -> Iterator[tuple[MemPool, MemPool]]:
-    """``a`` connected to ``b``; with ``pull``, ``a`` offers ``b`` to copy its blocks itself."""
-    a, b = make_pool(), make_pool()
-    try:
-        host, port = _serve(b, "b", pull=pull)
-        _serve(a, "a", pull=pull)
-        a.connect("b", host, port)
-        _wait_until(lambda: "a" in b.peers())  # b registers a just after a's connect returns
-        yield a, b
-    finally:
-        a.close()
-        b.close()
+from ..conftest import fill_random, make_tokens
+from .inproc import DEADLINE_S, connected, unchanged, wait_until
 
 
 @pytest.fixture(params=[False, True], ids=["link", "pull"])
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[MemPool, MemPool]]:
-    with _connected(request.param) as (a, b):
+    with connected(request.param) as (a, b):
         yield a, b
 
 
@@ -72,22 +49,6 @@ def _frame(pool: MemPool, to: str, frame: dict[str, Any], *, answer: bool = True
                 peer.waiting.pop(frame["xid"], None)
 
     return agent._call(go(), 15.0)
-
-
-def _wait_until(cond: Callable[[], bool], seconds: float = 10.0) -> float:
-    """Poll ``cond`` until it holds; return how long that took."""
-    start = time.monotonic()
-    while not cond():
-        assert time.monotonic() - start < seconds, "condition never held"
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-def _unchanged(pool: MemPool, before: dict[str, dict[str, int]]) -> None:
-    """Nothing allocated, cached or indexed since ``before`` (once the transfer's cleanup, which
-    runs right after its answer is sent, is over), and every invariant holds."""
-    _wait_until(lambda: pool.stats() == before, 5.0)
-    pool.check_invariants()
 
 
 def _b64(data: bytes) -> str:
@@ -133,7 +94,7 @@ def test_a_bad_begin_is_answered_as_a_bad_request_and_changes_nothing(
     got = _frame(a, "b", {"type": "begin", "xid": XID, **fields})
     assert got is not None and got["type"] == "fail" and got["code"] == "bad_request", (case, got)
     assert got["reason"]
-    _unchanged(b, before)
+    unchanged(b, before)
     assert "a" in b.peers() and "b" in a.peers()  # a bad request is not a broken link
     # the link still works: a real transfer after it
     blocks = a.alloc(2)
@@ -145,7 +106,7 @@ def test_a_bad_begin_is_answered_as_a_bad_request_and_changes_nothing(
 
 
 def test_pull_ids_that_do_not_fit_are_refused() -> None:
-    with _connected(pull=True) as (a, b):
+    with connected(pull=True) as (a, b):
         assert b._agent is not None and b._agent._peers["a"].mapped  # b can read a's tiers
         before = b.stats()
         capacity = a.config.device_blocks
@@ -154,7 +115,7 @@ def test_pull_ids_that_do_not_fit_are_refused() -> None:
             pull = {"tier": "device", "ids": _b64(raw), "until": time.monotonic() + 60}
             got = _frame(a, "b", {"type": "begin", "xid": XID, "n": 1, "key": "k", "pull": pull})
             assert got is not None and got["type"] == "fail" and got["code"] == "bad_request", (ids, got)
-            _unchanged(b, before)
+            unchanged(b, before)
 
 
 def test_no_room_is_back_pressure_not_an_error(pair: tuple[MemPool, MemPool]) -> None:
@@ -162,7 +123,7 @@ def test_no_room_is_back_pressure_not_an_error(pair: tuple[MemPool, MemPool]) ->
     before = b.stats()
     got = _frame(a, "b", {"type": "begin", "xid": XID, "n": 10**9, "key": "k"})
     assert got is not None and got["type"] == "fail" and got["code"] == "no_space"
-    _unchanged(b, before)
+    unchanged(b, before)
 
 
 def test_a_key_in_use_is_refused(pair: tuple[MemPool, MemPool]) -> None:
@@ -173,7 +134,7 @@ def test_a_key_in_use_is_refused(pair: tuple[MemPool, MemPool]) -> None:
     before = b.stats()
     got = _frame(a, "b", {"type": "begin", "xid": XID, "n": 1, "key": "k"})
     assert got is not None and got["type"] == "fail" and got["code"] == "bad_request" and "in use" in got["reason"]
-    _unchanged(b, before)
+    unchanged(b, before)
     received = b.claim("k")
     assert received is not None and len(received) == 1
     b.free(received)
@@ -200,9 +161,9 @@ def test_a_frame_that_breaks_the_protocol_ends_the_link_at_once(
     a, b = pair
     before = b.stats()
     _frame(a, "b", frame, answer=False)
-    took = _wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
+    took = wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
     assert took < DEADLINE_S / 4, case
-    _unchanged(b, before)
+    unchanged(b, before)
 
 
 def test_a_begin_reusing_a_running_transfer_id_ends_the_link(pair: tuple[MemPool, MemPool]) -> None:
@@ -212,8 +173,8 @@ def test_a_begin_reusing_a_running_transfer_id_ends_the_link(pair: tuple[MemPool
     assert got is not None and got["type"] == "ready"
     assert b.stats() != before  # it allocated for the transfer
     _frame(a, "b", {"type": "begin", "xid": XID, "n": 1, "key": "k2"}, answer=False)
-    _wait_until(lambda: "a" not in b.peers())
-    _unchanged(b, before)  # the running transfer's blocks are freed
+    wait_until(lambda: "a" not in b.peers())
+    unchanged(b, before)  # the running transfer's blocks are freed
 
 
 # answers a hostile receiver gives to a begin: the sender raises a TransferError and leaks
@@ -273,7 +234,7 @@ def test_an_error_nothing_foresaw_while_serving_ends_the_link_and_frees_everythi
     """A defect of ours inside a transfer must not leave the sender waiting out its deadline, nor
     the receiver holding what it allocated. (On the data link: a sender whose pull offer went
     unanswered would hold its blocks for the whole deadline.)"""
-    with _connected(pull=False) as (a, b):
+    with connected(pull=False) as (a, b):
         _fails_while_serving(a, b, caplog)
 
 
@@ -292,8 +253,8 @@ def _fails_while_serving(a: MemPool, b: MemPool, caplog: pytest.LogCaptureFixtur
     with pytest.raises(TransferError):
         a.transfer("b", blocks, key="k")
     assert time.monotonic() - start < DEADLINE_S / 4
-    _wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
-    _unchanged(b, before)
+    wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
+    unchanged(b, before)
     assert "a defect" in caplog.text  # logged with its traceback, not swallowed
     a.free(blocks)
     a.check_invariants()
@@ -315,6 +276,6 @@ def test_an_error_nothing_foresaw_while_reading_ends_the_link(
     channel.recv = broken  # type: ignore[method-assign]
     for _ in range(2):  # the first may meet the call to recv that was waiting before the patch
         _frame(a, "b", {"type": "ping"}, answer=False)
-    took = _wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
+    took = wait_until(lambda: "a" not in b.peers() and "b" not in a.peers())
     assert took < DEADLINE_S / 4
     assert "a defect" in caplog.text
