@@ -425,3 +425,29 @@ def test_a_failing_removal_watcher_changes_nothing_it_should_not() -> None:
     pool.free(a)
     assert pool.alloc(2) is not None  # the eviction went through despite the observer
     pool.check_invariants()
+
+
+def test_a_device_insert_ending_inside_a_host_only_edge_attaches_to_its_head() -> None:
+    """An engine that recomputed the first blocks of a demoted prefix (without promoting it)
+    inserts them on the device: the host-only edge splits where they end, the device blocks attach
+    to the head only, and the rest stays on the host."""
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    seq = toks(1, 2, 3, 4)
+    cache(pool, seq)
+    assert pool.evict(4) == 4  # the one 4-block edge now has a host copy only
+    assert pool.stats()["device"]["cached"] == 0
+    own = pool.alloc(2)
+    assert own is not None
+    written = fill_random(pool, own, seed=4)
+    assert pool.insert(seq[: 2 * B], own) == 2
+    pool.free(own)
+    pool.check_invariants()
+    with pool.match(seq) as m:
+        assert m.blocks.tolist() == own.tolist() and len(m.host_blocks) == 2  # head on device, rest host
+        assert torch.equal(pool.kv()[torch.from_numpy(m.blocks.ids.copy())], written)
+    with pool.match(seq[: 2 * B]) as m:
+        assert m.blocks.tolist() == own.tolist() and len(m.host_blocks) == 0
+    assert pool.evict(2) == 2  # the head demotes: its host copy is already there, only dropped
+    s = pool.stats()
+    assert s["device"]["cached"] == 0 and s["host"]["cached"] == 4
+    pool.check_invariants()
