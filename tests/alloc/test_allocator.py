@@ -139,6 +139,21 @@ def test_bad_ids_refused_when_building_a_handle() -> None:
         with pytest.raises(InvalidBlockError):
             Blocks(Tier.DEVICE, bad)  # type: ignore[arg-type]
     assert Blocks(Tier.DEVICE, np.array([3, 4], dtype=np.uint8)).tolist() == [3, 4]
+    with pytest.raises(InvalidBlockError, match="out of range"):  # would wrap to a negative int64
+        Blocks(Tier.DEVICE, np.array([2**63], dtype=np.uint64))
+    with pytest.raises(InvalidBlockError, match="tier"):
+        Blocks("device", [1])  # type: ignore[arg-type]
+    with pytest.raises(InvalidBlockError):
+        Blocks(Tier.DEVICE, [object()])  # type: ignore[list-item]
+
+
+def test_a_handle_is_immutable_and_joins_only_its_own_tier() -> None:
+    a = Blocks(Tier.DEVICE, [1, 2])
+    with pytest.raises(AttributeError, match="immutable"):
+        a.ids = np.array([3])  # type: ignore[misc]
+    assert list(a) == [1, 2] and a.concat(Blocks(Tier.DEVICE, [5])).tolist() == [1, 2, 5]
+    with pytest.raises(InvalidBlockError, match="concatenate"):
+        a.concat(Blocks(Tier.HOST, [5]))
 
 
 def test_zero_capacity_tier() -> None:
