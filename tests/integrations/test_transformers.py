@@ -192,3 +192,41 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
         cache.commit([9, 9, 9])  # not the cache's sequence
     wrong.close()
+
+
+def test_a_cache_with_no_block_for_the_tail_starts_at_the_whole_blocks(llama: Any) -> None:
+    """Opening a cache copies a kept tail into a block of its own; with none free it starts from
+    the cached whole blocks instead (HF then computes the tail's tokens), holding nothing extra."""
+    pool = MemPool(pool_config_for(llama, device_blocks=6, block_size=4))
+    gen = PoolGenerator(llama, pool)
+    prompt = list(range(10))
+    out = gen.generate(ids(prompt), max_new_tokens=2, do_sample=False)[0].tolist()
+    seq = out + [5]  # the next turn: K/V of 11 of its tokens are cached, as 2 blocks and a tail of 3
+    with MemPoolCache(pool, seq) as cache:
+        assert cache.cached_tokens == 11  # with a free block, the tail's 3 tokens come along
+    with pool.match(seq[:-1]) as held:  # keep the whole blocks cached while every other block is taken
+        assert held.num_tokens == 8
+        hogs = []
+        while (more := pool.alloc(1)) is not None:
+            hogs.append(more)
+        with MemPoolCache(pool, seq) as cache:
+            assert cache.cached_tokens == 8 and cache.computed_tokens == 0
+        for h in hogs:
+            pool.free(h)
+    assert_nothing_held(pool)
+    pool.close()
+
+
+def test_a_closed_or_misused_cache_refuses(llama: Any, pool: MemPool) -> None:
+    cache = MemPoolCache(pool, [1, 2, 3])
+    with pytest.raises(InvalidArgumentError, match="one sequence"):
+        llama(torch.tensor([[1, 2, 3], [4, 5, 6]]), past_key_values=cache)  # a batch of 2
+    cache.close()
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        cache.commit([1, 2, 3])
+    cache.close()  # idempotent
+    assert_nothing_held(pool)
+    gen = PoolGenerator(llama, pool)  # a 1-D prompt is one sequence
+    assert gen.generate(torch.tensor([7, 8, 9]), max_new_tokens=2, do_sample=False)[0].tolist() == hf(
+        llama, [7, 8, 9], 2
+    )
