@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from mempool import Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
 from memserve import Engine, EngineConfig, SamplingParams
 from memserve.sampling import argmax_rows
@@ -313,3 +314,45 @@ def test_a_closed_engine_frees_its_pool_at_once(tiny_model, no_cyclic_gc: None) 
     engine.close()
     del engine
     assert alive() is None
+
+
+def test_the_prefill_budget_spreads_arrivals_over_steps_and_changes_no_token(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """``max_prefill_tokens`` caps a step's prefill: later arrivals wait for the next step (a prompt
+    over the budget still runs, alone), and the tokens are those of one big prefill step."""
+    prompts = make_prompts([30, 30, 12, 50, 6], seed=21)
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    wide = make_engine(caching=False)
+    expected, _ = run(wide, prompts, params)
+    assert wide.steps["prefill"] == 1
+    narrow = make_engine(caching=False, max_prefill_tokens=30)
+    got, _ = run(narrow, prompts, params)
+    assert got == expected
+    # 30 | 30 | 12 (then 50 > 18 left) | 50 alone, over the budget | 6
+    assert narrow.steps["prefill"] == 5
+    assert_no_leaks(narrow)
+
+
+def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(device_blocks=16)
+    before = engine.pool.stats()
+    small = SamplingParams(max_tokens=4)
+    own, host = engine.pool.alloc(2), engine.pool.alloc(2, Tier.HOST)
+    assert own is not None and host is not None
+    for kwargs in (
+        {"prompt_len": 0},
+        {"prompt_len": 9},  # past the prompt
+        {"prompt_len": 2},  # 6 tokens already generated: max_tokens (4) is used up
+        {"kv": own[:1]},  # the first 7 tokens need 2 blocks
+        {"kv": host},  # not device blocks
+    ):
+        with pytest.raises(InvalidArgumentError):
+            engine.add_request(list(range(1, 9)), small, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="not held"):
+        engine.held_kv("nobody")
+    assert engine.release("nobody") is False and engine.abort("nobody") is False
+    assert not engine.has_work()
+    engine.pool.free(own)
+    engine.pool.free(host)
+    assert engine.pool.stats() == before

@@ -1,6 +1,7 @@
 """The scheduler's recovery decisions, driven by scripted instances: an instance that dies after
 the request's last token, a prefill that dies after its first token, and a request whose every
-attempt fails. Each instance is a small aiohttp app in the test's event loop that answers
+attempt fails; and what the OpenAI API makes of a failure after its stream began, or of an
+instance refusing the request. Each instance is a small aiohttp app in the test's event loop that answers
 ``/generate`` as its script says, then drops the connection where the script ends early.
 """
 
@@ -13,11 +14,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from memserve.api import make_app
 from memserve.scheduler import Scheduler, SchedulerError
 from memserve.stages import STAGES
+from memserve.tokenizer import Tokenizer
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Script:
     """What an instance answers to each ``/generate``, in order: the tokens it streams, then
     ``done`` (its summary) or nothing (the connection drops: the instance died)."""
 
-    calls: list[tuple[list[int], dict[str, Any] | None]]
+    calls: list[tuple[list[int], dict[str, Any] | int | None]]  # an int: answer with that HTTP status
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -34,6 +38,8 @@ async def _instance(script: Script) -> tuple[web.AppRunner, str]:
         body = await request.json()
         script.bodies.append(body)
         tokens, done = script.calls[len(script.bodies) - 1]
+        if isinstance(done, int):
+            return web.json_response({"error": "scripted"}, status=done)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         for t in tokens:
@@ -148,5 +154,51 @@ def test_a_request_cut_off_mid_answer_resumes_with_what_was_streamed() -> None:
             assert out == [7, 8, 9] and done["finish_reason"] == "length" and s.counters.resumes == 1
             # ties go to the first registered instance
             assert [x["tokens"] for x in a.bodies + b.bodies] == [[1, 2, 3], [1, 2, 3, 7, 8]]
+
+    asyncio.run(go())
+
+
+async def _api(scheduler: Scheduler, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    """POST ``body`` to the OpenAI API over ``scheduler``; the status and the raw answer."""
+    runner = web.AppRunner(make_app(scheduler, Tokenizer("llama3")))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}{path}"
+        async with aiohttp.ClientSession() as http, http.post(url, json=body) as r:
+            return r.status, await r.text()
+    finally:
+        await runner.cleanup()
+
+
+def test_a_stream_whose_attempts_run_out_ends_with_an_error_event() -> None:
+    """The headers and a token went out before the failure: the client gets an error event in the
+    stream, and no end marker, so it cannot take the answer for a whole one."""
+    a, b = Script([([7], None)]), Script([([], None)])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a, colocated_b=b) as s:
+            body = {"prompt": [1, 2, 3], "max_tokens": 3, "stream": True, "ignore_eos": True}
+            status, text = await _api(s, "/v1/completions", body)
+            assert status == 200
+            events = [json.loads(line[6:]) for line in text.split("\n\n") if line.startswith("data: {")]
+            assert events[-1]["error"]["message"] and "[DONE]" not in text
+            assert [t for e in events[:-1] for c in e["choices"] for t in c.get("token_ids", [])] == [7]
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_an_instance_refuses_is_a_400_not_a_retry(stream: bool) -> None:
+    """An instance answering 400 (the request itself is bad) ends it at once with a 400."""
+    a, b = Script([([], 400)]), Script([])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a, colocated_b=b) as s:
+            body = {"prompt": [1, 2, 3], "max_tokens": 3, "stream": stream}
+            status, text = await _api(s, "/v1/completions", body)
+            assert status == 400 and "refused" in json.loads(text)["error"]["message"]
+            assert len(a.bodies) == 1 and not b.bodies
 
     asyncio.run(go())
