@@ -31,6 +31,7 @@ class Script:
 
     calls: list[tuple[list[int], dict[str, Any] | int | None]]  # an int: answer with that HTTP status
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    connects: list[dict[str, Any]] = field(default_factory=list)  # the /connect calls it got
 
 
 async def _instance(script: Script) -> tuple[web.AppRunner, str]:
@@ -52,9 +53,13 @@ async def _instance(script: Script) -> tuple[web.AppRunner, str]:
     async def ok(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def connect(request: web.Request) -> web.Response:
+        script.connects.append(await request.json())
+        return web.json_response({"ok": True})
+
     app = web.Application()
     app.router.add_post("/generate", generate)
-    app.router.add_post("/connect", ok)
+    app.router.add_post("/connect", connect)
     app.router.add_get("/health", ok)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -200,5 +205,30 @@ def test_a_request_an_instance_refuses_is_a_400_not_a_retry(stream: bool) -> Non
             status, text = await _api(s, "/v1/completions", body)
             assert status == 400 and "refused" in json.loads(text)["error"]["message"]
             assert len(a.bodies) == 1 and not b.bodies
+
+    asyncio.run(go())
+
+
+def test_a_malformed_registration_changes_nothing_even_from_a_reachable_instance() -> None:
+    """A registration is read whole before anything happens: one whose capacity does not parse
+    links no one (it used to be linked both ways and listed, then refused) and lists nothing."""
+    a, newcomer = Script([]), Script([])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a) as s:
+            runner, url = await _instance(newcomer)
+            try:
+                info = {"name": "colocated_b", "role": "colocated", "url": url, "transport": ["127.0.0.1", 1500]}
+                with pytest.raises(ValueError, match="malformed registration"):
+                    await s.register({**info, "capacity_tokens": "lots"})
+                with pytest.raises(ValueError, match="role"):
+                    await s.register({**info, "role": "boss"})
+                assert list(s.instances) == ["colocated_a"] and not a.connects and not newcomer.connects
+                await s.register(info)  # the same instance, well-formed: linked both ways
+                assert list(s.instances) == ["colocated_a", "colocated_b"]
+                assert [c["name"] for c in newcomer.connects] == ["colocated_a"]
+                assert [c["name"] for c in a.connects] == ["colocated_b"]
+            finally:
+                await runner.cleanup()
 
     asyncio.run(go())
