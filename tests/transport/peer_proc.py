@@ -22,6 +22,25 @@ from mempool import Blocks, MemPool, PoolConfig
 from mempool.config import TransportConfig
 
 
+async def ucx_rogue(host: str, port: int, ident: str) -> dict[str, Any]:
+    """Connect to a UCX data listener, present ``ident`` as the connection id, then wait for a
+    message: ``closed`` when the listener ends the endpoint (what it must do with an id no
+    handshake issued), ``waited`` when nothing happens for 5 s."""
+    import ucxx
+
+    ep = await ucxx.create_endpoint(host, port, endpoint_error_handling=True)
+    try:
+        await ep.send(np.frombuffer(ident.encode("ascii"), dtype=np.uint8), tag=0)
+        await asyncio.wait_for(ep.recv(np.zeros(8, dtype=np.uint8), tag=1), 5.0)
+        return {"outcome": "received"}
+    except asyncio.TimeoutError:
+        return {"outcome": "waited"}
+    except Exception as exc:  # the listener aborted the endpoint
+        return {"outcome": "closed", "why": type(exc).__name__}
+    finally:
+        ep.abort()
+
+
 def digest(pool: MemPool, blocks: Blocks) -> str:
     data = pool.storage(blocks.tier).gather(blocks.ids).cpu().contiguous()
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -197,7 +216,12 @@ class Peer:
                 "transport": pool.transport_stats(),
                 "peers": pool.peers(),
                 "refusals": pool._agent.refusals if pool._agent else [],
+                "data": pool._agent._data_info if pool._agent else None,  # where its data listener is
             }
+        if op == "ucx_rogue":  # dial a peer's UCX data listener with no handshake behind it
+            agent = pool._agent
+            assert agent is not None
+            return agent._call(ucx_rogue(cmd["host"], cmd["port"], cmd["ident"]), 60)
         if op in ("raw_send", "raw_recv"):  # the backend alone: one message of nbytes per rep
             agent = pool._agent
             assert agent is not None

@@ -122,6 +122,25 @@ def test_wrong_secret_is_refused_on_both_sides(spawn, backend: str) -> None:
     assert a.ok("state")["peers"] == {} and b.ok("state")["peers"] == {}
 
 
+@pytest.mark.ucx
+@pytest.mark.skipif(not HAS_UCX, reason="needs the ucx extra (ucxx)")
+def test_the_ucx_data_listener_drops_an_endpoint_no_handshake_issued(spawn) -> None:
+    """UCX's listener binds every interface (ucxx has no bind address): an endpoint that dials it
+    directly, with a connection id no authenticated handshake issued, is closed at once (kept
+    open, the rogue's wait runs out instead), and the pool takes no peer from it; a real
+    connection still works afterwards."""
+    a, b, rogue = spawn("a", backend="ucx"), spawn("b", backend="ucx"), spawn("rogue", backend="ucx")
+    data = b.ok("state")["data"]
+    for ident in ("0" * 32, "f" * 32):
+        out = rogue.ok("ucx_rogue", host=data["host"], port=data["port"], ident=ident)
+        assert out["outcome"] == "closed", out
+    assert b.ok("state")["peers"] == {}
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=4, seed=2)
+    assert a.ok("send", peer="b", handle="kv", key="k")["result"]["sent"] == 4
+    assert set(b.ok("state")["peers"]) == {"a"}
+
+
 def test_incompatible_layout_is_refused_on_both_sides(spawn) -> None:
     a = spawn("a")
     b = spawn("b", layout={"head_dim": 16})
