@@ -245,7 +245,8 @@ CONTROL_CASES = [
     ("/admin/register", b'{"name": "x"}'),
     ("/admin/register", b'{"name": "x", "role": "colocated", "url": "http://127.0.0.1:9", "transport": 9}'),
     ("/admin/register", b'{"name": "x", "role": "boss", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9]}'),
-    (  # read whole before anything changes: this one used to link "x" in, then fail on its capacity
+    ("/admin/register", b'{"name": "x", "role": "decode", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 0]}'),
+    (  # a registration is read whole first (test_scheduler_recovery.py: from a reachable instance)
         "/admin/register",
         b'{"name": "x", "role": "decode", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9],'
         b' "capacity_tokens": "lots"}',

@@ -108,7 +108,7 @@ def _registration(info: Any) -> tuple[InstanceHandle, int, list[int], int]:
         raise ValueError(f"malformed registration: {type(exc).__name__}: {exc}") from None
     if handle.role not in ROLES:
         raise ValueError(f"malformed registration: role must be one of {ROLES}, got {handle.role!r}")
-    if not handle.name or min(numbers) < 0 or not 0 < port < 65536:
+    if not handle.name or min(numbers) < 0 or not 0 < handle.transport[1] < 65536:
         raise ValueError("malformed registration: an empty name, a negative size or a port out of range")
     return handle, numbers[0], stop_ids, numbers[1]
 
