@@ -181,3 +181,29 @@ def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any],
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(ModelConfigError, match=message):
         ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": 0}, "positive int"),
+        ({"num_layers": True}, "positive int"),
+        ({"vocab_size": 1.5}, "positive int"),
+        ({"num_heads": 6}, "multiple of num_kv_heads"),  # over 4 KV heads
+        ({"hidden_size": 100}, "multiple of num_heads"),  # 8 heads
+        ({"head_dim": 63}, "even"),
+        ({"rope_type": "yarn"}, "not supported"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
+        ({"rope_theta": -1.0}, "rope_theta"),
+        ({"dtype": "float33"}, "dtype"),
+        ({"dtype": "Tensor"}, "dtype"),  # a torch attribute, not a dtype
+    ],
+)
+def test_bad_model_configs_are_refused_with_the_reason(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelConfigError, match=message):
+        preset("default", **change)
+
+
+def test_an_unknown_preset_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ModelConfigError, match=r"unknown model preset 'huge'; known: .*default"):
+        preset("huge")
