@@ -319,3 +319,28 @@ def test_an_instance_refuses_a_wildcard_address() -> None:
         with pytest.raises(ValueError, match="address others reach"):
             InstanceConfig(name="a", host=wildcard)
     assert InstanceConfig(name="a", host="10.0.0.2").host == "10.0.0.2"
+
+
+def _children() -> list[int]:
+    """Live processes whose parent is this one (from /proc)."""
+    me, kids = str(os.getpid()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if fields[1] == me and fields[0] != "Z":  # ppid, and not a zombie
+                kids.append(int(entry))
+    return kids
+
+
+def test_a_cluster_whose_instance_cannot_start_raises_and_leaves_no_process() -> None:
+    """An instance that exits during startup (here: a fault spec it cannot read) fails the whole
+    start with the reason, and the instance that did start is taken down with it."""
+    before = set(_children())
+    with pytest.raises(RuntimeError, match="exited during startup"):
+        with Cluster("pd-basic", faults={"decode-1": {"no_such_fault": 1}}, **SMALL):
+            pass
+    assert wait_for(lambda: set(_children()) <= before, 15), set(_children()) - before
