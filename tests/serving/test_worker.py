@@ -66,3 +66,34 @@ def test_a_vanishing_temperature_is_greedy_not_nan(make_engine: Callable[..., En
     for t in (1e-300, 3e-260, 1e-6):  # logits / t would overflow to inf and NaN the softmax
         params = SamplingParams(max_tokens=6, temperature=t, seed=1, ignore_eos=True)
         assert params.greedy and make_engine().generate([prompt], params)[0] == greedy
+
+
+def test_a_listener_that_raises_loses_only_its_own_outputs(make_engine: Callable[..., Engine]) -> None:
+    """A broken output callback (a client handler's bug) is logged; its request still runs to its
+    end and frees its blocks, and every other request gets all its tokens."""
+    engine = make_engine(caching=True)
+    broken_prompt, prompt = make_prompts([11, 13], seed=23)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = make_engine().generate([prompt], params)[0]
+    worker = EngineWorker(engine)
+    calls = []
+    try:
+
+        def broken(out: RequestOutput) -> None:
+            calls.append(out)
+            raise RuntimeError("a handler's bug")
+
+        def add(engine: Engine) -> None:
+            engine.add_request(broken_prompt, params, "broken")
+            worker.listen("broken", broken)
+
+        worker.call(add).result(timeout=30)
+        fine = _submit(worker, prompt, params, "fine")
+        assert [t for o in fine for t in o.new_token_ids] == expected and worker.alive
+        worker.call(lambda e: None).result(timeout=30)  # a call runs between steps: the engine is idle
+        assert len(calls) == 6 and calls[-1].finished  # every output reached it, each raising
+        worker.call(assert_no_leaks).result(timeout=30)
+    finally:
+        worker.stop()
+    late = worker.call(lambda e: None)  # after stop: refused, not queued for ever
+    assert isinstance(late.exception(timeout=1), RuntimeError)
