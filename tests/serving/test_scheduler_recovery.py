@@ -29,7 +29,8 @@ class Script:
     """What an instance answers to each ``/generate``, in order: the tokens it streams, then
     ``done`` (its summary) or nothing (the connection drops: the instance died)."""
 
-    calls: list[tuple[list[int], dict[str, Any] | int | None]]  # an int: answer with that HTTP status
+    # an int: answer with that HTTP status; a str: stream the tokens, then that raw line
+    calls: list[tuple[list[int], dict[str, Any] | int | str | None]]
     bodies: list[dict[str, Any]] = field(default_factory=list)
     connects: list[dict[str, Any]] = field(default_factory=list)  # the /connect calls it got
 
@@ -45,7 +46,9 @@ async def _instance(script: Script) -> tuple[web.AppRunner, str]:
         await response.prepare(request)
         for t in tokens:
             await response.write((json.dumps({"token": t}) + "\n").encode())
-        if done is not None:
+        if isinstance(done, str):
+            await response.write((done + "\n").encode())
+        elif done is not None:
             await response.write((json.dumps({"done": True, **done}) + "\n").encode())
         await response.write_eof()
         return response
@@ -230,5 +233,22 @@ def test_a_malformed_registration_changes_nothing_even_from_a_reachable_instance
                 assert [c["name"] for c in a.connects] == ["colocated_b"]
             finally:
                 await runner.cleanup()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"token": "seven"}', '{"token": 7.5}'])
+def test_an_instance_that_sends_a_garbled_line_is_a_failed_attempt(line: str) -> None:
+    """A line that is not an event (a bug, a proxy in the way) fails that attempt like a lost
+    connection: the request resumes elsewhere with what was streamed, and nothing of the line
+    reaches the client."""
+    a = Script([([7], line)])
+    b = Script([([8, 9], SUMMARY)])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a, colocated_b=b) as s:
+            out, done = await _run(s, [1, 2, 3], max_tokens=3)
+            assert out == [7, 8, 9] and done["finish_reason"] == "length" and s.counters.resumes == 1
+            assert b.bodies[0]["tokens"] == [1, 2, 3, 7]
 
     asyncio.run(go())

@@ -113,6 +113,19 @@ def _registration(info: Any) -> tuple[InstanceHandle, int, list[int], int]:
     return handle, numbers[0], stop_ids, numbers[1]
 
 
+def _event(raw: bytes) -> dict[str, Any]:
+    """One line of an instance's stream as an event; a line that is not one (a bug, something in
+    the way) raises ``ClientPayloadError``, which fails the attempt as a lost connection does."""
+    try:
+        event = json.loads(raw)
+    except ValueError as exc:
+        raise aiohttp.ClientPayloadError(f"a line that is not JSON: {raw[:80]!r}") from exc
+    token = event.get("token", 0) if isinstance(event, dict) else None
+    if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+        raise aiohttp.ClientPayloadError(f"a line that is not an event: {raw[:80]!r}")
+    return event
+
+
 @dataclass
 class Counters:
     requests: int = 0
@@ -653,7 +666,7 @@ class Scheduler:
                 done = False
                 async for raw in r.content:
                     if raw.strip():
-                        event = json.loads(raw)
+                        event = _event(raw)
                         done = done or bool(event.get("done"))
                         yield event
                 if not done:
