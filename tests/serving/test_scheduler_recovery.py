@@ -1,8 +1,10 @@
-"""The scheduler's recovery decisions, driven by scripted instances: an instance that dies after
-the request's last token, a prefill that dies after its first token, and a request whose every
-attempt fails; and what the OpenAI API makes of a failure after its stream began, or of an
-instance refusing the request. Each instance is a small aiohttp app in the test's event loop that answers
-``/generate`` as its script says, then drops the connection where the script ends early.
+"""The scheduler against instances that misbehave in ways a test can script: one that dies after
+the request's last token, a prefill that dies after its first token, attempts that all fail, a
+garbled stream line, a malformed registration; and what the OpenAI API makes of a failure after
+its stream began, or of an instance refusing the request.
+
+Each instance is a small aiohttp app in the test's event loop that answers ``/generate`` as its
+script says, then drops the connection where the script ends early.
 """
 
 from __future__ import annotations
