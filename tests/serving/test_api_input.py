@@ -243,6 +243,7 @@ CONTROL_CASES = [
     ("/admin/register", b"[1, 2]"),
     ("/admin/register", b"{not json"),
     ("/admin/register", b'{"name": "x"}'),
+    ("/admin/register", b'{"name": ["x"], "role": "decode", "url": "http://127.0.0.1:9", "transport": ["h", 9]}'),
     ("/admin/register", b'{"name": "x", "role": "colocated", "url": "http://127.0.0.1:9", "transport": 9}'),
     ("/admin/register", b'{"name": "x", "role": "boss", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 9]}'),
     ("/admin/register", b'{"name": "x", "role": "decode", "url": "http://127.0.0.1:9", "transport": ["127.0.0.1", 0]}'),

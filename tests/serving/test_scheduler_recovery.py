@@ -66,12 +66,15 @@ async def _instance(script: Script) -> tuple[web.AppRunner, str]:
     app.router.add_post("/generate", generate)
     app.router.add_post("/connect", connect)
     app.router.add_get("/health", ok)
+    return await _start(app)
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free port of 127.0.0.1; its runner (to clean up) and base URL."""
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 @asynccontextmanager
@@ -170,13 +173,9 @@ def test_a_request_cut_off_mid_answer_resumes_with_what_was_streamed() -> None:
 
 async def _api(scheduler: Scheduler, path: str, body: dict[str, Any]) -> tuple[int, str]:
     """POST ``body`` to the OpenAI API over ``scheduler``; the status and the raw answer."""
-    runner = web.AppRunner(make_app(scheduler, Tokenizer("llama3")))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, base = await _start(make_app(scheduler, Tokenizer("llama3")))
     try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}{path}"
-        async with aiohttp.ClientSession() as http, http.post(url, json=body) as r:
+        async with aiohttp.ClientSession() as http, http.post(base + path, json=body) as r:
             return r.status, await r.text()
     finally:
         await runner.cleanup()

@@ -92,12 +92,14 @@ def _registration(info: Any) -> tuple[InstanceHandle, int, list[int], int]:
     try:
         if not isinstance(info, dict):
             raise TypeError("a registration is a JSON object")
-        host, port = info["transport"]
+        name, role, url, (host, port) = (info[k] for k in ("name", "role", "url", "transport"))
+        if not all(isinstance(v, str) for v in (name, role, url, host)):
+            raise TypeError("name, role, url and the transport host must be text")
         handle = InstanceHandle(
-            str(info["name"]),
-            str(info["role"]),
-            str(info["url"]),
-            (str(host), int(port)),
+            name,
+            role,
+            url,
+            (host, int(port)),
             bool(info.get("caching", True)),
             int(info.get("block_bytes", 0)),
             int(info.get("pid", 0)),
