@@ -320,6 +320,27 @@ def test_receiver_killed_mid_pull_leaves_the_blocks_held_until_the_senders_deadl
     assert state["device_used"] == 0, state
 
 
+def test_closing_the_sender_still_holds_a_pulled_transfers_blocks_until_its_deadline(spawn) -> None:
+    # The pool outlives its agent: blocks close() gave back early could be reused and written
+    # while a peer that had not answered yet was still copying them.
+    deadline = 6.0
+    a = spawn("a", same_host_pull=True, deadline_s=deadline)
+    b = spawn("b", same_host_pull=True)
+    a.connect_to(b)
+    a.ok("alloc_fill", name="kv", n=16, seed=1)
+    b.ok("set_pull_delay", seconds=30.0)  # copied, not yet committed
+    began = time.monotonic()  # before a's send began: a's own deadline ends later than began + deadline
+    a.ok("send_async", job="j", then="send", peer="b", handle="kv", key="k")
+    b.wait_state(lambda s: s["transport"]["receiving"] == 1)
+    b.kill()
+    assert a.call("wait", job="j", timeout=30).get("error") == "PeerLostError"
+    a.ok("free", handle="kv")
+    assert time.monotonic() - began < deadline - 2.0  # a's deadline is still ahead: close must wait for it
+    closed = a.ok("close", timeout=30)
+    assert time.monotonic() - began >= deadline, closed  # nothing was given back before the deadline
+    assert closed["device_used"] == 0, closed  # and everything was, after it
+
+
 def test_a_pull_that_ends_after_the_senders_deadline_is_discarded(spawn) -> None:
     a = spawn("a", same_host_pull=True, deadline_s=1.5, heartbeat_s=0.25)
     b = spawn("b", same_host_pull=True, deadline_s=10.0)
