@@ -56,7 +56,7 @@ from .model import LlamaModel
 from .prompt_tree import chain_keys
 from .sampling import SamplingParams
 from .stages import ROLES, STAGES
-from .worker import EngineWorker
+from .worker import EngineWorker, WorkerStopped
 
 SECRET_ENV = "MEMSERVE_SECRET"
 # the default of --warm-up-tokens where the command line leaves it out (a test suite sets 0 here)
@@ -66,7 +66,11 @@ KEEPALIVE_S = 1.0
 
 
 class Busy(RuntimeError):
-    """The instance's queue is at its limit; the scheduler tries another instance."""
+    """The instance cannot take the request now (its queue is at its limit, it is stopping, or its
+    engine did not take it in ``ADD_TIMEOUT_S``); the scheduler tries another instance."""
+
+
+ADD_TIMEOUT_S = 60.0  # how long a request may wait for the engine thread to take it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,7 +234,7 @@ class Instance:
         prompt_len = int(body.get("prompt_len", len(tokens)))
         params = params_from(body.get("params", {}))
         handoff, send_back = body.get("handoff"), body.get("send_back")
-        kv = self.pool.claim(str(body["kv_key"])) if body.get("kv_key") else None
+        kv_key = str(body["kv_key"]) if body.get("kv_key") else None
 
         def on_output(out: RequestOutput) -> None:
             for t in out.new_token_ids:
@@ -241,6 +245,9 @@ class Instance:
                 self._finished(rid, out, tokens, prompt_len, handoff or send_back, bool(handoff), emit)
 
         def add(engine: Engine) -> None:
+            # Claimed here, on the engine thread: a call that never runs (the worker stopped, or
+            # it was cancelled) leaves the KV to its receipt, which frees it when it expires.
+            kv = self.pool.claim(kv_key) if kv_key is not None else None
             try:
                 if len(engine.waiting) >= self.config.max_waiting:
                     raise Busy(f"{self.config.name} has {len(engine.waiting)} requests waiting (its limit)")
@@ -251,7 +258,15 @@ class Instance:
                 raise
             self.worker.listen(rid, on_output)
 
-        self.worker.call(add).result(timeout=60)
+        added = self.worker.call(add)
+        try:
+            added.result(timeout=ADD_TIMEOUT_S)
+        except WorkerStopped as exc:
+            raise Busy(f"{self.config.name} is stopping: {exc}") from exc
+        except TimeoutError:
+            if added.cancel():  # it never ran, and now never will
+                raise Busy(f"{self.config.name}'s engine did not take the request in {ADD_TIMEOUT_S:.0f} s") from None
+            added.result()  # it began meanwhile: its outcome stands
         with self._count_lock:
             self.counters["requests"] += 1
 
@@ -372,7 +387,7 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
 
         try:
             await asyncio.to_thread(instance.start, body, emit)
-        except Busy as exc:  # (KV claimed for it is freed)
+        except Busy as exc:  # (KV sent for it is freed, or left to its receipt to expire)
             return web.json_response({"error": str(exc), "busy": True}, status=503)
         except MALFORMED as exc:
             return _malformed(exc)

@@ -18,6 +18,10 @@ from .engine import Engine, RequestOutput
 T = TypeVar("T")
 
 
+class WorkerStopped(RuntimeError):
+    """A call posted to a worker that has stopped: it did not run."""
+
+
 class EngineWorker:
     """Owns ``engine``; steps it whenever it has work, runs posted calls between steps."""
 
@@ -33,7 +37,7 @@ class EngineWorker:
         """Run ``fn(engine)`` on the engine thread; its result (or exception) lands in the future."""
         fut: Future[T] = Future()
         if self._stopped:
-            fut.set_exception(RuntimeError("the engine worker has stopped"))
+            fut.set_exception(WorkerStopped("the engine worker has stopped"))
         else:
             self._calls.put((fn, fut))
         return fut
