@@ -15,6 +15,7 @@ from mempool.errors import (
     BlockNotAllocatedError,
     InvalidArgumentError,
     InvalidTokensError,
+    TransferTimeoutError,
     UnknownPeerError,
 )
 from mempool.transport import auth
@@ -165,4 +166,28 @@ def test_transfer_api_misuse_changes_nothing() -> None:
     finally:
         pool.close()
     pool.free(blocks)
+    pool.check_invariants()
+
+
+def test_an_agent_call_past_its_budget_is_a_transfer_timeout_and_is_cancelled() -> None:
+    # The backstop behind every blocking call into the agent: on Python 3.10 the future's timeout
+    # is not the builtin TimeoutError, and catching that one let it escape untyped, uncancelled.
+    pool = make_pool()
+    pool.serve(TransportConfig(name="a", secret=SECRET, backend="torch"))
+    agent = pool._agent
+    assert agent is not None
+    ended = asyncio.Event()
+
+    async def stalls() -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.set()
+
+    try:
+        with pytest.raises(TransferTimeoutError, match="no answer within"):
+            agent._call(stalls(), 0.1)
+        assert agent._call(asyncio.wait_for(ended.wait(), 5), 10) is True  # cancelled, not left running
+    finally:
+        pool.close()
     pool.check_invariants()

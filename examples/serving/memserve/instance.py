@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import gc
 import json
 import os
@@ -263,7 +264,7 @@ class Instance:
             added.result(timeout=ADD_TIMEOUT_S)
         except WorkerStopped as exc:
             raise Busy(f"{self.config.name} is stopping: {exc}") from exc
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # (the builtin TimeoutError only from Python 3.11)
             if added.cancel():  # it never ran, and now never will
                 raise Busy(f"{self.config.name}'s engine did not take the request in {ADD_TIMEOUT_S:.0f} s") from None
             added.result()  # it began meanwhile: its outcome stands

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -33,6 +33,9 @@ from .instance import SECRET_ENV
 from .scheduler import Scheduler
 from .stages import Stage, stage
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only, so 3.10 imports this module too
 
 
 def instance_command(

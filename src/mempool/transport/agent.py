@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import logging
 import secrets
@@ -247,7 +248,7 @@ class TransferAgent:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return fut.result(timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
             fut.cancel()
             raise TransferTimeoutError(f"no answer within {timeout:.0f} s") from None
 
