@@ -8,7 +8,7 @@ from typing import Any
 
 from memserve import Engine, SamplingParams
 from memserve.engine import RequestOutput
-from memserve.worker import EngineWorker
+from memserve.worker import EngineWorker, WorkerStopped
 
 from .conftest import assert_no_leaks, make_prompts
 
@@ -96,4 +96,4 @@ def test_a_listener_that_raises_loses_only_its_own_outputs(make_engine: Callable
     finally:
         worker.stop()
     late = worker.call(lambda e: None)  # after stop: refused, not queued for ever
-    assert isinstance(late.exception(timeout=1), RuntimeError)
+    assert isinstance(late.exception(timeout=1), WorkerStopped)

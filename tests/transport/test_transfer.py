@@ -335,6 +335,7 @@ def test_closing_the_sender_still_holds_a_pulled_transfers_blocks_until_its_dead
     b.kill()
     assert a.call("wait", job="j", timeout=30).get("error") == "PeerLostError"
     a.ok("free", handle="kv")
+    assert a.ok("state")["device_used"] == 16  # held for b, which may have been copying them
     assert time.monotonic() - began < deadline - 2.0  # a's deadline is still ahead: close must wait for it
     closed = a.ok("close", timeout=30)
     assert time.monotonic() - began >= deadline, closed  # nothing was given back before the deadline
