@@ -18,6 +18,7 @@ import itertools
 from collections import deque
 
 import numpy as np
+import numpy.typing as npt
 
 
 class CostModel:
@@ -29,7 +30,7 @@ class CostModel:
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=512)
 
     @staticmethod
-    def _features(prompt_len: float, cached: float) -> np.ndarray:
+    def _features(prompt_len: float, cached: float) -> npt.NDArray[np.float64]:
         u = max(prompt_len - cached, 0.0)
         return np.array([1.0, u, u * prompt_len])
 
@@ -46,7 +47,7 @@ class CostModel:
         return float(self._features(prompt_len, prompt_len * cached_fraction) @ self.coef)
 
 
-def nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def nonnegative_lstsq(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """``argmin |x c - y|`` over ``c >= 0``, exactly, for a few columns.
 
     The optimum is the plain least-squares fit on its own support (the columns where it is

@@ -35,7 +35,7 @@ from .stages import Stage, stage
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from typing import Self  # Python 3.11+; annotations only, so 3.10 imports this module too
+    from typing_extensions import Self  # typing.Self is 3.11+; annotations only, never imported at run time
 
 
 def instance_command(

@@ -20,6 +20,8 @@ dominates tiny arrays): no operation scans the pool.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 from sortedcontainers import SortedList
@@ -148,7 +150,7 @@ class BlockAllocator:
         if i < len(self._by_len):
             length, start = self._by_len[i]
             self._take(start, length, n)
-            ids = np.arange(start, start + n, dtype=np.int64)
+            ids: IdArray = np.arange(start, start + n, dtype=np.int64)
             self._refs[start : start + n] = 1
         else:
             pieces: list[tuple[int, int]] = []
@@ -208,6 +210,7 @@ class BlockAllocator:
                 self._num_free += n
                 return n
             return self._release_sorted(ids[zero])
+        counts: npt.NDArray[np.signedinteger[Any]]  # int64 here, intp from np.unique
         if (step > 0).all():
             uniq, counts = ids, np.ones(1, dtype=np.int64)
         else:

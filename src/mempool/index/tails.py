@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 
 import numpy as np
+import numpy.typing as npt
 
 from mempool.alloc.allocator import BlockAllocator
 from mempool.index.keys import TOKEN_BYTES, common_prefix_tokens
@@ -118,7 +119,7 @@ class TailStore:
         ids = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
         return int(np.count_nonzero(self._alloc._refs[ids] == 1))
 
-    def check(self, where: np.ndarray) -> None:
+    def check(self, where: npt.NDArray[np.int64]) -> None:
         """Assert the store's invariants; ``where``: the tree's device block -> node map."""
         assert len(self._blocks) == len(self._tails), "a block held by two tails, or a stale block map"
         for key, (tail, block) in self._tails.items():
