@@ -83,6 +83,30 @@ FIELD_CASES = [
     ({**OK, "user": ["a"]}, 400),
     ({**OK, "user": {"id": 1}}, 400),
     ({"prompt": list(range(1000, 2100)), "max_tokens": 4}, 400),  # beyond the 1,024-token context window
+    ({**OK, "n": True}, 400),
+    ({**OK, "stop_token_ids": 5}, 400),
+    ({**OK, "stop_token_ids": [True]}, 400),
+    ({**OK, "stop_token_ids": [-1]}, 400),
+    ({**OK, "stop_token_ids": [10**9]}, 400),
+    ({**OK, "stop_token_ids": list(range(65))}, 400),
+]
+# options the server does not implement: refused when they ask for something, as
+# (endpoint, field, values that ask for something, values that ask for nothing)
+UNSUPPORTED = [
+    ("completions", "stop", ["\n", ["###"], 7], [None, [], ""]),
+    ("chat/completions", "stop", [["User:"]], [None, []]),
+    ("completions", "logit_bias", [{"50256": -100}], [None, {}]),
+    ("completions", "presence_penalty", [0.5, True], [None, 0, 0.0]),
+    ("chat/completions", "frequency_penalty", [-1.0], [None, 0]),
+    ("completions", "logprobs", [0, 5], [None]),
+    ("chat/completions", "logprobs", [True], [None, False]),
+    ("chat/completions", "top_logprobs", [3], [None, 0]),
+    ("completions", "echo", [True], [None, False]),
+    ("completions", "suffix", ["}"], [None, ""]),
+    ("completions", "best_of", [2, True], [None, 1]),
+    ("chat/completions", "tools", [[{"type": "function", "function": {"name": "f"}}]], [None, []]),
+    ("chat/completions", "tool_choice", ["required", {"type": "function", "function": {"name": "f"}}], ["auto"]),
+    ("chat/completions", "response_format", [{"type": "json_object"}], [{"type": "text"}]),
 ]
 
 
@@ -96,6 +120,47 @@ def test_malformed_bodies(cluster: Cluster, name: str, body: bytes, status: int)
 def test_bad_fields(cluster: Cluster, fields: dict[str, Any], status: int) -> None:
     got, data = completion(cluster, **fields)
     assert got == status and data["error"]["type"] == "invalid_request_error", data
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "refused", "inert"), UNSUPPORTED, ids=[f"{e}-{f}" for e, f, *_ in UNSUPPORTED]
+)
+def test_unsupported_options_are_refused_unless_they_ask_for_nothing(
+    cluster: Cluster, endpoint: str, field: str, refused: list[Any], inert: list[Any]
+) -> None:
+    """A request never silently gets other output than it asked for: an option the server does
+    not implement is a 400 naming it, except at the value that asks for nothing (client
+    libraries send those by default)."""
+    base: dict[str, Any] = {"max_tokens": 2, "temperature": 0}
+    base.update(
+        {"messages": [{"role": "user", "content": "hi"}]} if endpoint.startswith("chat") else {"prompt": [1, 2]}
+    )
+    for value in refused:
+        got, data = request(cluster, "POST", f"/v1/{endpoint}", json.dumps({**base, field: value}).encode())
+        assert got == 400 and field in data["error"]["message"], (value, data)
+    for value in inert:
+        got, data = request(cluster, "POST", f"/v1/{endpoint}", json.dumps({**base, field: value}).encode())
+        assert got == 200 and data["usage"]["completion_tokens"] == 2, (value, data)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_token_ids_end_the_answer_at_the_first_of_them(cluster: Cluster, stream: bool) -> None:
+    base = {"prompt": list(range(300, 340)), "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    got, data = completion(cluster, **base)
+    assert got == 200, data
+    free_run = data["choices"][0]["token_ids"]
+    stop = free_run[3]
+    want = free_run[: free_run.index(stop) + 1]
+    got, data = completion(cluster, **base, stop_token_ids=[stop], stream=stream)
+    assert got == 200, data
+    if stream:  # chunks, each with the ids it adds, then the end marker
+        chunks = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")]
+        ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        reason = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        ids, reason = data["choices"][0]["token_ids"], data["choices"][0]["finish_reason"]
+    assert ids == want and reason == "stop"
+    drained(cluster.url)
 
 
 def test_bad_chat_messages(cluster: Cluster) -> None:

@@ -214,6 +214,18 @@ def test_eos_stops_unless_ignored(make_engine: Callable[..., Engine], tiny_model
     stopping.close()
 
 
+def test_a_requests_stop_token_ids_end_it_even_with_ignore_eos(make_engine: Callable[..., Engine]) -> None:
+    """``stop_token_ids`` are the request's own: ``ignore_eos`` (the tokenizer's EOS) leaves them on."""
+    prompt = make_prompts([10], seed=9)[0]
+    engine = make_engine(caching=False)
+    free_run = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    stop = free_run[2]
+    for ignore_eos in (False, True):
+        params = SamplingParams(max_tokens=8, ignore_eos=ignore_eos, stop_token_ids=(stop,))
+        assert engine.generate([prompt], params)[0] == free_run[: free_run.index(stop) + 1]
+    assert_no_leaks(engine)
+
+
 def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> None:
     prompts = make_prompts([12, 30], seed=10)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)

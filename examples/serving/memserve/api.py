@@ -2,9 +2,11 @@
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or not), with a
 prompt given as text or token ids; ``usage`` counts tokens, with ``prompt_tokens_details.cached_tokens``
-the prefix served from a cache. Extensions: ``ignore_eos`` (benchmarks) and, in each choice,
-``token_ids`` (the generated ids). Also ``/v1/models``, ``/health``, ``/metrics`` (Prometheus text)
-and ``/admin/register``, ``/admin/stats``.
+the prefix served from a cache. Extensions: ``ignore_eos`` (benchmarks), ``stop_token_ids`` (as
+vLLM's) and, in each choice, ``token_ids`` (the generated ids). OpenAI options not implemented here
+(``stop`` strings, penalties, ``logit_bias``, log-probabilities, ``echo``, ``suffix``, tools, ...)
+are a 400 unless sent at the value that asks for nothing. Also ``/v1/models``, ``/health``,
+``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .tokenizer import Tokenizer
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 _PARAMS: dict[str, Any] = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None, "ignore_eos": False}
-# fields we act on, plus OpenAI fields that are safe to accept and ignore; anything else is a 400
+# fields we act on, OpenAI's bookkeeping fields (ignored) and the options of _INERT; anything else is a 400
 _COMMON = {
     "model",
     "max_tokens",
@@ -43,6 +45,7 @@ _COMMON = {
     "frequency_penalty",
     "logit_bias",
     "stop",
+    "stop_token_ids",
 }
 _FIELDS = {
     False: _COMMON | {"prompt", "echo", "suffix", "best_of", "logprobs"},
@@ -60,6 +63,24 @@ _FIELDS = {
     },
 }
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_TOKEN_IDS = 64
+# OpenAI options this server does not implement: accepted only at a value that asks for nothing
+# (what a client library sends by default), refused otherwise, so that no request silently gets
+# other output than it asked for (stop strings, penalties, log-probabilities, tools, ...)
+_INERT: dict[str, tuple[Any, ...]] = {
+    "stop": (None, [], ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class BadRequest(ValueError):
@@ -113,7 +134,7 @@ class Metrics:
             self.moved_blocks.labels(name).set(s["transport_stats"].get("blocks_sent", 0))
 
 
-def _params(body: dict[str, Any]) -> dict[str, Any]:
+def _params(body: dict[str, Any], vocab: int) -> dict[str, Any]:
     out: dict[str, Any] = {k: body.get(k, v) for k, v in _PARAMS.items()}
     if body.get("max_completion_tokens") is not None:
         out["max_tokens"] = body["max_completion_tokens"]
@@ -134,9 +155,28 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest(f"{k} must be a number")
     if not (0.0 <= out["temperature"] <= 2.0) or not (0.0 < out["top_p"] <= 1.0):
         raise BadRequest("temperature must be in [0, 2] and top_p in (0, 1]")
-    if body.get("n", 1) != 1:
+    stops = body.get("stop_token_ids")  # vLLM's extension: token ids that end the answer, as EOS does
+    if stops is not None:
+        if (
+            not isinstance(stops, list)
+            or len(stops) > MAX_STOP_TOKEN_IDS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stops)
+        ):
+            raise BadRequest(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in [0, {vocab})")
+        out["stop_token_ids"] = stops
+    if not _is_one_of(body.get("n"), (None, 1)):
         raise BadRequest("only n=1 is supported")
+    for field, inert in _INERT.items():
+        if field in body and not _is_one_of(body[field], inert):
+            shown = " or ".join(json.dumps(v) for v in inert)
+            hint = " (stop_token_ids end an answer at token ids)" if field == "stop" else ""
+            raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}{hint}")
     return out
+
+
+def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """``value`` equals one of ``allowed`` as JSON does (``true`` is not ``1``, ``0.0`` is ``0``)."""
+    return any((type(value) is bool) == (type(a) is bool) and value == a for a in allowed)
 
 
 def _check_options(body: dict[str, Any]) -> None:
@@ -200,6 +240,9 @@ def make_app(
     app[SCHEDULER] = scheduler
     metrics = Metrics()
 
+    def vocab() -> int:
+        return min(tokenizer.vocab_size, scheduler.vocab_size or tokenizer.vocab_size)
+
     def prompt_tokens(body: dict[str, Any], chat: bool) -> list[int]:
         if chat:
             msgs = body.get("messages")
@@ -220,9 +263,8 @@ def make_app(
             raise BadRequest("prompt must be a string or a non-empty list of token ids")
         if not ids:
             raise BadRequest("the prompt is empty")
-        vocab = min(tokenizer.vocab_size, scheduler.vocab_size or tokenizer.vocab_size)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise BadRequest(f"token ids must be in [0, {vocab})")
+        if min(ids) < 0 or max(ids) >= vocab():
+            raise BadRequest(f"token ids must be in [0, {vocab()})")
         return ids
 
     async def complete(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -240,7 +282,7 @@ def make_app(
                     "model_not_found",
                 )
             tokens = prompt_tokens(body, chat)
-            params = _params(body)
+            params = _params(body, vocab())
             _check_options(body)
             limit = scheduler.max_context
             if limit and len(tokens) + params["max_tokens"] > limit:

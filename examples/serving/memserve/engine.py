@@ -398,7 +398,7 @@ class Engine:
         return tokens, rows
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        if not seq.params.ignore_eos and (token in self.stop_ids or token in seq.params.stop_token_ids):
+        if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):
             return "stop"
         if len(seq.tokens) - seq.prompt_len >= seq.params.max_tokens:
             return "length"

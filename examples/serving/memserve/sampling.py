@@ -15,8 +15,8 @@ class SamplingParams:
     """How one request picks its tokens and when it stops.
 
     ``temperature`` below ``GREEDY_BELOW`` (1e-5) is greedy (dividing logits by less overflows). A ``seed`` makes a sampled request reproducible whatever else
-    runs beside it. ``ignore_eos`` keeps generating through stop tokens (benchmarks); ``stop_token_ids``
-    add to the tokenizer's stop set. ``return_logits`` attaches each step's float32 logits to the output.
+    runs beside it. ``ignore_eos`` keeps generating through the tokenizer's stop tokens (benchmarks);
+    ``stop_token_ids`` end the request too, ``ignore_eos`` or not (as vLLM's). ``return_logits`` attaches each step's float32 logits to the output.
     """
 
     max_tokens: int = 64

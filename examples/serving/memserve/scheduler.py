@@ -612,8 +612,8 @@ class Scheduler:
         """Why a request whose tokens so far are ``output`` is finished, or ``None`` if it is not."""
         if not output:
             return None
-        stops = self.stop_ids | set(params.get("stop_token_ids", ()))
-        if not params.get("ignore_eos") and output[-1] in stops:
+        stops = set(params.get("stop_token_ids", ())) | (set() if params.get("ignore_eos") else self.stop_ids)
+        if output[-1] in stops:
             return "stop"
         return "length" if len(output) >= max_tokens else None
 
