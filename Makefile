@@ -16,8 +16,11 @@ demo: $(STAMP)  ## the main job: the memserve engine demo (multi-turn chats, cac
 pool-demo: $(STAMP)  ## a short tour of the MemPool API
 	$(BIN)/python examples/pool_demo.py
 
+# Two workers, a whole test file each (a file's module fixtures, such as its cluster, start once):
+# most tests wait on other processes (instances, peers, deadlines) for part of their time, so on
+# a 2-core machine two files at a time take ~40% less wall time than one (docs/reliability.md).
 test: $(STAMP)  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)  ## API benchmarks against baselines, with ratio tables
 	$(BIN)/python -m pytest benchmarks --benchmark-enable -q -s
