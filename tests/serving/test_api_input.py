@@ -107,6 +107,7 @@ UNSUPPORTED = [
     ("chat/completions", "tools", [[{"type": "function", "function": {"name": "f"}}]], [None, []]),
     ("chat/completions", "tool_choice", ["required", {"type": "function", "function": {"name": "f"}}], ["auto"]),
     ("chat/completions", "response_format", [{"type": "json_object"}], [{"type": "text"}]),
+    ("completions", "n", [2, True], [None, 1]),
 ]
 
 
