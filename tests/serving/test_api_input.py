@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from memserve.launch import Cluster
+from memserve.tokenizer import Tokenizer
 
 from .helpers import drained
 
@@ -89,12 +90,16 @@ FIELD_CASES = [
     ({**OK, "stop_token_ids": [-1]}, 400),
     ({**OK, "stop_token_ids": [10**9]}, 400),
     ({**OK, "stop_token_ids": list(range(65))}, 400),
+    ({**OK, "stop": 7}, 400),
+    ({**OK, "stop": ["a", 5]}, 400),
+    ({**OK, "stop": ["a", ""]}, 400),
+    ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ({**OK, "stop": "x" * 257}, 400),
+    ({**OK, "stop": {"a": 1}}, 400),
 ]
 # options the server does not implement: refused when they ask for something, as
 # (endpoint, field, values that ask for something, values that ask for nothing)
 UNSUPPORTED = [
-    ("completions", "stop", ["\n", ["###"], 7], [None, [], ""]),
-    ("chat/completions", "stop", [["User:"]], [None, []]),
     ("completions", "logit_bias", [{"50256": -100}], [None, {}]),
     ("completions", "presence_penalty", [0.5, True], [None, 0, 0.0]),
     ("chat/completions", "frequency_penalty", [-1.0], [None, 0]),
@@ -161,6 +166,57 @@ def test_stop_token_ids_end_the_answer_at_the_first_of_them(cluster: Cluster, st
     else:
         ids, reason = data["choices"][0]["token_ids"], data["choices"][0]["finish_reason"]
     assert ids == want and reason == "stop"
+    drained(cluster.url)
+
+
+def _spanning_stop(ids: list[int], tok: Tokenizer) -> str:
+    """A piece of text that starts in ``ids[j]`` and ends in ``ids[j + 1]`` (the first ``j`` with
+    one that is whole characters; as little of each token as that allows): a stop string that
+    straddles two tokens, with some of the first one's text before it."""
+    for j in range(len(ids) - 2):
+        a, b = tok.decode_bytes(ids[j : j + 1]), tok.decode_bytes(ids[j + 1 : j + 2])
+        for x in range(len(a) - 1, -1, -1):
+            for y in range(1, len(b) + 1):
+                try:
+                    return (a[x:] + b[:y]).decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+    raise AssertionError(f"no stop string spans two of {ids}")
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_strings_end_the_answer_before_the_first_of_them(cluster: Cluster, stream: bool, chat: bool) -> None:
+    """A stop string straddling two tokens (the first pair that can: the prefill's token and
+    decode's first where the text allows) ends the answer at the token completing it; the text
+    stops before it, streamed or not; ``token_ids`` has every generated id up to that token."""
+    tok = Tokenizer("llama3")
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    base: dict[str, Any] = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    base.update({"messages": [{"role": "user", "content": "tell me"}]} if chat else {"prompt": list(range(300, 340))})
+    got, data = request(cluster, "POST", endpoint, json.dumps(base).encode())
+    assert got == 200, data
+    free_run = data["choices"][0]["token_ids"]
+    stop = _spanning_stop(free_run, tok)
+    k = next(k for k in range(1, 11) if stop.encode() in tok.decode_bytes(free_run[:k]))
+    whole = tok.decode_bytes(free_run[:k])
+    want_text = whole[: whole.find(stop.encode())].decode("utf-8", errors="replace")
+    assert k < len(free_run)  # it ends the answer early
+    got, data = request(
+        cluster, "POST", endpoint, json.dumps({**base, "stop": ["\u0000never", stop], "stream": stream}).encode()
+    )
+    assert got == 200, data
+    if stream:
+        chunks = [json.loads(line[6:])["choices"][0] for line in data.splitlines() if line.startswith("data: {")]
+        ids = [t for c in chunks for t in c.get("token_ids", [])]
+        text = "".join(c["delta"].get("content", "") if chat else c["text"] for c in chunks)
+        reason = chunks[-1]["finish_reason"]
+    else:
+        (choice,) = data["choices"]
+        ids, reason = choice["token_ids"], choice["finish_reason"]
+        text = choice["message"]["content"] if chat else choice["text"]
+        assert data["usage"]["completion_tokens"] == k
+    assert (ids, text, reason) == (free_run[:k], want_text, "stop")
     drained(cluster.url)
 
 
@@ -262,6 +318,7 @@ def _body(prompt_key: str, prompt: st.SearchStrategy[Any]) -> st.SearchStrategy[
 
 
 VALID = {
+    "stop": st.text(max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=4),
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0.01, 1),
     "seed": st.integers(0, 2**32),

@@ -226,6 +226,42 @@ def test_a_requests_stop_token_ids_end_it_even_with_ignore_eos(make_engine: Call
     assert_no_leaks(engine)
 
 
+def _ids_text(ids: list[int]) -> bytes:
+    """A stand-in detokenizer: token 17 reads ``<17>``."""
+    return b"".join(b"<%d>" % t for t in ids)
+
+
+def test_stop_strings_end_a_request_at_the_token_that_completes_one(
+    make_engine: Callable[..., Engine], tiny_model
+) -> None:
+    """A ``stop`` string ends the request at the token completing it, across token boundaries,
+    counting output generated elsewhere (a prefill's, a failed instance's), before ``max_tokens``;
+    the answer is cached as any finished one is."""
+    prompt = make_prompts([10], seed=9)[0]
+    free_run = make_engine(caching=False).generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    config = make_engine(caching=True).config
+    engine = Engine(tiny_model, config, detokenize=_ids_text)
+    stop = f"{free_run[2]}><{free_run[3]}"  # the end of token 2 and the start of token 3
+    k = next(k for k in range(1, 9) if stop.encode() in _ids_text(free_run[:k]))
+    assert k == 4  # no earlier pair of tokens spells it
+    want = free_run[:k]
+    for max_tokens in (8, k):  # completed by the last allowed token: still a stop
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop=("zz", stop)))
+        outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
+        assert [t for o in outs for t in o.new_token_ids] == want and outs[-1].finish_reason == "stop"
+    # continued elsewhere: token 2 came with the prompt, token 3 completes the stop here
+    rid = engine.add_request(prompt + free_run[:3], SamplingParams(max_tokens=8, stop=(stop,)), prompt_len=10)
+    outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
+    assert [t for o in outs for t in o.new_token_ids] == want[3:] and outs[-1].finish_reason == "stop"
+    # the stopped answer is cached: a next turn over it computes only its own new tokens
+    turn2 = prompt + want + make_prompts([5], seed=3)[0]
+    rid = engine.add_request(turn2, SamplingParams(max_tokens=2, ignore_eos=True))
+    outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
+    assert outs[0].metrics.cached_tokens == len(prompt) + len(want) - 1
+    assert_no_leaks(engine)
+    engine.close()
+
+
 def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> None:
     prompts = make_prompts([12, 30], seed=10)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
@@ -261,6 +297,7 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
         ([1, 2, 512], None),
         ([-1], None),
         ([1] * 60, SamplingParams(max_tokens=10)),  # 70 tokens > 16 blocks of 4
+        ([1, 2, 3], SamplingParams(max_tokens=2, stop=("x",))),  # stop strings, and no detokenize
     ]:
         with pytest.raises(InvalidArgumentError):
             engine.add_request(prompt, params)
@@ -271,6 +308,9 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     assert engine.pool.stats() == before and len(engine.waiting) == 1
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    for stop in ("ab", ("",), ("a", 5)):
+        with pytest.raises(ValueError, match="stop"):
+            SamplingParams(stop=stop)  # type: ignore[arg-type]
 
 
 def test_abort_releases_everything(make_engine: Callable[..., Engine]) -> None:

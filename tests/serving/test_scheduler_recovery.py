@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from memserve.api import make_app
-from memserve.scheduler import Scheduler, SchedulerError
+from memserve.scheduler import RequestRefused, Scheduler, SchedulerError
 from memserve.stages import STAGES
 from memserve.tokenizer import Tokenizer
 
@@ -78,10 +78,10 @@ async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
 
 
 @asynccontextmanager
-async def _deployment(stage: str, **scripts: Script) -> AsyncIterator[Scheduler]:
+async def _deployment(stage: str, detokenize: Any = None, **scripts: Script) -> AsyncIterator[Scheduler]:
     """A scheduler for ``stage`` with one scripted instance per ``name=Script`` (role: the name's
     first part)."""
-    scheduler = Scheduler(STAGES[stage], attempts=2, stall_timeout_s=5.0)
+    scheduler = Scheduler(STAGES[stage], attempts=2, stall_timeout_s=5.0, detokenize=detokenize)
     runners = []
     try:
         for i, (name, script) in enumerate(scripts.items()):
@@ -97,9 +97,11 @@ async def _deployment(stage: str, **scripts: Script) -> AsyncIterator[Scheduler]
             await runner.cleanup()
 
 
-async def _run(scheduler: Scheduler, tokens: list[int], max_tokens: int) -> tuple[list[int], dict[str, Any]]:
+async def _run(
+    scheduler: Scheduler, tokens: list[int], max_tokens: int, **params: Any
+) -> tuple[list[int], dict[str, Any]]:
     out, done = [], {}
-    async for event in scheduler.generate(tokens, {"max_tokens": max_tokens, "ignore_eos": True}):
+    async for event in scheduler.generate(tokens, {"max_tokens": max_tokens, "ignore_eos": True, **params}):
         if "token" in event:
             out.append(event["token"])
         else:
@@ -120,6 +122,29 @@ def test_an_instance_that_dies_after_the_last_token_ends_the_request_normally() 
             out, done = await _run(s, [1, 2, 3], max_tokens=3)
             assert out == [7, 8, 9] and done["finish_reason"] == "length"
             assert s.counters.retries == s.counters.resumes == 0 and not other.bodies
+
+    asyncio.run(go())
+
+
+def test_an_instance_that_dies_after_completing_a_stop_string_ends_the_request_there() -> None:
+    """The tokens that came spell a stop string (across two of them): the answer is complete, as
+    the instance's engine would have said, and nothing runs again. A scheduler that cannot read
+    tokens as text refuses stop strings instead of running past them."""
+    one, other = Script([([7, 8], None)]), Script([])
+
+    def text(ids: list[int]) -> bytes:
+        return b"".join(b"<%d>" % t for t in ids)
+
+    async def go() -> None:
+        async with _deployment("colocated", text, colocated_a=one, colocated_b=other) as s:
+            out, done = await _run(s, [1, 2, 3], max_tokens=5, stop=["7><8"])
+            assert out == [7, 8] and done["finish_reason"] == "stop"
+            assert s.counters.retries == s.counters.resumes == 0 and not other.bodies
+        blind = Script([])
+        async with _deployment("colocated", colocated_a=blind) as s:
+            with pytest.raises(RequestRefused, match="stop strings"):
+                await _run(s, [1, 2, 3], max_tokens=5, stop=["x"])
+            assert not blind.bodies
 
     asyncio.run(go())
 

@@ -2,10 +2,12 @@
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or not), with a
 prompt given as text or token ids; ``usage`` counts tokens, with ``prompt_tokens_details.cached_tokens``
-the prefix served from a cache. Extensions: ``ignore_eos`` (benchmarks), ``stop_token_ids`` (as
-vLLM's) and, in each choice, ``token_ids`` (the generated ids). OpenAI options not implemented here
-(``stop`` strings, penalties, ``logit_bias``, log-probabilities, ``echo``, ``suffix``, tools, ...)
-are a 400 unless sent at the value that asks for nothing. Also ``/v1/models``, ``/health``,
+the prefix served from a cache. ``stop`` strings end an answer (the text stops before the first of
+them; a stream holds back text that may be the start of one). Extensions: ``ignore_eos``
+(benchmarks), ``stop_token_ids`` (as vLLM's) and, in each choice, ``token_ids`` (the generated ids,
+those after a stop string's start included). OpenAI options not implemented here (penalties,
+``logit_bias``, log-probabilities, ``echo``, ``suffix``, tools, ...) are a 400 unless sent at the
+value that asks for nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
@@ -16,13 +18,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .auth import token_guard
+from .sampling import stop_at, stop_prefix
 from .scheduler import InstanceBusy, RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
@@ -64,11 +67,11 @@ _FIELDS = {
 }
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
-# other output than it asked for (stop strings, penalties, log-probabilities, tools, ...)
+# other output than it asked for (penalties, log-probabilities, tools, ...)
 _INERT: dict[str, tuple[Any, ...]] = {
-    "stop": (None, [], ""),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
@@ -164,13 +167,26 @@ def _params(body: dict[str, Any], vocab: int) -> dict[str, Any]:
         ):
             raise BadRequest(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in [0, {vocab})")
         out["stop_token_ids"] = stops
+    text_stops = body.get("stop")
+    if isinstance(text_stops, str):
+        text_stops = [text_stops] if text_stops else []
+    if text_stops is not None:
+        if (
+            not isinstance(text_stops, list)
+            or len(text_stops) > MAX_STOPS
+            or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in text_stops)
+        ):
+            raise BadRequest(
+                f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+            )
+        if text_stops:
+            out["stop"] = text_stops
     if not _is_one_of(body.get("n"), (None, 1)):
         raise BadRequest("only n=1 is supported")
     for field, inert in _INERT.items():
         if field in body and not _is_one_of(body[field], inert):
             shown = " or ".join(json.dumps(v) for v in inert)
-            hint = " (stop_token_ids end an answer at token ids)" if field == "stop" else ""
-            raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}{hint}")
+            raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}")
     return out
 
 
@@ -298,6 +314,7 @@ def make_app(
         start = time.perf_counter()
         events = scheduler.generate(tokens, params, session)
         kind = "chat.completion" if chat else "text_completion"
+        stops: list[str] = params.get("stop", [])
         if not body.get("stream"):
             ids: list[int] = []
             done: dict[str, Any] = {}
@@ -314,7 +331,7 @@ def make_app(
             except SchedulerError as exc:
                 return _unavailable(exc)
             metrics.finished(done, first, time.perf_counter() - start)
-            text = tokenizer.decode(ids)
+            text = _shown(tokenizer.decode_bytes(ids), stops, final=True)
             choice: dict[str, Any] = {
                 "index": 0,
                 "finish_reason": done["finish_reason"],
@@ -357,20 +374,18 @@ def make_app(
                 payload["usage"] = usage
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        ids, sent, first = [], "", None
+        answer, first = AnswerText(tokenizer.decode_bytes, stops), None
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        pending: list[int] = []  # ids whose text is not out yet (an incomplete UTF-8 sequence)
+        pending: list[int] = []  # ids whose text is not out yet (an incomplete character, a stop's start)
         try:
             async for e in _chain(head, events):
                 if "token" in e:
                     first = first if first is not None else time.perf_counter() - start
-                    ids.append(e["token"])
                     pending.append(e["token"])
-                    text = tokenizer.decode(ids)
-                    if text.endswith("\ufffd"):
-                        continue  # wait for the next token to complete the character
-                    delta, sent = text[len(sent) :], text
+                    delta = answer.add(e["token"])
+                    if not delta:
+                        continue
                     body_delta = {"delta": {"content": delta}} if chat else {"text": delta}
                     await send({"index": 0, **body_delta, "token_ids": pending, "finish_reason": None})
                     pending = []
@@ -383,11 +398,8 @@ def make_app(
             await events.aclose()
             return response
         metrics.finished(done, first, time.perf_counter() - start)
-        text = tokenizer.decode(ids)
-        tail = {
-            "delta": {"content": text[len(sent) :]} if chat else {},
-            **({} if chat else {"text": text[len(sent) :]}),
-        }
+        rest = answer.finish()
+        tail = {"delta": {"content": rest}} if chat else {"text": rest}
         await send({"index": 0, **tail, "token_ids": pending, "finish_reason": done["finish_reason"]})
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({}, _usage(done))
@@ -475,6 +487,43 @@ def make_app(
     app.router.add_post("/admin/register", register)
     app.router.add_get("/admin/stats", admin_stats)
     return app
+
+
+class AnswerText:
+    """The text of an answer as its tokens arrive, cut before the first of ``stops`` found in it;
+    until :meth:`finish`, without an incomplete character or bytes that may begin a stop string.
+    What it lets out is never taken back: the pieces join into the final text."""
+
+    def __init__(self, decode_bytes: Callable[[list[int]], bytes], stops: list[str]) -> None:
+        self._decode, self._stops = decode_bytes, stops
+        self._data = bytearray()
+        self.sent = ""  # the text let out so far
+
+    def add(self, token: int) -> str:
+        """The text that ``token`` lets out (``""`` while held back)."""
+        self._data += self._decode([token])
+        text = _shown(self._data, self._stops, final=False)
+        if text.endswith("\ufffd") or len(text) <= len(self.sent):
+            return ""  # wait for the character to complete, or for more to show
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def finish(self) -> str:
+        """The rest of the text, once the answer has ended."""
+        text = _shown(self._data, self._stops, final=True)
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+
+def _shown(data: bytes | bytearray, stops: list[str], *, final: bool) -> str:
+    """The text of an answer's bytes ``data`` that may be shown: cut before the first of ``stops``
+    found in it; until the answer is ``final``, also without the bytes that may begin one."""
+    cut = stop_at(data, stops) if stops else None
+    if cut is not None:
+        data = data[:cut]
+    elif stops and not final:
+        data = data[: len(data) - stop_prefix(data, stops)]
+    return data.decode("utf-8", errors="replace")
 
 
 async def _chain(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:

@@ -15,7 +15,7 @@ import itertools
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from mempool.errors import BlockLockedError, InvalidArgumentError
 from . import cpu_attention
 from .model import LlamaModel
 from .paged import Chunk, StepInput
-from .sampling import SamplingParams, reseed, sample_batch
+from .sampling import SamplingParams, reseed, sample_batch, stop_at
 from .sequence import Metrics, Sequence, State
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -104,6 +104,9 @@ class RequestOutput:
 class Engine:
     """Runs requests on ``model`` with KV in ``pool`` (created from ``config`` when not given).
 
+    ``stop_ids``: the tokenizer's end-of-answer tokens (EOS); ``detokenize``: token ids to their
+    UTF-8 bytes, needed only by requests with ``stop`` strings.
+
     Not thread-safe: one caller drives :meth:`step` (the server runs it in one worker thread).
     """
 
@@ -114,6 +117,7 @@ class Engine:
         pool: MemPool | None = None,
         *,
         stop_ids: Iterable[int] = (),
+        detokenize: Callable[[list[int]], bytes] | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         # now: the first request must not pay for it
@@ -127,6 +131,7 @@ class Engine:
             raise InvalidArgumentError("the pool's KV layout does not fit the model")
         self.block_size = self.pool.config.block_size
         self.stop_ids = frozenset(int(t) for t in stop_ids)
+        self.detokenize = detokenize  # token ids -> UTF-8 bytes: needed by requests with ``stop`` strings
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -159,7 +164,8 @@ class Engine:
 
         Raises:
             InvalidArgumentError: empty prompt, ids outside the vocabulary, a duplicate id, a
-                request that could not fit in the device tier even alone, or ``kv`` of the wrong size.
+                request that could not fit in the device tier even alone, ``kv`` of the wrong size,
+                or ``stop`` strings on an engine built without ``detokenize``.
         """
         params = params or SamplingParams()
         tokens = [int(t) for t in prompt]
@@ -176,6 +182,8 @@ class Engine:
             raise InvalidArgumentError(
                 f"prompt + max_tokens need {need} blocks; the device tier has {self.pool.config.device_blocks}"
             )
+        if params.stop and self.detokenize is None:
+            raise InvalidArgumentError("stop strings need an engine built with detokenize (token ids -> bytes)")
         if kv is not None and (kv.tier is not Tier.DEVICE or len(kv) != -(-(len(tokens) - 1) // self.block_size)):
             raise InvalidArgumentError(f"kv must be the device blocks of the first {len(tokens) - 1} tokens")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -400,9 +408,20 @@ class Engine:
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):
             return "stop"
+        if seq.params.stop and self._completes_stop_string(seq, token):
+            return "stop"
         if len(seq.tokens) - seq.prompt_len >= seq.params.max_tokens:
             return "length"
         return None
+
+    def _completes_stop_string(self, seq: Sequence, token: int) -> bool:
+        """Whether ``token``, the last of ``seq``'s output, completes one of its ``stop`` strings."""
+        assert self.detokenize is not None  # add_request refuses stop strings otherwise
+        if seq.text is None:  # the output before this token, some of it perhaps generated elsewhere
+            seq.text = bytearray(self.detokenize(seq.output[:-1]))
+        since = len(seq.text)
+        seq.text += self.detokenize([token])
+        return stop_at(seq.text, seq.params.stop, since) is not None
 
     # -- releasing ---------------------------------------------------------------------------
     def _finish(self, seq: Sequence, reason: str, *, cache: bool) -> None:

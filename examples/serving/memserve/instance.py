@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -104,8 +105,9 @@ class InstanceConfig:
 def params_from(body: dict[str, Any]) -> SamplingParams:
     """SamplingParams from a JSON object (unknown keys are refused by the dataclass)."""
     p = dict(body)
-    if "stop_token_ids" in p:
-        p["stop_token_ids"] = tuple(p["stop_token_ids"])
+    for key in ("stop_token_ids", "stop"):
+        if key in p:
+            p[key] = tuple(p[key])
     return SamplingParams(**p)
 
 
@@ -122,7 +124,12 @@ class Instance:
     """The engine worker plus the transfer plumbing; the HTTP handlers call into this."""
 
     def __init__(
-        self, config: InstanceConfig, secret: str, stop_ids: frozenset[int] = frozenset(), faults: Faults | None = None
+        self,
+        config: InstanceConfig,
+        secret: str,
+        stop_ids: frozenset[int] = frozenset(),
+        faults: Faults | None = None,
+        detokenize: Callable[[list[int]], bytes] | None = None,
     ) -> None:
         self.config = config
         faults = faults or Faults()
@@ -144,6 +151,7 @@ class Instance:
                 warm_up_tokens=config.warm_up_tokens,
             ),
             stop_ids=stop_ids,
+            detokenize=detokenize,
         )
         self.pool = engine.pool
         transport = TransportConfig(
@@ -517,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         transfer_deadline_s=args.transfer_deadline,
         warm_up_tokens=args.warm_up_tokens,
     )
-    instance = Instance(config, secret, Tokenizer("llama3").stop_ids, Faults.from_env())
+    tokenizer = Tokenizer("llama3")
+    instance = Instance(config, secret, tokenizer.stop_ids, Faults.from_env(), tokenizer.decode_bytes)
     token = control_token(secret)
     app = make_app(instance, token)
     # what startup built (model, tokenizer, libraries) lives as long as the process: keep it out of

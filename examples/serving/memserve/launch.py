@@ -211,12 +211,14 @@ class Cluster(Managed):
         async def main() -> None:
             self._stop = asyncio.Event()
             token = control_token(self.secret)
+            tokenizer = Tokenizer("llama3")
             self.scheduler = Scheduler(
                 self.stage,
                 policy=self.policy,
                 stall_timeout_s=self.stall_timeout_s,
                 link_aware=self.link_aware,
                 token=token,
+                detokenize=tokenizer.decode_bytes,
             )
             for info in infos:
                 await self.scheduler.register(info)
@@ -224,7 +226,7 @@ class Cluster(Managed):
             runner = web.AppRunner(
                 make_app(
                     self.scheduler,
-                    Tokenizer("llama3"),
+                    tokenizer,
                     api_key=self.api_key,
                     max_inflight=self.max_inflight,
                     control_token=token,

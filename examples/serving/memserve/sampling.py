@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,10 @@ class SamplingParams:
 
     ``temperature`` below ``GREEDY_BELOW`` (1e-5) is greedy (dividing logits by less overflows). A ``seed`` makes a sampled request reproducible whatever else
     runs beside it. ``ignore_eos`` keeps generating through the tokenizer's stop tokens (benchmarks);
-    ``stop_token_ids`` end the request too, ``ignore_eos`` or not (as vLLM's). ``return_logits`` attaches each step's float32 logits to the output.
+    ``stop_token_ids`` end the request too, ``ignore_eos`` or not (as vLLM's), and so do ``stop``
+    strings: the request ends at the token that completes one of them in its output's UTF-8 bytes
+    (the output generated elsewhere before it, a prefill's or a failed instance's, counts too).
+    ``return_logits`` attaches each step's float32 logits to the output.
     """
 
     max_tokens: int = 64
@@ -26,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
     return_logits: bool = False
 
     def __post_init__(self) -> None:
@@ -37,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +65,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = scores.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_at(data: bytes | bytearray, stops: Iterable[str], since: int = 0) -> int | None:
+    """Where the earliest of ``stops`` found in ``data`` (UTF-8) starts, among those not wholly
+    inside its first ``since`` bytes (the part searched before); ``None`` if there is none."""
+    found = None
+    for s in stops:
+        b = s.encode()
+        at = data.find(b, max(0, since - len(b) + 1))
+        if at >= 0 and (found is None or at < found):
+            found = at
+    return found
+
+
+def stop_prefix(data: bytes | bytearray, stops: Iterable[str]) -> int:
+    """How many bytes at the end of ``data`` begin one of ``stops`` (without completing it): what a
+    stream must hold back until the next token tells whether the stop string follows."""
+    longest = 0
+    for s in stops:
+        b = s.encode()
+        for k in range(min(len(b) - 1, len(data)), longest, -1):
+            if data.endswith(b[:k]):
+                longest = k
+                break
+    return longest
 
 
 def reseed(generator: torch.Generator, seed: int, index: int) -> torch.Generator:

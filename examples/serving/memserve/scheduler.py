@@ -40,7 +40,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ import aiohttp
 
 from .costmodel import CostModel
 from .prompt_tree import PromptTree
+from .sampling import stop_at
 from .stages import ROLES, Stage
 
 POLICIES = ("least-load", "session-id", "prompt-tree")
@@ -183,11 +184,13 @@ class Scheduler:
         link_aware: bool = True,
         link_ttl_s: float = 60.0,
         token: str | None = None,
+        detokenize: Callable[[list[int]], bytes] | None = None,
     ) -> None:
         """``bandwidth``: bytes per second assumed of a link until it is measured; ``link_aware``:
         skip a handoff whose transfer is predicted slower than decode recomputing the prompt
         (off: always hand off, as a link-blind deployment does); ``token``: the instances' control
-        token, sent with every call to them."""
+        token, sent with every call to them; ``detokenize``: token ids to UTF-8 bytes, the
+        instances' tokenizer's (requests with ``stop`` strings are refused without it)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.stage, self.policy = stage, policy
@@ -205,6 +208,7 @@ class Scheduler:
         self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # transfer-or-recompute, newest last
         self.stall_timeout_s, self.attempts = stall_timeout_s, attempts
         self.stop_ids: set[int] = set()  # every instance's tokenizer stop ids
+        self.detokenize = detokenize
         self.counters = Counters()
         self.max_context = 0  # the smallest instance's device capacity in tokens (0: no instance yet)
         self.vocab_size = 0  # the smallest model vocabulary among the instances
@@ -473,7 +477,14 @@ class Scheduler:
     async def generate(
         self, tokens: list[int], params: dict[str, Any], session: str | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """Run one request; yields ``{"token": t}`` events then one ``{"done": ...}`` summary."""
+        """Run one request; yields ``{"token": t}`` events then one ``{"done": ...}`` summary.
+
+        Raises:
+            RequestRefused: an instance refused it, or it has ``stop`` strings and this scheduler
+                no ``detokenize``.
+        """
+        if params.get("stop") and self.detokenize is None:
+            raise RequestRefused("stop strings need a scheduler built with detokenize (token ids -> bytes)")
         role = self._role_of_first()
         n = len(tokens)
         max_tokens = int(params.get("max_tokens", 16))
@@ -614,6 +625,12 @@ class Scheduler:
             return None
         stops = set(params.get("stop_token_ids", ())) | (set() if params.get("ignore_eos") else self.stop_ids)
         if output[-1] in stops:
+            return "stop"
+        if (
+            params.get("stop")
+            and self.detokenize is not None
+            and stop_at(self.detokenize(output), params["stop"]) is not None
+        ):
             return "stop"
         return "length" if len(output) >= max_tokens else None
 

@@ -61,6 +61,7 @@ class Sequence:
     finish_reason: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
     logits: list[torch.Tensor] = field(default_factory=list)
+    text: bytearray | None = None  # the output's UTF-8 bytes, kept only to find ``params.stop`` strings in
 
     @property
     def output(self) -> list[int]:

@@ -68,7 +68,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` (invalid UTF-8 at a token boundary is replaced, never raised)."""
-        return str(self._enc.decode_bytes(list(ids)).decode("utf-8", errors="replace"))
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of ``ids`` (a token may end inside a character)."""
+        return bytes(self._enc.decode_bytes(list(ids)))
 
     def _marker(self, text: str) -> list[int]:
         """Tokens of a template marker (a fresh list: callers extend it)."""
