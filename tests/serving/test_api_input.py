@@ -10,12 +10,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, preset
 from memserve.launch import Cluster
 from memserve.tokenizer import Tokenizer
 
+from .conftest import run
 from .helpers import drained
 
 KEY = "test-api-key-0123456789"
@@ -96,6 +99,19 @@ FIELD_CASES = [
     ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400),
     ({**OK, "stop": "x" * 257}, 400),
     ({**OK, "stop": {"a": 1}}, 400),
+    ({**OK, "logprobs": 6}, 400),
+    ({**OK, "logprobs": -1}, 400),
+    ({**OK, "logprobs": True}, 400),
+    ({**OK, "logprobs": "2"}, 400),
+]
+CHAT_FIELD_CASES = [
+    {"logprobs": 3},
+    {"logprobs": "yes"},
+    {"logprobs": True, "top_logprobs": 21},
+    {"logprobs": True, "top_logprobs": -1},
+    {"logprobs": True, "top_logprobs": True},
+    {"top_logprobs": 2},  # without logprobs: true
+    {"logprobs": False, "top_logprobs": 2},
 ]
 # options the server does not implement: refused when they ask for something, as
 # (endpoint, field, values that ask for something, values that ask for nothing)
@@ -103,9 +119,6 @@ UNSUPPORTED = [
     ("completions", "logit_bias", [{"50256": -100}], [None, {}]),
     ("completions", "presence_penalty", [0.5, True], [None, 0, 0.0]),
     ("chat/completions", "frequency_penalty", [-1.0], [None, 0]),
-    ("completions", "logprobs", [0, 5], [None]),
-    ("chat/completions", "logprobs", [True], [None, False]),
-    ("chat/completions", "top_logprobs", [3], [None, 0]),
     ("completions", "echo", [True], [None, False]),
     ("completions", "suffix", ["}"], [None, ""]),
     ("completions", "best_of", [2, True], [None, 1]),
@@ -220,6 +233,69 @@ def test_stop_strings_end_the_answer_before_the_first_of_them(cluster: Cluster, 
     drained(cluster.url)
 
 
+@pytest.mark.parametrize("fields", CHAT_FIELD_CASES)
+def test_bad_chat_logprobs_options(cluster: Cluster, fields: dict[str, Any]) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    got, data = request(cluster, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert got == 400 and "logprobs" in data["error"]["message"], data
+
+
+@pytest.fixture(scope="module")
+def local_twin() -> Iterator[Engine]:
+    """An engine on this process with the cluster's model (same preset, same seed): the reference."""
+    engine = Engine(LlamaModel(preset("tiny-llama3")).init_random(), EngineConfig(block_size=16, caching=False))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_logprobs_are_the_models_at_every_token(cluster: Cluster, local_twin: Engine, stream: bool, chat: bool) -> None:
+    """Each token's log-probability and its top 3 alternatives, the prefill instance's first token
+    and the decode instance's after it alike, are the log-softmax of the model's logits at that
+    position (computed here by an engine of our own over the same weights), in OpenAI's shape."""
+    tok, k, n = Tokenizer("llama3"), 3, 5
+    body: dict[str, Any] = {"max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if chat:
+        messages = [{"role": "user", "content": "how do pools of memory work?"}]
+        body.update(messages=messages, logprobs=True, top_logprobs=k)
+        prompt = tok.chat(messages)
+    else:
+        prompt = list(range(500, 530))
+        body.update(prompt=prompt, logprobs=k)
+    got, data = request(
+        cluster, "POST", "/v1/chat/completions" if chat else "/v1/completions", json.dumps(body).encode()
+    )
+    assert got == 200, data
+    if stream:
+        choices = [json.loads(line[6:])["choices"][0] for line in data.splitlines() if line.startswith("data: {")]
+        parts = [c["logprobs"] for c in choices if c.get("logprobs")]
+    else:
+        choices = data["choices"]
+        parts = [choices[0]["logprobs"]]
+    ids = [t for c in choices for t in c.get("token_ids", [])]
+    (want,), (logits,) = run(local_twin, [prompt], SamplingParams(max_tokens=n, ignore_eos=True, return_logits=True))
+    assert ids == want
+    ref = torch.log_softmax(logits, -1)
+    values, top = ref.topk(k)
+    if chat:
+        content = [e for p in parts for e in p["content"]]
+        assert [bytes(e["bytes"]) for e in content] == [tok.decode_bytes([t]) for t in ids]
+        got_lp = [e["logprob"] for e in content]
+        got_top = [[(bytes(x["bytes"]), x["logprob"]) for x in e["top_logprobs"]] for e in content]
+    else:
+        assert [t for p in parts for t in p["tokens"]] == [tok.decode(t for t in [i]) for i in ids]
+        got_lp = [v for p in parts for v in p["token_logprobs"]]
+        got_top = [[(x.encode(), v) for x, v in d.items()] for p in parts for d in p["top_logprobs"]]
+        offsets = [o for p in parts for o in p["text_offset"]]
+        assert offsets == [len(tok.decode(ids[:i])) for i in range(n)]
+    assert got_lp == pytest.approx([float(ref[i, t]) for i, t in enumerate(ids)], abs=1e-4)
+    for i in range(n):
+        assert [b for b, _ in got_top[i]] == [tok.decode_bytes([int(t)]) for t in top[i]]
+        assert [v for _, v in got_top[i]] == pytest.approx(values[i].tolist(), abs=1e-4)
+    drained(cluster.url)
+
+
 def test_bad_chat_messages(cluster: Cluster) -> None:
     for messages in (
         [],
@@ -306,6 +382,8 @@ COMMON = {
     "model": st.sampled_from(["memserve-default"]) | st.text(max_size=10),
     "user": st.text(max_size=10) | JSON,
     "stop": JSON,
+    "logprobs": st.integers(-1, 6) | st.booleans() | JSON,
+    "top_logprobs": st.integers(-1, 21) | JSON,
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
 }
 EXTRA = st.dictionaries(st.text(max_size=10), JSON, max_size=2)

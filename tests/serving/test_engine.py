@@ -262,6 +262,44 @@ def test_stop_strings_end_a_request_at_the_token_that_completes_one(
     engine.close()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_the_models_log_softmax_and_change_no_token(
+    make_engine: Callable[..., Engine], temperature: float
+) -> None:
+    """Each token's log-probability (and its top ``k`` alternatives') is the log-softmax of the
+    model's own logits at that step, before temperature; asking for them changes no token (a
+    greedy request then takes the full projection instead of the screen)."""
+    prompts = make_prompts([9, 21], seed=14)
+    base = SamplingParams(max_tokens=6, ignore_eos=True, temperature=temperature, seed=3)
+    engine = make_engine(caching=True)
+    plain = engine.generate(prompts, base)
+    asked = SamplingParams(max_tokens=6, ignore_eos=True, temperature=temperature, seed=3, logprobs=4)
+    with_logits = SamplingParams(
+        max_tokens=6, ignore_eos=True, temperature=temperature, seed=3, logprobs=4, return_logits=True
+    )
+    ids = [engine.add_request(prompts[0], asked), engine.add_request(prompts[1], with_logits)]
+    outs: dict[str, list[Any]] = {i: [] for i in ids}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    for rid, want in zip(ids, plain):
+        assert [t for o in outs[rid] for t in o.new_token_ids] == want
+        for o in outs[rid]:
+            (lp,) = o.logprobs
+            assert lp.token == o.new_token_ids[0] and len(lp.top) == 4
+            assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
+            if temperature == 0:  # greedy: the token is the most likely one
+                assert lp.top[0] == (lp.token, lp.logprob)
+    for o in outs[ids[1]]:  # against the logits the engine returned for the same step
+        ref = torch.log_softmax(o.logits, -1)
+        (lp,) = o.logprobs
+        assert lp.logprob == pytest.approx(float(ref[lp.token]), abs=1e-5)
+        values, top = ref.topk(4)
+        assert [t for t, _ in lp.top] == top.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
+    assert_no_leaks(engine)
+
+
 def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> None:
     prompts = make_prompts([12, 30], seed=10)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
@@ -311,6 +349,9 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     for stop in ("ab", ("",), ("a", 5)):
         with pytest.raises(ValueError, match="stop"):
             SamplingParams(stop=stop)  # type: ignore[arg-type]
+    for logprobs in (-1, 21, True, 2.0):
+        with pytest.raises(ValueError, match="logprobs"):
+            SamplingParams(logprobs=logprobs)  # type: ignore[arg-type]
 
 
 def test_abort_releases_everything(make_engine: Callable[..., Engine]) -> None:

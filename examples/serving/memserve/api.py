@@ -5,8 +5,9 @@ prompt given as text or token ids; ``usage`` counts tokens, with ``prompt_tokens
 the prefix served from a cache. ``stop`` strings end an answer (the text stops before the first of
 them; a stream holds back text that may be the start of one). Extensions: ``ignore_eos``
 (benchmarks), ``stop_token_ids`` (as vLLM's) and, in each choice, ``token_ids`` (the generated ids,
-those after a stop string's start included). OpenAI options not implemented here (penalties,
-``logit_bias``, log-probabilities, ``echo``, ``suffix``, tools, ...) are a 400 unless sent at the
+those after a stop string's start included). ``logprobs`` (chat: with ``top_logprobs``) come
+from the model's own distribution, before temperature and top-k/p. OpenAI options not implemented
+here (penalties, ``logit_bias``, ``echo``, ``suffix``, tools, ...) are a 400 unless sent at the
 value that asks for nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
@@ -25,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .auth import token_guard
-from .sampling import stop_at, stop_prefix
+from .sampling import MAX_LOGPROBS, stop_at, stop_prefix
 from .scheduler import InstanceBusy, RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
@@ -67,6 +68,7 @@ _FIELDS = {
 }
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOGPROBS, 20)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
@@ -75,8 +77,6 @@ _INERT: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -137,7 +137,7 @@ class Metrics:
             self.moved_blocks.labels(name).set(s["transport_stats"].get("blocks_sent", 0))
 
 
-def _params(body: dict[str, Any], vocab: int) -> dict[str, Any]:
+def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
     out: dict[str, Any] = {k: body.get(k, v) for k, v in _PARAMS.items()}
     if body.get("max_completion_tokens") is not None:
         out["max_tokens"] = body["max_completion_tokens"]
@@ -181,6 +181,9 @@ def _params(body: dict[str, Any], vocab: int) -> dict[str, Any]:
             )
         if text_stops:
             out["stop"] = text_stops
+    logprobs = _logprobs_asked(body, chat)
+    if logprobs is not None:
+        out["logprobs"] = logprobs
     if not _is_one_of(body.get("n"), (None, 1)):
         raise BadRequest("only n=1 is supported")
     for field, inert in _INERT.items():
@@ -188,6 +191,26 @@ def _params(body: dict[str, Any], vocab: int) -> dict[str, Any]:
             shown = " or ".join(json.dumps(v) for v in inert)
             raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}")
     return out
+
+
+def _logprobs_asked(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives per token the request wants log-probabilities of (``None``: no
+    log-probabilities): chat's ``logprobs`` (a boolean) and ``top_logprobs``, or the completions
+    endpoint's ``logprobs`` (a count)."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if not chat:
+        if want is None:
+            return None
+        if isinstance(want, bool) or not isinstance(want, int) or not 0 <= want <= MAX_COMPLETION_LOGPROBS:
+            raise BadRequest(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}]")
+        return want
+    if not isinstance(want, bool | None):
+        raise BadRequest("logprobs must be a boolean")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+        raise BadRequest(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}]")
+    if top and not want:
+        raise BadRequest("top_logprobs needs logprobs: true")
+    return (top or 0) if want else None
 
 
 def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
@@ -298,7 +321,7 @@ def make_app(
                     "model_not_found",
                 )
             tokens = prompt_tokens(body, chat)
-            params = _params(body, vocab())
+            params = _params(body, vocab(), chat)
             _check_options(body)
             limit = scheduler.max_context
             if limit and len(tokens) + params["max_tokens"] > limit:
@@ -315,6 +338,7 @@ def make_app(
         events = scheduler.generate(tokens, params, session)
         kind = "chat.completion" if chat else "text_completion"
         stops: list[str] = params.get("stop", [])
+        track = None if params.get("logprobs") is None else Logprobs(tokenizer, chat)
         if not body.get("stream"):
             ids: list[int] = []
             done: dict[str, Any] = {}
@@ -324,6 +348,8 @@ def make_app(
                     if "token" in e:
                         first = first if first is not None else time.perf_counter() - start
                         ids.append(e["token"])
+                        if track is not None:
+                            track.add(e)
                     else:
                         done = e
             except RequestRefused as exc:
@@ -336,7 +362,7 @@ def make_app(
                 "index": 0,
                 "finish_reason": done["finish_reason"],
                 "token_ids": ids,
-                "logprobs": None,
+                "logprobs": None if track is None else track.take(),
             }
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
@@ -383,11 +409,16 @@ def make_app(
                 if "token" in e:
                     first = first if first is not None else time.perf_counter() - start
                     pending.append(e["token"])
+                    if track is not None:
+                        track.add(e)
                     delta = answer.add(e["token"])
                     if not delta:
                         continue
                     body_delta = {"delta": {"content": delta}} if chat else {"text": delta}
-                    await send({"index": 0, **body_delta, "token_ids": pending, "finish_reason": None})
+                    logprobs = None if track is None else track.take()
+                    await send(
+                        {"index": 0, **body_delta, "token_ids": pending, "logprobs": logprobs, "finish_reason": None}
+                    )
                     pending = []
                 else:
                     done = e
@@ -400,7 +431,10 @@ def make_app(
         metrics.finished(done, first, time.perf_counter() - start)
         rest = answer.finish()
         tail = {"delta": {"content": rest}} if chat else {"text": rest}
-        await send({"index": 0, **tail, "token_ids": pending, "finish_reason": done["finish_reason"]})
+        logprobs = None if track is None else track.take()
+        await send(
+            {"index": 0, **tail, "token_ids": pending, "logprobs": logprobs, "finish_reason": done["finish_reason"]}
+        )
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({}, _usage(done))
         await response.write(b"data: [DONE]\n\n")
@@ -487,6 +521,45 @@ def make_app(
     app.router.add_post("/admin/register", register)
     app.router.add_get("/admin/stats", admin_stats)
     return app
+
+
+class Logprobs:
+    """The ``logprobs`` object of a choice, in OpenAI's chat or completions shape, from the token
+    events of an answer (``{"token", "logprob", "top": [[id, logprob], ...]}``)."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool) -> None:
+        self._tokenizer, self._chat = tokenizer, chat
+        self._events: list[dict[str, Any]] = []
+        self._chars = 0  # characters of the answer so far: the next token's text_offset
+
+    def add(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+
+    def take(self) -> dict[str, Any]:
+        """The object for the tokens added since the last call."""
+        events, self._events = self._events, []
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            b = self._tokenizer.decode_bytes([token])
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
+        if self._chat:
+            content = [
+                {**entry(e["token"], e["logprob"]), "top_logprobs": [entry(int(t), v) for t, v in e["top"]]}
+                for e in events
+            ]
+            return {"content": content, "refusal": None}
+        chosen, offsets = [entry(e["token"], e["logprob"]) for e in events], []
+        for c in chosen:
+            offsets.append(self._chars)
+            # characters = bytes that do not continue a UTF-8 sequence (exact for valid UTF-8)
+            self._chars += sum(1 for x in c["bytes"] if not 0x80 <= x < 0xC0)
+        return {
+            "tokens": [c["token"] for c in chosen],
+            "token_logprobs": [c["logprob"] for c in chosen],
+            "top_logprobs": [{self._tokenizer.decode([int(t)]): v for t, v in e["top"]} for e in events],
+            "text_offset": offsets,
+        }
 
 
 class AnswerText:

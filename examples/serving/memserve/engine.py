@@ -26,7 +26,7 @@ from mempool.errors import BlockLockedError, InvalidArgumentError
 from . import cpu_attention
 from .model import LlamaModel
 from .paged import Chunk, StepInput
-from .sampling import SamplingParams, reseed, sample_batch, stop_at
+from .sampling import SamplingParams, TokenLogprob, reseed, sample_batch, stop_at, token_logprobs
 from .sequence import Metrics, Sequence, State
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -99,6 +99,7 @@ class RequestOutput:
     finish_reason: str | None
     metrics: Metrics
     logits: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
 
 
 class Engine:
@@ -359,7 +360,7 @@ class Engine:
         batch = self.in_step = list(batch)  # finished sequences leave self.running while we walk the batch
         chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
         step = StepInput.build(chunks, self.block_size, self.model.device)
-        tokens, logits = self._pick(
+        tokens, logits, logprobs = self._pick(
             batch, self.model(step, self.pool.kv(Tier.DEVICE), hidden_only=True, in_place=self.config.decode_kernel)
         )
         outputs = []
@@ -379,17 +380,25 @@ class Engine:
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason, cache=self.config.caching)
-            outputs.append(RequestOutput(seq.id, [token], reason is not None, reason, seq.metrics, row))
+            lp = logprobs[i]
+            outputs.append(
+                RequestOutput(
+                    seq.id, [token], reason is not None, reason, seq.metrics, row, None if lp is None else [lp]
+                )
+            )
         self.in_step = []
         return outputs
 
-    def _pick(self, batch: list[Sequence], hidden: torch.Tensor) -> tuple[list[int], list[torch.Tensor | None]]:
-        """Each sequence's next token, and its logits row where it asked for them. Greedy rows that
-        want no logits take the model's greedy pick (no full vocabulary projection); the rest are
-        sampled from their logits."""
+    def _pick(
+        self, batch: list[Sequence], hidden: torch.Tensor
+    ) -> tuple[list[int], list[torch.Tensor | None], list[TokenLogprob | None]]:
+        """Each sequence's next token, and its logits row and log-probabilities where it asked for
+        them. Greedy rows that want neither take the model's greedy pick (no full vocabulary
+        projection); the rest are sampled from their logits."""
         tokens: list[int] = [0] * len(batch)
         rows: list[torch.Tensor | None] = [None] * len(batch)
-        wants = [s.params.return_logits or not s.params.greedy for s in batch]
+        lps: list[TokenLogprob | None] = [None] * len(batch)
+        wants = [s.params.return_logits or s.params.logprobs is not None or not s.params.greedy for s in batch]
         full = [i for i, want in enumerate(wants) if want]
         picks = [i for i, want in enumerate(wants) if not want]
         if picks:
@@ -403,7 +412,14 @@ class Engine:
                 tokens[i] = token
                 if batch[i].params.return_logits:
                     rows[i] = logits[j].clone()
-        return tokens, rows
+            asked = [j for j, s in enumerate(seqs) if s.params.logprobs is not None]
+            if asked:
+                got = token_logprobs(
+                    logits[asked], [tokens[full[j]] for j in asked], [int(seqs[j].params.logprobs or 0) for j in asked]
+                )
+                for j, lp in zip(asked, got):
+                    lps[full[j]] = lp
+        return tokens, rows, lps
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):

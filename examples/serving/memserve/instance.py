@@ -9,7 +9,8 @@ Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
     GET  /health, /info, /stats (``?check=1``: run the pool's ``check_invariants()`` too)
     POST /connect   {"name", "host", "port"}          open a transfer link to a peer instance
     POST /generate  {"id", "tokens", "prompt_len"?, "params", "handoff"?, "kv_key"?, "send_back"?}
-                    -> NDJSON: {"token": t} per token, then {"done": true, "finish_reason", "metrics",
+                    -> NDJSON: {"token": t} per token ({"token", "logprob", "top": [[id, logprob]]}
+                       when params ask for logprobs), then {"done": true, "finish_reason", "metrics",
                        "transfer"?: {...}}; a blank line every ``KEEPALIVE_S`` while nothing else
                        is due (so that the scheduler tells a slow request from a stalled instance);
                        503 ``{"error", "busy": true}`` when ``max_waiting`` requests wait already
@@ -246,8 +247,12 @@ class Instance:
         kv_key = str(body["kv_key"]) if body.get("kv_key") else None
 
         def on_output(out: RequestOutput) -> None:
-            for t in out.new_token_ids:
-                emit({"token": t})
+            for i, t in enumerate(out.new_token_ids):
+                if out.logprobs is None:
+                    emit({"token": t})
+                else:
+                    lp = out.logprobs[i]
+                    emit({"token": t, "logprob": lp.logprob, "top": [list(x) for x in lp.top]})
             with self._count_lock:
                 self.counters["output_tokens"] += len(out.new_token_ids)
             if out.finished:

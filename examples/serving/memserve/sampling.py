@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # alternatives a request may ask for at each position (OpenAI's chat limit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +21,9 @@ class SamplingParams:
     ``stop_token_ids`` end the request too, ``ignore_eos`` or not (as vLLM's), and so do ``stop``
     strings: the request ends at the token that completes one of them in its output's UTF-8 bytes
     (the output generated elsewhere before it, a prefill's or a failed instance's, counts too).
-    ``return_logits`` attaches each step's float32 logits to the output.
+    ``return_logits`` attaches each step's float32 logits to the output; ``logprobs`` (0 to
+    ``MAX_LOGPROBS``), each token's log-probability and that many most likely tokens' (see
+    :class:`TokenLogprob`).
     """
 
     max_tokens: int = 64
@@ -32,6 +35,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     return_logits: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -44,10 +48,38 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution (its logits before
+    temperature, top-k and top-p), and the most likely tokens' (``(id, logprob)``, most likely
+    first), as many as the request asked for."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[TokenLogprob]:
+    """For each row of ``logits`` ``[n, vocab]``: the log-probability of ``tokens[i]`` and of the
+    ``top[i]`` most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    k = max(top, default=0)
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    rows = zip(ids.tolist(), values.tolist())
+    return [TokenLogprob(t, c, tuple(zip(i[:n], v[:n]))) for t, c, n, (i, v) in zip(tokens, chosen, top, rows)]
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
