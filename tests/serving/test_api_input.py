@@ -99,6 +99,16 @@ FIELD_CASES = [
     ({**OK, "stop": ["a", "b", "c", "d", "e"]}, 400),
     ({**OK, "stop": "x" * 257}, 400),
     ({**OK, "stop": {"a": 1}}, 400),
+    ({**OK, "presence_penalty": 2.5}, 400),
+    ({**OK, "frequency_penalty": True}, 400),
+    ({**OK, "frequency_penalty": "0.5"}, 400),
+    ({**OK, "logit_bias": [[5, 1]]}, 400),
+    ({**OK, "logit_bias": {"5": 101}}, 400),
+    ({**OK, "logit_bias": {"-5": 1}}, 400),
+    ({**OK, "logit_bias": {"x": 1}}, 400),
+    ({**OK, "logit_bias": {"999999999": 1}}, 400),
+    ({**OK, "logit_bias": {"5": True}}, 400),
+    ({**OK, "logit_bias": {str(i): 1 for i in range(301)}}, 400),
     ({**OK, "logprobs": 6}, 400),
     ({**OK, "logprobs": -1}, 400),
     ({**OK, "logprobs": True}, 400),
@@ -116,9 +126,6 @@ CHAT_FIELD_CASES = [
 # options the server does not implement: refused when they ask for something, as
 # (endpoint, field, values that ask for something, values that ask for nothing)
 UNSUPPORTED = [
-    ("completions", "logit_bias", [{"50256": -100}], [None, {}]),
-    ("completions", "presence_penalty", [0.5, True], [None, 0, 0.0]),
-    ("chat/completions", "frequency_penalty", [-1.0], [None, 0]),
     ("completions", "echo", [True], [None, False]),
     ("completions", "suffix", ["}"], [None, ""]),
     ("completions", "best_of", [2, True], [None, 1]),
@@ -230,6 +237,27 @@ def test_stop_strings_end_the_answer_before_the_first_of_them(cluster: Cluster, 
         text = choice["message"]["content"] if chat else choice["text"]
         assert data["usage"]["completion_tokens"] == k
     assert (ids, text, reason) == (free_run[:k], want_text, "stop")
+    drained(cluster.url)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_logit_bias_and_penalties_shape_the_answer(cluster: Cluster, chat: bool) -> None:
+    """A bias of +100 makes a token every pick, the prefill's and decode's; a strong frequency
+    penalty keeps a greedy answer from repeating a token; the inert values change nothing."""
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    base: dict[str, Any] = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    base.update({"messages": [{"role": "user", "content": "hello"}]} if chat else {"prompt": list(range(700, 730))})
+
+    def ids(**fields: Any) -> list[int]:
+        got, data = request(cluster, "POST", endpoint, json.dumps({**base, **fields}).encode())
+        assert got == 200, data
+        return list(data["choices"][0]["token_ids"])
+
+    free = ids()
+    assert ids(logit_bias={"1234": 100}) == [1234] * 6
+    assert ids(logit_bias={}, presence_penalty=0, frequency_penalty=0.0) == free
+    varied = ids(frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(set(varied)) == len(varied)  # the tiny model's logits span less than the penalty
     drained(cluster.url)
 
 
@@ -383,6 +411,11 @@ COMMON = {
     "user": st.text(max_size=10) | JSON,
     "stop": JSON,
     "logprobs": st.integers(-1, 6) | st.booleans() | JSON,
+    "presence_penalty": st.floats(-3, 3) | JSON,
+    "logit_bias": st.dictionaries(
+        st.integers(-1, 130_000).map(str) | st.text(max_size=3), st.floats(-101, 101) | JSON, max_size=3
+    )
+    | JSON,
     "top_logprobs": st.integers(-1, 21) | JSON,
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | JSON,
 }
@@ -396,6 +429,8 @@ def _body(prompt_key: str, prompt: st.SearchStrategy[Any]) -> st.SearchStrategy[
 
 
 VALID = {
+    "frequency_penalty": st.floats(-2, 2),
+    "logit_bias": st.dictionaries(st.integers(0, 128_255).map(str), st.floats(-100, 100), max_size=3),
     "stop": st.text(max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=4),
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0.01, 1),

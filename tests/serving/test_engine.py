@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -300,6 +301,34 @@ def test_logprobs_are_the_models_log_softmax_and_change_no_token(
     assert_no_leaks(engine)
 
 
+def test_penalties_and_bias_shape_each_pick_and_carry_over_a_handoff(make_engine: Callable[..., Engine]) -> None:
+    """Each greedy pick is the argmax of the model's logits less the presence and frequency
+    penalties of the output so far; a request continued elsewhere (prompt + output so far)
+    penalises that output too; a bias of +100 makes a token every pick, -100 keeps it out."""
+    prompt = make_prompts([12], seed=15)[0]
+    engine = make_engine(caching=False)
+    free = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    shaped = SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=1.5, frequency_penalty=2.0)
+    (out,), (logits,) = run(engine, [prompt], replace(shaped, return_logits=True))
+    assert out != free
+    for i, token in enumerate(out):  # (the logits returned are the model's own)
+        row = logits[i].clone()
+        for u in set(out[:i]):
+            row[u] -= 1.5 + 2.0 * out[:i].count(u)
+        assert token == int(row.argmax())
+    rid = engine.add_request(prompt + out[:5], shaped, prompt_len=len(prompt))
+    rest = [t for step in iter(engine.step, []) for o in step for t in o.new_token_ids if o.request_id == rid]
+    assert rest == out[5:]
+    for temperature in (0.0, 1.0):
+        forced = SamplingParams(
+            max_tokens=5, ignore_eos=True, temperature=temperature, seed=1, logit_bias=((7, 100.0),)
+        )
+        assert engine.generate([prompt], forced)[0] == [7] * 5
+    banned = SamplingParams(max_tokens=12, ignore_eos=True, logit_bias=tuple((t, -100.0) for t in set(free)))
+    assert not set(engine.generate([prompt], banned)[0]) & set(free)
+    assert_no_leaks(engine)
+
+
 def test_seeded_sampling_is_reproducible(make_engine: Callable[..., Engine]) -> None:
     prompts = make_prompts([12, 30], seed=10)
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
@@ -336,6 +365,7 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
         ([-1], None),
         ([1] * 60, SamplingParams(max_tokens=10)),  # 70 tokens > 16 blocks of 4
         ([1, 2, 3], SamplingParams(max_tokens=2, stop=("x",))),  # stop strings, and no detokenize
+        ([1, 2, 3], SamplingParams(max_tokens=2, logit_bias=((512, 1.0),))),  # outside the vocabulary
     ]:
         with pytest.raises(InvalidArgumentError):
             engine.add_request(prompt, params)
@@ -352,6 +382,12 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=logprobs)  # type: ignore[arg-type]
+    for penalty in (2.5, -3, True, "1"):
+        with pytest.raises(ValueError, match="penalty"):
+            SamplingParams(frequency_penalty=penalty)  # type: ignore[arg-type]
+    for bias in ([(1, 1.0)], ((1, 101.0),), ((-1, 1.0),), ((True, 1.0),), ((1, 1.0), (1, 2.0)), ((1,),)):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
 
 
 def test_abort_releases_everything(make_engine: Callable[..., Engine]) -> None:

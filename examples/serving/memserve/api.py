@@ -6,9 +6,10 @@ the prefix served from a cache. ``stop`` strings end an answer (the text stops b
 them; a stream holds back text that may be the start of one). Extensions: ``ignore_eos``
 (benchmarks), ``stop_token_ids`` (as vLLM's) and, in each choice, ``token_ids`` (the generated ids,
 those after a stop string's start included). ``logprobs`` (chat: with ``top_logprobs``) come
-from the model's own distribution, before temperature and top-k/p. OpenAI options not implemented
-here (penalties, ``logit_bias``, ``echo``, ``suffix``, tools, ...) are a 400 unless sent at the
-value that asks for nothing. Also ``/v1/models``, ``/health``,
+from the model's own distribution, before penalties, bias, temperature and top-k/p.
+``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` shape the logits a token is picked
+from (greedy too). OpenAI options not implemented here (``n`` > 1, ``echo``, ``suffix``, tools,
+...) are a 400 unless sent at the value that asks for nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
@@ -68,15 +69,13 @@ _FIELDS = {
 }
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOGPROBS, 20)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
 # other output than it asked for (penalties, log-probabilities, tools, ...)
 _INERT: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -181,6 +180,17 @@ def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
             )
         if text_stops:
             out["stop"] = text_stops
+    for k in ("presence_penalty", "frequency_penalty"):
+        value = body.get(k)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -2.0 <= value <= 2.0:
+            raise BadRequest(f"{k} must be a number in [-2, 2]")
+        if value:
+            out[k] = value
+    bias = body.get("logit_bias")
+    if bias is not None:
+        out.update(_logit_bias(bias, vocab))
     logprobs = _logprobs_asked(body, chat)
     if logprobs is not None:
         out["logprobs"] = logprobs
@@ -191,6 +201,23 @@ def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
             shown = " or ".join(json.dumps(v) for v in inert)
             raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}")
     return out
+
+
+def _logit_bias(bias: Any, vocab: int) -> dict[str, Any]:
+    """The ``logit_bias`` parameter of OpenAI's map of token ids (as strings) to biases."""
+    bad = BadRequest(
+        f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids in [0, {vocab}) to numbers in [-100, 100]"
+    )
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise bad
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and int(key) < vocab):
+            raise bad
+        if isinstance(value, bool) or not isinstance(value, int | float) or not -100.0 <= value <= 100.0:
+            raise bad
+        pairs.append([int(key), value])
+    return {"logit_bias": pairs} if pairs else {}
 
 
 def _logprobs_asked(body: dict[str, Any], chat: bool) -> int | None:

@@ -26,7 +26,7 @@ from mempool.errors import BlockLockedError, InvalidArgumentError
 from . import cpu_attention
 from .model import LlamaModel
 from .paged import Chunk, StepInput
-from .sampling import SamplingParams, TokenLogprob, reseed, sample_batch, stop_at, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, reseed, sample_batch, shaped, stop_at, token_logprobs
 from .sequence import Metrics, Sequence, State
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -164,7 +164,7 @@ class Engine:
         send them elsewhere.
 
         Raises:
-            InvalidArgumentError: empty prompt, ids outside the vocabulary, a duplicate id, a
+            InvalidArgumentError: empty prompt, ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id, a
                 request that could not fit in the device tier even alone, ``kv`` of the wrong size,
                 or ``stop`` strings on an engine built without ``detokenize``.
         """
@@ -183,6 +183,8 @@ class Engine:
             raise InvalidArgumentError(
                 f"prompt + max_tokens need {need} blocks; the device tier has {self.pool.config.device_blocks}"
             )
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise InvalidArgumentError(f"logit_bias token ids must be in [0, {vocab})")
         if params.stop and self.detokenize is None:
             raise InvalidArgumentError("stop strings need an engine built with detokenize (token ids -> bytes)")
         if kv is not None and (kv.tier is not Tier.DEVICE or len(kv) != -(-(len(tokens) - 1) // self.block_size)):
@@ -398,7 +400,10 @@ class Engine:
         tokens: list[int] = [0] * len(batch)
         rows: list[torch.Tensor | None] = [None] * len(batch)
         lps: list[TokenLogprob | None] = [None] * len(batch)
-        wants = [s.params.return_logits or s.params.logprobs is not None or not s.params.greedy for s in batch]
+        wants = [
+            s.params.return_logits or s.params.logprobs is not None or s.params.shapes_logits or not s.params.greedy
+            for s in batch
+        ]
         full = [i for i, want in enumerate(wants) if want]
         picks = [i for i, want in enumerate(wants) if not want]
         if picks:
@@ -408,7 +413,12 @@ class Engine:
             logits = self.model.logits(hidden[full])
             seqs = [batch[i] for i in full]
             gens = [None if s.generator is None else reseed(s.generator, s.seed, len(s.output)) for s in seqs]
-            for j, (i, token) in enumerate(zip(full, sample_batch(logits, [s.params for s in seqs], gens))):
+            scores = logits
+            if any(s.params.shapes_logits for s in seqs):  # penalties, bias: on a copy, logits stay the model's
+                scores = torch.stack(
+                    [shaped(r, s.output, s.params) if s.params.shapes_logits else r for r, s in zip(logits, seqs)]
+                )
+            for j, (i, token) in enumerate(zip(full, sample_batch(scores, [s.params for s in seqs], gens))):
                 tokens[i] = token
                 if batch[i].params.return_logits:
                     rows[i] = logits[j].clone()

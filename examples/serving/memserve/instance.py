@@ -109,6 +109,8 @@ def params_from(body: dict[str, Any]) -> SamplingParams:
     for key in ("stop_token_ids", "stop"):
         if key in p:
             p[key] = tuple(p[key])
+    if "logit_bias" in p:  # JSON: [[token, bias], ...]
+        p["logit_bias"] = tuple((int(t), float(b)) for t, b in p["logit_bias"])
     return SamplingParams(**p)
 
 

@@ -23,7 +23,10 @@ class SamplingParams:
     (the output generated elsewhere before it, a prefill's or a failed instance's, counts too).
     ``return_logits`` attaches each step's float32 logits to the output; ``logprobs`` (0 to
     ``MAX_LOGPROBS``), each token's log-probability and that many most likely tokens' (see
-    :class:`TokenLogprob`).
+    :class:`TokenLogprob`). ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, OpenAI's)
+    lower each token's logit by the first once it is in the output and by the second per time it
+    is; ``logit_bias`` (``(token, bias)`` pairs, -100 to 100) adds to logits. Both act before
+    temperature and sampling, greedy included; log-probabilities stay the model's own.
     """
 
     max_tokens: int = 64
@@ -36,6 +39,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     return_logits: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -54,10 +60,46 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not isinstance(self.logit_bias, tuple) or not all(
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and isinstance(pair[0], int)
+            and not isinstance(pair[0], bool)
+            and pair[0] >= 0
+            and isinstance(pair[1], int | float)
+            and not isinstance(pair[1], bool)
+            and -100.0 <= pair[1] <= 100.0
+            for pair in self.logit_bias
+        ):
+            raise ValueError(f"logit_bias must be (token >= 0, bias in [-100, 100]) pairs, got {self.logit_bias!r}")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise ValueError("logit_bias names a token twice")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether penalties or a bias change the logits that tokens are picked from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+def shaped(logits: torch.Tensor, output: list[int], params: SamplingParams) -> torch.Tensor:
+    """A ``[vocab]`` logits row as ``params``' penalties (over ``output``, the tokens generated so
+    far) and bias make it (a new tensor)."""
+    out = logits.clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        out[list(ids)] += torch.tensor(bias, dtype=out.dtype)
+    if output and (params.presence_penalty or params.frequency_penalty):
+        ids_seen, counts = torch.tensor(output).unique(return_counts=True)
+        out[ids_seen] -= params.presence_penalty + params.frequency_penalty * counts.to(out.dtype)
+    return out
 
 
 @dataclass(frozen=True)
