@@ -82,6 +82,9 @@ BAD_BEGINS: list[tuple[str, dict[str, Any]]] = [
     ("pull of no tier", {"n": 1, "key": "k", "pull": {"tier": "disk", "ids": _b64(b"\0" * 8), "until": 1e9}}),
     ("pull without a deadline", {"n": 1, "key": "k", "pull": {"tier": "device", "ids": _b64(b"\0" * 8)}}),
     ("pull ids not a str", {"n": 1, "key": "k", "pull": {"tier": "device", "ids": [0], "until": 1e9}}),
+    ("pull run not an int", {"n": 1, "key": "k", "pull": {"tier": "device", "run": "0", "until": 1e9}}),
+    ("pull run a bool", {"n": 1, "key": "k", "pull": {"tier": "device", "run": True, "until": 1e9}}),
+    ("pull run negative", {"n": 1, "key": "k", "pull": {"tier": "device", "run": -1, "until": 1e9}}),
 ]
 
 
@@ -105,7 +108,7 @@ def test_a_bad_begin_is_answered_as_a_bad_request_and_changes_nothing(
     a.free(blocks)
 
 
-def test_pull_ids_that_do_not_fit_are_refused() -> None:
+def test_pull_ids_and_runs_that_do_not_fit_are_refused() -> None:
     with connected(pull=True) as (a, b):
         assert b._agent is not None and b._agent._peers["a"].mapped  # b can read a's tiers
         before = b.stats()
@@ -115,6 +118,11 @@ def test_pull_ids_that_do_not_fit_are_refused() -> None:
             pull = {"tier": "device", "ids": _b64(raw), "until": time.monotonic() + 60}
             got = _frame(a, "b", {"type": "begin", "xid": XID, "n": 1, "key": "k", "pull": pull})
             assert got is not None and got["type"] == "fail" and got["code"] == "bad_request", (ids, got)
+            unchanged(b, before)
+        for first, n in ((capacity - 1, 2), (capacity, 1), (2**70, 1)):  # runs past the end of a's tier
+            pull = {"tier": "device", "run": first, "until": time.monotonic() + 60}
+            got = _frame(a, "b", {"type": "begin", "xid": XID, "n": n, "key": "k", "pull": pull})
+            assert got is not None and got["type"] == "fail" and got["code"] == "bad_request", (first, got)
             unchanged(b, before)
 
 

@@ -16,7 +16,7 @@ receipt expiry and both halves of every transfer. A transfer of ``n`` blocks::
 On one host, with both pools' CPU tiers in shared memory, a transfer is a pull instead
 (``transport/mapped.py``)::
 
-    begin {xid, n, key | tokens, pull {tier, ids, until}}  --->  match, alloc; copy the missing
+    begin {xid, n, key | tokens, pull {tier, ids | run, until}}  --->  match, alloc; copy the missing
                                                                  blocks out of the sender's tier
                                                                  (mapped read-only) into its own
                                       <---   done {skipped, received, pulled}
@@ -521,8 +521,12 @@ class TransferAgent:
                 begin["ns"] = namespace
             if self._offers_pull(peer, storage):
                 pull_until = time.monotonic() + self.config.deadline_s  # our _expect waits that long
-                ids64 = np.ascontiguousarray(ids, dtype=np.int64)
-                begin["pull"] = {"tier": tier.value, "ids": pack_bytes(ids64.tobytes()), "until": pull_until}
+                offer: dict[str, Any] = {"tier": tier.value, "until": pull_until}
+                if _is_run(ids):  # the first id says it all (base64 of 1,024 ids costs ~0.1 ms a side)
+                    offer["run"] = int(ids[0])
+                else:
+                    offer["ids"] = pack_bytes(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+                begin["pull"] = offer
             await peer.channel.send(begin)
             # "done" first is only an answer to a pull offer: otherwise no byte has moved yet
             refused: list[bool] = []  # a "fail" answer: the receiver reads nothing of ours any more
@@ -751,15 +755,25 @@ class TransferAgent:
             return None
         tier = next((t for t in Tier if isinstance(pull, dict) and t.value == pull.get("tier")), None)
         until = pull.get("until") if isinstance(pull, dict) else None
-        if tier is None or not isinstance(until, float) or not isinstance(pull.get("ids"), str):
+        first = pull.get("run") if isinstance(pull, dict) else None
+        if (
+            tier is None
+            or not isinstance(until, float)
+            or not (isinstance(pull.get("ids"), str) or (_is_int(first) and first >= 0))
+        ):
             raise ValueError(f"malformed pull offer {str(pull)[:80]}")
         rows = peer.mapped.get(tier)
         if rows is None:
             return None  # not mapped here: the data link it is
-        raw = unpack_bytes(pull["ids"])
-        if len(raw) != 8 * n:
-            raise ValueError(f"a pull offer of {len(raw) // 8} ids for {n} blocks")
-        src = np.frombuffer(raw, dtype=np.int64)
+        if first is not None:  # blocks first .. first + n - 1
+            if first + n > rows.shape[0]:
+                raise ValueError(f"a pull offer of blocks {first}..{first + n - 1} of {peer.name}'s {rows.shape[0]}")
+            src = np.arange(first, first + n, dtype=np.int64)
+        else:
+            raw = unpack_bytes(pull["ids"])
+            if len(raw) != 8 * n:
+                raise ValueError(f"a pull offer of {len(raw) // 8} ids for {n} blocks")
+            src = np.frombuffer(raw, dtype=np.int64)
         if n and (int(src.min()) < 0 or int(src.max()) >= rows.shape[0]):
             raise ValueError(f"pull ids outside {peer.name}'s {rows.shape[0]} blocks")
         return rows, src, until

@@ -32,7 +32,7 @@ from mempool.transport.wire import Channel
 
 __all__ = ["PROTOCOL", "Identity", "PeerInfo", "client_handshake", "serve_handshake"]
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: a pull offer of consecutive blocks names the first one ("run")
 Refusals = Callable[[str, str], None]  # (who, why): how the agent records a refusal
 
 
