@@ -196,6 +196,22 @@ def test_prompt_tree_routes_later_turns_to_the_prefix_holder() -> None:
             assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # routed to its prefix
 
 
+@pytest.mark.parametrize("stage", ["pd-basic", "pd-caching-2"])
+def test_an_answer_that_stops_at_its_first_token_leaves_no_kv_in_transit(stage: str) -> None:
+    """The prefill's token ends the answer (here a stop token id): no decode runs, so a keyed
+    handoff (``transfer``) must not send KV that nothing would claim; a caching handoff
+    (``insert``) still gives decode the prompt's blocks, cached."""
+    with Cluster(stage, **SMALL) as c:
+        body = {"prompt": list(range(5000, 5040)), "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+        first = post(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"][0]  # one token: no handoff
+        assert get(f"{c.url}/admin/stats")["counters"]["handoff_blocks"] == 0
+        r = post(f"{c.url}/v1/completions", {**body, "max_tokens": 6, "stop_token_ids": [first]})
+        assert r["choices"][0]["token_ids"] == [first] and r["choices"][0]["finish_reason"] == "stop"
+        stats = drained(c.url)  # decode holds nothing but cached blocks: no unclaimed receipt
+        # insert: the prompt's 2 whole blocks and its 8-token tail, cached on decode
+        assert stats["counters"]["handoff_blocks"] == (0 if STAGES[stage].handoff == "transfer" else 3)
+
+
 def test_shutdown_leaves_no_process_behind() -> None:
     with Cluster("pd-basic", **SMALL) as c:
         pids = [p.pid for p in c.procs]

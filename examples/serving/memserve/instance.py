@@ -307,8 +307,12 @@ class Instance:
         if peer is None or out.finish_reason in ("abort", "error"):
             emit(done)
             return
-        kv_tokens, blocks = self.worker.engine.held_kv(rid)  # we are on the engine thread
         mode = peer.get("mode", "insert") if handoff else "insert"
+        if mode == "transfer" and out.finish_reason != "length":  # the answer ended here: no decode
+            self.worker.engine.release(rid)  # nothing would claim what a keyed handoff sends (engine thread)
+            emit(done)
+            return
+        kv_tokens, blocks = self.worker.engine.held_kv(rid)  # we are on the engine thread
         # the transfer runs off the engine thread; the held blocks stay referenced until release
         threading.Thread(
             target=self._send, args=(rid, str(peer["peer"]), mode, kv_tokens, blocks, done, emit), daemon=True
