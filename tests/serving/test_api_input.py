@@ -19,7 +19,7 @@ from memserve.launch import Cluster
 from memserve.tokenizer import Tokenizer
 
 from .conftest import run
-from .helpers import drained
+from .helpers import drained, get
 
 KEY = "test-api-key-0123456789"
 
@@ -77,7 +77,9 @@ FIELD_CASES = [
     ({**OK, "top_p": 0}, 400),
     ({**OK, "seed": -3}, 400),
     ({**OK, "ignore_eos": "yes"}, 400),
-    ({**OK, "n": 3}, 400),
+    ({**OK, "n": 0}, 400),
+    ({**OK, "n": 17}, 400),
+    ({**OK, "n": "2"}, 400),
     ({**OK, "frobnicate": True}, 400),
     ({**OK, "model": "gpt-9"}, 404),
     ({**OK, "stream": "yes"}, 400),
@@ -132,7 +134,6 @@ UNSUPPORTED = [
     ("chat/completions", "tools", [[{"type": "function", "function": {"name": "f"}}]], [None, []]),
     ("chat/completions", "tool_choice", ["required", {"type": "function", "function": {"name": "f"}}], ["auto"]),
     ("chat/completions", "response_format", [{"type": "json_object"}], [{"type": "text"}]),
-    ("completions", "n", [2, True], [None, 1]),
 ]
 
 
@@ -258,6 +259,63 @@ def test_logit_bias_and_penalties_shape_the_answer(cluster: Cluster, chat: bool)
     assert ids(logit_bias={}, presence_penalty=0, frequency_penalty=0.0) == free
     varied = ids(frequency_penalty=2.0, presence_penalty=2.0)
     assert len(set(varied)) == len(varied)  # the tiny model's logits span less than the penalty
+    drained(cluster.url)
+
+
+def _choices(data: Any, chat: bool) -> dict[int, dict[str, Any]]:
+    """Each choice's ids, text and finish reasons, from a whole response or a stream."""
+    out: dict[int, dict[str, Any]] = {}
+    parts = (
+        [json.loads(line[6:])["choices"] for line in data.splitlines() if line.startswith("data: {")]
+        if isinstance(data, str)
+        else [data["choices"]]
+    )
+    for c in (c for p in parts for c in p):
+        got = out.setdefault(c["index"], {"ids": [], "text": "", "reasons": []})
+        got["ids"] += c.get("token_ids", [])
+        got["text"] += (c.get("delta", {}).get("content") or "") if "delta" in c else c.get("text", "")
+        if "message" in c:
+            got["text"] += c["message"]["content"]
+        if c.get("finish_reason"):
+            got["reasons"].append(c["finish_reason"])
+    return out
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_n_answers_one_prompt_once_prefilled_and_seeded_apart(cluster: Cluster, stream: bool, chat: bool) -> None:
+    """``n`` choices: greedy ones are the single answer n times; sampled ones with a seed are the
+    single answers of seeds seed, seed + 1, ...; the later choices take the prompt's KV from the
+    cache the first one filled; usage counts the prompt once and every choice's tokens."""
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    words = "pools " * (20 + 3 * stream + 7 * chat)  # a prompt of its own per case: nothing cached before
+    base: dict[str, Any] = {"max_tokens": 5, "ignore_eos": True}
+    base.update({"messages": [{"role": "user", "content": words}]} if chat else {"prompt": words})
+
+    def ask(**fields: Any) -> tuple[Any, dict[int, dict[str, Any]]]:
+        got, data = request(cluster, "POST", endpoint, json.dumps({**base, **fields}).encode())
+        assert got == 200, data
+        return data, _choices(data, chat)
+
+    before = get(f"{cluster.url}/admin/stats")["counters"]["cached_tokens"]
+    data, greedy = ask(n=3, temperature=0, stream=stream, stream_options={"include_usage": True} if stream else None)
+    cached = get(f"{cluster.url}/admin/stats")["counters"]["cached_tokens"] - before
+    single = ask(temperature=0)[1][0]
+    assert sorted(greedy) == [0, 1, 2]
+    for c in greedy.values():
+        assert (c["ids"], c["text"], c["reasons"]) == (single["ids"], single["text"], ["length"])
+    usage = (
+        [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")][-1]["usage"]
+        if stream
+        else data["usage"]
+    )
+    assert usage["completion_tokens"] == 15 and usage["prompt_tokens"] == usage["total_tokens"] - 15
+    blocks = usage["prompt_tokens"] // 16 * 16
+    assert cached >= 2 * blocks > 0  # choices 1 and 2 found the prompt's whole blocks cached
+    sampled = ask(n=3, temperature=1.0, seed=40, stream=stream)[1]
+    for i in range(3):
+        assert sampled[i]["ids"] == ask(temperature=1.0, seed=40 + i)[1][0]["ids"]
+    assert sampled[0]["ids"] != sampled[1]["ids"]
     drained(cluster.url)
 
 
@@ -429,6 +487,7 @@ def _body(prompt_key: str, prompt: st.SearchStrategy[Any]) -> st.SearchStrategy[
 
 
 VALID = {
+    "n": st.integers(1, 3),
     "frequency_penalty": st.floats(-2, 2),
     "logit_bias": st.dictionaries(st.integers(0, 128_255).map(str), st.floats(-100, 100), max_size=3),
     "stop": st.text(max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=4),
@@ -469,9 +528,15 @@ def test_fuzzed_bodies_get_an_answer_or_a_4xx_never_a_500(cluster: Cluster, case
     elif isinstance(data, str):  # a stream: chunks, then the end marker
         assert data.startswith("data: ") and data.rstrip().endswith("data: [DONE]"), data[-200:]
     else:
-        (choice,) = data["choices"]
-        assert all(isinstance(t, int) for t in choice["token_ids"]) and choice["finish_reason"] in ("stop", "length")
-        assert data["usage"]["completion_tokens"] == len(choice["token_ids"]) >= 1
+        choices = data["choices"]
+        assert [c["index"] for c in choices] == list(range(len(choices))) and choices
+        for choice in choices:
+            assert all(isinstance(t, int) for t in choice["token_ids"]) and choice["finish_reason"] in (
+                "stop",
+                "length",
+            )
+            assert len(choice["token_ids"]) >= 1
+        assert data["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in choices)
 
 
 # control bodies that are not what the route expects: (route, body); the instance routes go to a member

@@ -8,20 +8,22 @@ them; a stream holds back text that may be the start of one). Extensions: ``igno
 those after a stop string's start included). ``logprobs`` (chat: with ``top_logprobs``) come
 from the model's own distribution, before penalties, bias, temperature and top-k/p.
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` shape the logits a token is picked
-from (greedy too). OpenAI options not implemented here (``n`` > 1, ``echo``, ``suffix``, tools,
-...) are a 400 unless sent at the value that asks for nothing. Also ``/v1/models``, ``/health``,
+from (greedy too). ``n`` answers share the prompt's KV through the cache. OpenAI options not
+implemented here (``echo``, ``suffix``, ``best_of``, tools, ...) are a 400 unless sent at the
+value that asks for nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -32,6 +34,7 @@ from .scheduler import InstanceBusy, RequestRefused, Scheduler, SchedulerError
 from .tokenizer import Tokenizer
 
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+T = TypeVar("T")
 _PARAMS: dict[str, Any] = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "seed": None, "ignore_eos": False}
 # fields we act on, OpenAI's bookkeeping fields (ignored) and the options of _INERT; anything else is a 400
 _COMMON = {
@@ -69,6 +72,7 @@ _FIELDS = {
 }
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
+MAX_CHOICES = 16  # n: answers to one prompt
 MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOGPROBS, 20)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
@@ -194,13 +198,21 @@ def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
     logprobs = _logprobs_asked(body, chat)
     if logprobs is not None:
         out["logprobs"] = logprobs
-    if not _is_one_of(body.get("n"), (None, 1)):
-        raise BadRequest("only n=1 is supported")
     for field, inert in _INERT.items():
         if field in body and not _is_one_of(body[field], inert):
             shown = " or ".join(json.dumps(v) for v in inert)
             raise BadRequest(f"{field} is not supported by this server: leave it out or send {shown}")
     return out
+
+
+def _choices_count(body: dict[str, Any]) -> int:
+    """``n``: how many answers to give the prompt (``null``: one)."""
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise BadRequest(f"n must be an integer in [1, {MAX_CHOICES}]")
+    return n
 
 
 def _logit_bias(bias: Any, vocab: int) -> dict[str, Any]:
@@ -349,6 +361,7 @@ def make_app(
                 )
             tokens = prompt_tokens(body, chat)
             params = _params(body, vocab(), chat)
+            n = _choices_count(body)
             _check_options(body)
             limit = scheduler.max_context
             if limit and len(tokens) + params["max_tokens"] > limit:
@@ -362,47 +375,34 @@ def make_app(
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         start = time.perf_counter()
-        events = scheduler.generate(tokens, params, session)
-        kind = "chat.completion" if chat else "text_completion"
+        # later choices start once the first one's prompt is in: they take its KV from the cache
+        events = _fan_in(scheduler, tokens, params, session, n, stagger=scheduler.stage.prefill_caching)
         stops: list[str] = params.get("stop", [])
-        track = None if params.get("logprobs") is None else Logprobs(tokenizer, chat)
+        choices = [_Choice(i, tokenizer, stops, chat, params.get("logprobs") is not None) for i in range(n)]
+
+        def finished(c: _Choice, done: dict[str, Any]) -> None:
+            c.done = done
+            metrics.finished(done, c.first, time.perf_counter() - start)
+
         if not body.get("stream"):
-            ids: list[int] = []
-            done: dict[str, Any] = {}
-            first = None
             try:
-                async for e in events:
+                async for i, e in events:
                     if "token" in e:
-                        first = first if first is not None else time.perf_counter() - start
-                        ids.append(e["token"])
-                        if track is not None:
-                            track.add(e)
+                        choices[i].add(e, time.perf_counter() - start)
                     else:
-                        done = e
+                        finished(choices[i], e)
             except RequestRefused as exc:
                 return _error(400, str(exc))
             except SchedulerError as exc:
                 return _unavailable(exc)
-            metrics.finished(done, first, time.perf_counter() - start)
-            text = _shown(tokenizer.decode_bytes(ids), stops, final=True)
-            choice: dict[str, Any] = {
-                "index": 0,
-                "finish_reason": done["finish_reason"],
-                "token_ids": ids,
-                "logprobs": None if track is None else track.take(),
-            }
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
             return web.json_response(
                 {
                     "id": rid,
-                    "object": kind,
+                    "object": "chat.completion" if chat else "text_completion",
                     "created": created,
                     "model": model_name,
-                    "choices": [choice],
-                    "usage": _usage(done),
+                    "choices": [c.whole() for c in choices],
+                    "usage": _usage([c.done for c in choices]),
                 }
             )
         try:  # the first event before the headers: a refused or failed request still gets a status
@@ -415,7 +415,7 @@ def make_app(
         await response.prepare(request)
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
-        async def send(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> None:
+        async def send(choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> None:
             payload: dict[str, Any] = {
                 "id": rid,
                 "object": chunk_kind,
@@ -427,43 +427,28 @@ def make_app(
                 payload["usage"] = usage
             await response.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        answer, first = AnswerText(tokenizer.decode_bytes, stops), None
-        if chat:
-            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        pending: list[int] = []  # ids whose text is not out yet (an incomplete character, a stop's start)
-        try:
-            async for e in _chain(head, events):
+        try:  # (finally: a failed or cut-off stream ends every choice still running, now)
+            if chat:
+                for c in choices:
+                    await send({"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for i, e in _chain(head, events):
+                c = choices[i]
                 if "token" in e:
-                    first = first if first is not None else time.perf_counter() - start
-                    pending.append(e["token"])
-                    if track is not None:
-                        track.add(e)
-                    delta = answer.add(e["token"])
-                    if not delta:
-                        continue
-                    body_delta = {"delta": {"content": delta}} if chat else {"text": delta}
-                    logprobs = None if track is None else track.take()
-                    await send(
-                        {"index": 0, **body_delta, "token_ids": pending, "logprobs": logprobs, "finish_reason": None}
-                    )
-                    pending = []
+                    delta = c.add(e, time.perf_counter() - start)
+                    if delta:
+                        await send(c.chunk(delta))
                 else:
-                    done = e
+                    finished(c, e)
+                    await send(c.chunk(c.answer.finish(), e["finish_reason"]))
         except SchedulerError as exc:
             await response.write(f"data: {json.dumps({'error': {'message': str(exc)}})}\n\n".encode())
             return response
-        except ConnectionResetError:  # the client left: stop the request on its instance now, not at GC
-            await events.aclose()
+        except ConnectionResetError:  # the client left: stop the requests on their instances now, not at GC
             return response
-        metrics.finished(done, first, time.perf_counter() - start)
-        rest = answer.finish()
-        tail = {"delta": {"content": rest}} if chat else {"text": rest}
-        logprobs = None if track is None else track.take()
-        await send(
-            {"index": 0, **tail, "token_ids": pending, "logprobs": logprobs, "finish_reason": done["finish_reason"]}
-        )
+        finally:
+            await events.aclose()
         if (body.get("stream_options") or {}).get("include_usage"):
-            await send({}, _usage(done))
+            await send(None, _usage([c.done for c in choices]))
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -550,6 +535,91 @@ def make_app(
     return app
 
 
+async def _fan_in(
+    scheduler: Scheduler, tokens: list[int], params: dict[str, Any], session: str | None, n: int, *, stagger: bool
+) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
+    """The events of ``n`` answers to one prompt as ``(choice, event)``, in the order they come.
+    Choice ``i`` samples with ``seed + i`` (where a seed is given). With ``stagger``, choices after
+    the first start once the first has its first event (its prompt is then cached). The first
+    failure of any choice is raised; closing this ends every choice still running."""
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | None, Exception | None]] = asyncio.Queue()
+    first_in = asyncio.Event()
+
+    async def pump(i: int) -> None:
+        if i and stagger:
+            await first_in.wait()
+        mine = {**params, "seed": params["seed"] + i} if i and "seed" in params else params
+        events = scheduler.generate(tokens, mine, session)
+        try:
+            async for e in events:
+                first_in.set()
+                await queue.put((i, e, None))
+        except Exception as exc:  # (a SchedulerError, or a bug of ours: raised where it is read)
+            await queue.put((i, None, exc))
+        finally:
+            first_in.set()
+            await events.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(n)]
+    try:
+        running = n
+        while running:
+            i, event, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            assert event is not None
+            running -= bool(event.get("done"))
+            yield i, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Choice:
+    """One answer as its events arrive: ids, text (cut at stop strings), log-probabilities."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, stops: list[str], chat: bool, logprobs: bool) -> None:
+        self.index, self.chat = index, chat
+        self.ids: list[int] = []
+        self.pending: list[int] = []  # ids whose text is not out yet (an incomplete character, a stop's start)
+        self.answer = AnswerText(tokenizer.decode_bytes, stops)
+        self.track = Logprobs(tokenizer, chat) if logprobs else None
+        self.first: float | None = None  # time to its first token
+        self.done: dict[str, Any] = {}
+
+    def add(self, event: dict[str, Any], elapsed: float) -> str:
+        """Take a token event; the text it lets out."""
+        self.first = elapsed if self.first is None else self.first
+        self.ids.append(event["token"])
+        self.pending.append(event["token"])
+        if self.track is not None:
+            self.track.add(event)
+        return self.answer.add(event["token"])
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        """A streamed choice carrying ``text`` and the ids and log-probabilities not sent yet."""
+        ids, self.pending = self.pending, []
+        body = {"delta": {"content": text}} if self.chat else {"text": text}
+        logprobs = None if self.track is None else self.track.take()
+        return {"index": self.index, **body, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def whole(self) -> dict[str, Any]:
+        """The finished choice of a response that is not streamed."""
+        text = self.answer.sent + self.answer.finish()
+        out: dict[str, Any] = {
+            "index": self.index,
+            "finish_reason": self.done["finish_reason"],
+            "token_ids": self.ids,
+            "logprobs": None if self.track is None else self.track.take(),
+        }
+        if self.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["text"] = text
+        return out
+
+
 class Logprobs:
     """The ``logprobs`` object of a choice, in OpenAI's chat or completions shape, from the token
     events of an answer (``{"token", "logprob", "top": [[id, logprob], ...]}``)."""
@@ -626,7 +696,7 @@ def _shown(data: bytes | bytearray, stops: list[str], *, final: bool) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-async def _chain(head: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def _chain(head: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
     yield head
     async for e in rest:
         yield e
@@ -643,10 +713,13 @@ def _content(message: dict[str, Any]) -> str:
     return content
 
 
-def _usage(done: dict[str, Any]) -> dict[str, Any]:
+def _usage(dones: list[dict[str, Any]]) -> dict[str, Any]:
+    """The usage of a response: its prompt counted once (as the first choice saw its cache), the
+    tokens of every choice."""
+    prompt, completion = dones[0]["prompt_tokens"], sum(d["completion_tokens"] for d in dones)
     return {
-        "prompt_tokens": done["prompt_tokens"],
-        "completion_tokens": done["completion_tokens"],
-        "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
-        "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": dones[0]["cached_tokens"]},
     }
