@@ -137,6 +137,30 @@ def test_openai_client_completes_chats_and_streams() -> None:
             extra_body={"ignore_eos": True},
         )
         assert "".join(ch.choices[0].text for ch in streamed) == done.choices[0].text
+        # the options added since, parsed by the client's own models
+        rich = client.chat.completions.create(
+            model="memserve-default",
+            messages=CHAT,
+            max_tokens=5,
+            temperature=0,
+            n=2,
+            logprobs=True,
+            top_logprobs=2,
+            frequency_penalty=0.5,
+            logit_bias={"1000": 1.0},
+            stop=["\u0000"],
+            extra_body={"ignore_eos": True},
+        )
+        assert [ch.index for ch in rich.choices] == [0, 1] and rich.usage.completion_tokens == 10
+        for ch in rich.choices:
+            assert ch.message.content == rich.choices[0].message.content  # greedy: the same answer twice
+            entries = ch.logprobs.content
+            assert len(entries) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+        legacy = client.completions.create(
+            model="memserve-default", prompt="Hello there", max_tokens=4, temperature=0, logprobs=2, stop="\u0000"
+        )
+        lp = legacy.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="memserve-default", prompt=[], max_tokens=3)
         metrics = get(f"{c.url}/metrics")
