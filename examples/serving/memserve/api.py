@@ -78,7 +78,7 @@ MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOG
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
-# other output than it asked for (penalties, log-probabilities, tools, ...)
+# other output than it asked for (echo, suffix, tools, ...)
 _INERT: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "suffix": (None, ""),
@@ -180,7 +180,8 @@ def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
             or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in text_stops)
         ):
             raise BadRequest(
-                f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters"
+                f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings "
+                f"of at most {MAX_STOP_CHARS} characters"
             )
         if text_stops:
             out["stop"] = text_stops

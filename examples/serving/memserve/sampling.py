@@ -105,8 +105,8 @@ def shaped(logits: torch.Tensor, output: list[int], params: SamplingParams) -> t
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability under the model's own distribution (its logits before
-    temperature, top-k and top-p), and the most likely tokens' (``(id, logprob)``, most likely
-    first), as many as the request asked for."""
+    penalties, bias, temperature, top-k and top-p), and the most likely tokens' (``(id, logprob)``,
+    most likely first), as many as the request asked for."""
 
     token: int
     logprob: float
