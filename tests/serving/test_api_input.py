@@ -422,9 +422,19 @@ def test_api_key_routes_and_methods(cluster: Cluster) -> None:
     assert request(cluster, "GET", "/health", key=None)[0] == 200  # health and metrics stay open
 
 
-def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster) -> None:
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster, n: int) -> None:
+    """A client gone mid-stream: every choice is aborted on its instance then (far fewer tokens
+    than asked for are generated) and nothing is left behind."""
+
+    def produced() -> int:
+        return sum(int(i["counters"]["output_tokens"]) for i in get(f"{cluster.url}/admin/stats")["instances"].values())
+
+    before = produced()
     u = urlparse(cluster.url)
-    body = json.dumps({"prompt": list(range(500, 560)), "max_tokens": 200, "stream": True, "ignore_eos": True})
+    body = json.dumps(
+        {"prompt": list(range(500 + n, 560)), "max_tokens": 200, "stream": True, "ignore_eos": True, "n": n}
+    )
     sock = socket.create_connection((u.hostname, u.port), timeout=30)
     sock.sendall(
         f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
@@ -437,6 +447,7 @@ def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster) -> None:
         seen += chunk
     sock.close()  # gone mid-stream
     drained(cluster.url)
+    assert produced() - before < 100 * n  # not the 200 each choice asked for
 
 
 # -- fuzzing: random bodies, valid and not, against both endpoints --------------------------------
