@@ -276,6 +276,63 @@ def test_logit_bias_and_penalties_shape_the_answer(cluster: Cluster, local_twin:
     drained(cluster.url)
 
 
+def _choices(data: Any, chat: bool) -> dict[int, dict[str, Any]]:
+    """Each choice's ids, text and finish reasons, from a whole response or a stream."""
+    out: dict[int, dict[str, Any]] = {}
+    parts = (
+        [json.loads(line[6:])["choices"] for line in data.splitlines() if line.startswith("data: {")]
+        if isinstance(data, str)
+        else [data["choices"]]
+    )
+    for c in (c for p in parts for c in p):
+        got = out.setdefault(c["index"], {"ids": [], "text": "", "reasons": []})
+        got["ids"] += c.get("token_ids", [])
+        got["text"] += (c.get("delta", {}).get("content") or "") if "delta" in c else c.get("text", "")
+        if "message" in c:
+            got["text"] += c["message"]["content"]
+        if c.get("finish_reason"):
+            got["reasons"].append(c["finish_reason"])
+    return out
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_n_answers_one_prompt_once_prefilled_and_seeded_apart(cluster: Cluster, stream: bool, chat: bool) -> None:
+    """``n`` choices: greedy ones are the single answer n times; sampled ones with a seed are the
+    single answers of seeds seed, seed + 1, ...; the later choices take the prompt's KV from the
+    cache the first one filled; usage counts the prompt once and every choice's tokens."""
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    words = "pools " * (20 + 3 * stream + 7 * chat)  # a prompt of its own per case: nothing cached before
+    base: dict[str, Any] = {"max_tokens": 5, "ignore_eos": True}
+    base.update({"messages": [{"role": "user", "content": words}]} if chat else {"prompt": words})
+
+    def ask(**fields: Any) -> tuple[Any, dict[int, dict[str, Any]]]:
+        got, data = request(cluster, "POST", endpoint, json.dumps({**base, **fields}).encode())
+        assert got == 200, data
+        return data, _choices(data, chat)
+
+    before = get(f"{cluster.url}/admin/stats")["counters"]["cached_tokens"]
+    data, greedy = ask(n=3, temperature=0, stream=stream, stream_options={"include_usage": True} if stream else None)
+    cached = get(f"{cluster.url}/admin/stats")["counters"]["cached_tokens"] - before
+    single = ask(temperature=0)[1][0]
+    assert sorted(greedy) == [0, 1, 2]
+    for c in greedy.values():
+        assert (c["ids"], c["text"], c["reasons"]) == (single["ids"], single["text"], ["length"])
+    usage = (
+        [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")][-1]["usage"]
+        if stream
+        else data["usage"]
+    )
+    assert usage["completion_tokens"] == 15 and usage["prompt_tokens"] == usage["total_tokens"] - 15
+    blocks = usage["prompt_tokens"] // 16 * 16
+    assert cached >= 2 * blocks > 0  # choices 1 and 2 found the prompt's whole blocks cached
+    sampled = ask(n=3, temperature=1.0, seed=40, stream=stream)[1]
+    for i in range(3):
+        assert sampled[i]["ids"] == ask(temperature=1.0, seed=40 + i)[1][0]["ids"]
+    assert sampled[0]["ids"] != sampled[1]["ids"]
+    drained(cluster.url)
+
+
 @pytest.mark.parametrize("fields", CHAT_FIELD_CASES)
 def test_bad_chat_logprobs_options(cluster: Cluster, fields: dict[str, Any]) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
