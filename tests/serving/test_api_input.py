@@ -111,6 +111,8 @@ FIELD_CASES = [
     ({**OK, "logit_bias": {"999999999": 1}}, 400),
     ({**OK, "logit_bias": {"5": True}}, 400),
     ({**OK, "logit_bias": {str(i): 1 for i in range(301)}}, 400),
+    ({**OK, "echo": "yes"}, 400),
+    ({**OK, "echo": 1}, 400),
     ({**OK, "logprobs": 6}, 400),
     ({**OK, "logprobs": -1}, 400),
     ({**OK, "logprobs": True}, 400),
@@ -128,7 +130,6 @@ CHAT_FIELD_CASES = [
 # options the server does not implement: refused when they ask for something, as
 # (endpoint, field, values that ask for something, values that ask for nothing)
 UNSUPPORTED = [
-    ("completions", "echo", [True], [None, False]),
     ("completions", "suffix", ["}"], [None, ""]),
     ("completions", "best_of", [2, True], [None, 1]),
     ("chat/completions", "tools", [[{"type": "function", "function": {"name": "f"}}]], [None, []]),
@@ -330,6 +331,53 @@ def test_n_answers_one_prompt_once_prefilled_and_seeded_apart(cluster: Cluster, 
     for i in range(3):
         assert sampled[i]["ids"] == ask(temperature=1.0, seed=40 + i)[1][0]["ids"]
     assert sampled[0]["ids"] != sampled[1]["ids"]
+    drained(cluster.url)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_echo_puts_the_prompt_before_the_answer_scored_by_the_model(
+    cluster: Cluster, local_twin: Engine, stream: bool
+) -> None:
+    """``echo`` returns the prompt before the answer; with ``logprobs``, every prompt token after
+    the first comes with the log-probability the model gives it after those before it (an
+    engine of our own over the same weights agrees), the first with none, as OpenAI's legacy
+    API did (what evaluation harnesses score prompts with). A scored prompt is computed whole,
+    even when it is cached."""
+    tok = Tokenizer("llama3")
+    prompt = f"Memory pools hold the KV of many requests at once ({stream})."
+    ids = tok.encode(prompt)
+    base: dict[str, Any] = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": stream}
+
+    def ask(**fields: Any) -> tuple[str, dict[str, list[Any]], Any]:
+        got, data = completion(cluster, **base, **fields)
+        assert got == 200, data
+        if stream:
+            choices = [json.loads(line[6:])["choices"][0] for line in data.splitlines() if line.startswith("data: {")]
+        else:
+            choices = data["choices"]
+        merged: dict[str, list[Any]] = {}
+        for c in choices:
+            for k, v in (c.get("logprobs") or {}).items():
+                merged.setdefault(k, []).extend(v)
+        return "".join(c["text"] for c in choices), merged, data
+
+    answer, _, _ = ask()  # the prompt is cached from here on
+    echoed, none, _ = ask(echo=True)
+    assert echoed == prompt + answer and not none
+    text, lp, data = ask(echo=True, logprobs=2)
+    assert text == prompt + answer
+    if not stream:
+        assert data["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # scored: computed whole
+    n = len(ids)
+    assert lp["tokens"][:n] == [tok.decode([t]) for t in ids] and len(lp["tokens"]) == n + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][n] == len(prompt)
+    rid = local_twin.add_request(ids, SamplingParams(max_tokens=1, ignore_eos=True, prompt_logprobs=2))
+    (first,) = [o for o in local_twin.step() if o.request_id == rid]
+    want = first.prompt_logprobs
+    assert want is not None and len(want) == n - 1
+    assert lp["token_logprobs"][1:n] == pytest.approx([x.logprob for x in want], abs=1e-4)
+    assert [sorted(d) for d in lp["top_logprobs"][1:n]] == [sorted(tok.decode([t]) for t, _ in x.top) for x in want]
     drained(cluster.url)
 
 

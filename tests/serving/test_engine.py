@@ -301,6 +301,33 @@ def test_logprobs_are_the_models_log_softmax_and_change_no_token(
     assert_no_leaks(engine)
 
 
+def test_prompt_logprobs_are_each_prompt_tokens_given_those_before_it(
+    make_engine: Callable[..., Engine], tiny_model
+) -> None:
+    """Prompt token i's log-probability is the log-softmax of the logits a full recompute of
+    tokens 0..i-1 gives; the prompt is computed whole even where it is cached (and cached after);
+    the tokens are those of a request that asks for nothing; a request continued elsewhere (it
+    has output already) is not scored again."""
+    prompt = make_prompts([11], seed=16)[0]
+    engine = make_engine(caching=True)
+    plain = engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]  # now cached
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=3))
+    outs = [o for _ in range(20) for o in engine.step() if o.request_id == rid]
+    assert [t for o in outs for t in o.new_token_ids] == plain
+    assert outs[0].metrics.cached_tokens == 0 and all(o.prompt_logprobs is None for o in outs[1:])
+    scored = outs[0].prompt_logprobs
+    assert scored is not None and [x.token for x in scored] == prompt[1:]
+    for i, x in enumerate(scored, start=1):
+        _, logits = reference(tiny_model, prompt[:i], 1)
+        ref = torch.log_softmax(logits[0], -1)
+        assert x.logprob == pytest.approx(float(ref[prompt[i]]), abs=1e-4)
+        assert [t for t, _ in x.top] == ref.topk(3).indices.tolist()
+    again = engine.add_request(prompt + plain[:2], SamplingParams(max_tokens=4, prompt_logprobs=3), prompt_len=11)
+    outs = [o for _ in range(20) for o in engine.step() if o.request_id == again]
+    assert all(o.prompt_logprobs is None for o in outs) and outs[0].metrics.cached_tokens > 0
+    assert_no_leaks(engine)
+
+
 def test_penalties_and_bias_shape_each_pick_and_carry_over_a_handoff(make_engine: Callable[..., Engine]) -> None:
     """Each greedy pick is the argmax of the model's logits less the presence and frequency
     penalties of the output so far; a request continued elsewhere (prompt + output so far)
@@ -382,6 +409,8 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=logprobs)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="prompt_logprobs"):
+            SamplingParams(prompt_logprobs=logprobs)  # type: ignore[arg-type]
     for penalty in (2.5, -3, True, "1"):
         with pytest.raises(ValueError, match="penalty"):
             SamplingParams(frequency_penalty=penalty)  # type: ignore[arg-type]

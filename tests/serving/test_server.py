@@ -157,10 +157,17 @@ def test_openai_client_completes_chats_and_streams() -> None:
             entries = ch.logprobs.content
             assert len(entries) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
         legacy = client.completions.create(
-            model="memserve-default", prompt="Hello there", max_tokens=4, temperature=0, logprobs=2, stop="\u0000"
+            model="memserve-default",
+            prompt="Hello there",
+            max_tokens=4,
+            temperature=0,
+            logprobs=2,
+            echo=True,
+            stop="\u0000",
         )
         lp = legacy.choices[0].logprobs
-        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 3
+        assert legacy.choices[0].text.startswith("Hello there") and lp.token_logprobs[0] is None
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="memserve-default", prompt=[], max_tokens=3)
         metrics = get(f"{c.url}/metrics")

@@ -8,9 +8,11 @@ them; a stream holds back text that may be the start of one). Extensions: ``igno
 those after a stop string's start included). ``logprobs`` (chat: with ``top_logprobs``) come
 from the model's own distribution, before penalties, bias, temperature and top-k/p.
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` shape the logits a token is picked
-from (greedy too). ``n`` answers share the prompt's KV through the cache. OpenAI options not
-implemented here (``echo``, ``suffix``, ``best_of``, tools, ...) are a 400 unless sent at the
-value that asks for nothing. Also ``/v1/models``, ``/health``,
+from (greedy too). ``n`` answers share the prompt's KV through the cache. ``echo`` (completions)
+puts the prompt before the answer, with its tokens' log-probabilities when ``logprobs`` is set
+(a prompt so scored is computed whole, not read from the cache). OpenAI options not implemented
+here (``suffix``, ``best_of``, tools, ...) are a 400 unless sent at the value that asks for
+nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
@@ -78,9 +80,8 @@ MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOG
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
-# other output than it asked for (echo, suffix, tools, ...)
+# other output than it asked for (suffix, best_of, tools, ...)
 _INERT: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "tools": (None, []),
@@ -199,6 +200,8 @@ def _params(body: dict[str, Any], vocab: int, chat: bool) -> dict[str, Any]:
     logprobs = _logprobs_asked(body, chat)
     if logprobs is not None:
         out["logprobs"] = logprobs
+        if body.get("echo"):  # the prompt's tokens come back too, with theirs
+            out["prompt_logprobs"] = logprobs
     for field, inert in _INERT.items():
         if field in body and not _is_one_of(body[field], inert):
             shown = " or ".join(json.dumps(v) for v in inert)
@@ -260,8 +263,9 @@ def _is_one_of(value: Any, allowed: tuple[Any, ...]) -> bool:
 
 def _check_options(body: dict[str, Any]) -> None:
     """The request's delivery options are of OpenAI's types (``null`` where the field is optional)."""
-    if not isinstance(body.get("stream", False), bool | None):
-        raise BadRequest("stream must be a boolean")
+    for flag in ("stream", "echo"):
+        if not isinstance(body.get(flag, False), bool | None):
+            raise BadRequest(f"{flag} must be a boolean")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}:
@@ -379,7 +383,8 @@ def make_app(
         # later choices start once the first one's prompt is in: they take its KV from the cache
         events = _fan_in(scheduler, tokens, params, session, n, stagger=scheduler.stage.prefill_caching)
         stops: list[str] = params.get("stop", [])
-        choices = [_Choice(i, tokenizer, stops, chat, params.get("logprobs") is not None) for i in range(n)]
+        echo = tokens if body.get("echo") else None
+        choices = [_Choice(i, tokenizer, stops, chat, params.get("logprobs") is not None, echo) for i in range(n)]
 
         def finished(c: _Choice, done: dict[str, Any]) -> None:
             c.done = done
@@ -580,8 +585,18 @@ async def _fan_in(
 class _Choice:
     """One answer as its events arrive: ids, text (cut at stop strings), log-probabilities."""
 
-    def __init__(self, index: int, tokenizer: Tokenizer, stops: list[str], chat: bool, logprobs: bool) -> None:
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        stops: list[str],
+        chat: bool,
+        logprobs: bool,
+        echo: list[int] | None = None,
+    ) -> None:
         self.index, self.chat = index, chat
+        self.echo = echo  # the prompt, to come back before the answer (completions' ``echo``)
+        self.echo_text = "" if echo is None else tokenizer.decode(echo)
         self.ids: list[int] = []
         self.pending: list[int] = []  # ids whose text is not out yet (an incomplete character, a stop's start)
         self.answer = AnswerText(tokenizer.decode_bytes, stops)
@@ -590,13 +605,19 @@ class _Choice:
         self.done: dict[str, Any] = {}
 
     def add(self, event: dict[str, Any], elapsed: float) -> str:
-        """Take a token event; the text it lets out."""
-        self.first = elapsed if self.first is None else self.first
+        """Take a token event; the text it lets out (the first, the echoed prompt before it)."""
+        echoed = ""
+        if self.first is None:
+            self.first = elapsed
+            if self.echo is not None:
+                echoed = self.echo_text
+                if self.track is not None:
+                    self.track.add_prompt(self.echo, event.get("prompt"))
         self.ids.append(event["token"])
         self.pending.append(event["token"])
         if self.track is not None:
             self.track.add(event)
-        return self.answer.add(event["token"])
+        return echoed + self.answer.add(event["token"])
 
     def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         """A streamed choice carrying ``text`` and the ids and log-probabilities not sent yet."""
@@ -607,7 +628,7 @@ class _Choice:
 
     def whole(self) -> dict[str, Any]:
         """The finished choice of a response that is not streamed."""
-        text = self.answer.sent + self.answer.finish()
+        text = self.echo_text + self.answer.sent + self.answer.finish()
         out: dict[str, Any] = {
             "index": self.index,
             "finish_reason": self.done["finish_reason"],
@@ -633,6 +654,13 @@ class Logprobs:
     def add(self, event: dict[str, Any]) -> None:
         self._events.append(event)
 
+    def add_prompt(self, tokens: list[int], scored: list[Any] | None) -> None:
+        """The echoed prompt's tokens: the first has no log-probability; the rest take
+        ``scored`` (``[logprob, top]`` each, from the engine), or none where it is missing."""
+        rest = scored if scored is not None and len(scored) == len(tokens) - 1 else [[None, None]] * (len(tokens) - 1)
+        self._events.append({"token": tokens[0], "logprob": None, "top": None})
+        self._events += [{"token": t, "logprob": lp, "top": top} for t, (lp, top) in zip(tokens[1:], rest)]
+
     def take(self) -> dict[str, Any]:
         """The object for the tokens added since the last call."""
         events, self._events = self._events, []
@@ -655,7 +683,9 @@ class Logprobs:
         return {
             "tokens": [c["token"] for c in chosen],
             "token_logprobs": [c["logprob"] for c in chosen],
-            "top_logprobs": [{self._tokenizer.decode([int(t)]): v for t, v in e["top"]} for e in events],
+            "top_logprobs": [
+                None if e["top"] is None else {self._tokenizer.decode([int(t)]): v for t, v in e["top"]} for e in events
+            ],
             "text_offset": offsets,
         }
 

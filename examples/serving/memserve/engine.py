@@ -100,6 +100,13 @@ class RequestOutput:
     metrics: Metrics
     logits: torch.Tensor | None = None
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1.., with a request's first token
+
+
+def _scores_prompt(seq: Sequence) -> bool:
+    """Whether ``seq`` asks for its prompt's log-probabilities and has none yet (no output: a
+    request continued elsewhere was scored where it began)."""
+    return seq.params.prompt_logprobs is not None and len(seq.tokens) == seq.prompt_len
 
 
 class Engine:
@@ -295,7 +302,9 @@ class Engine:
         """Match the cached prefix and allocate blocks for the rest; all or nothing."""
         bs = self.block_size
         match = None
-        if self.config.caching:  # keep at least one token to compute: its logits pick the next token
+        # keep at least one token to compute: its logits pick the next token; a prompt to score is
+        # computed whole (the cache holds K/V, not the logits of its positions)
+        if self.config.caching and not _scores_prompt(seq):
             match = self.pool.match(seq.tokens[:-1], self.config.namespace, promote=True)
         hit = 0 if match is None else len(match.blocks)
         own = self.pool.alloc(-(-len(seq.tokens) // bs) - hit)
@@ -362,9 +371,21 @@ class Engine:
         batch = self.in_step = list(batch)  # finished sequences leave self.running while we walk the batch
         chunks = [Chunk(s.tokens[s.num_computed :], s.num_computed, s.table) for s in batch]
         step = StepInput.build(chunks, self.block_size, self.model.device)
-        tokens, logits, logprobs = self._pick(
-            batch, self.model(step, self.pool.kv(Tier.DEVICE), hidden_only=True, in_place=self.config.decode_kernel)
+        scored = [i for i, s in enumerate(batch) if s.num_computed == 0 and _scores_prompt(s)]
+        hidden = self.model(
+            step,
+            self.pool.kv(Tier.DEVICE),
+            all_logits=bool(scored),
+            hidden_only=True,
+            in_place=self.config.decode_kernel,
         )
+        prompt_lps: dict[int, list[TokenLogprob]] = {}
+        if scored:  # every position's hidden state: those of the prompts to score, the last ones to pick from
+            for i in scored:
+                start, n, _ = step.spans[i]
+                prompt_lps[i] = self._prompt_logprobs(batch[i], hidden[start : start + n - 1])
+            hidden = hidden[step.last]
+        tokens, logits, logprobs = self._pick(batch, hidden)
         outputs = []
         now = None
         for i, (seq, token) in enumerate(zip(batch, tokens)):
@@ -385,7 +406,14 @@ class Engine:
             lp = logprobs[i]
             outputs.append(
                 RequestOutput(
-                    seq.id, [token], reason is not None, reason, seq.metrics, row, None if lp is None else [lp]
+                    seq.id,
+                    [token],
+                    reason is not None,
+                    reason,
+                    seq.metrics,
+                    row,
+                    None if lp is None else [lp],
+                    prompt_lps.get(i),
                 )
             )
         self.in_step = []
@@ -430,6 +458,18 @@ class Engine:
                 for j, lp in zip(asked, got):
                     lps[full[j]] = lp
         return tokens, rows, lps
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[TokenLogprob]:
+        """Log-probabilities of ``seq``'s prompt tokens 1.. from the hidden states of positions
+        0.. before them, projected 64 rows at a time (a row of logits is 0.5 MB here)."""
+        k = int(seq.params.prompt_logprobs or 0)
+        out: list[TokenLogprob] = []
+        for a in range(0, hidden.shape[0], 64):
+            rows = hidden[a : a + 64]
+            out += token_logprobs(
+                self.model.logits(rows), seq.tokens[a + 1 : a + 1 + rows.shape[0]], [k] * rows.shape[0]
+            )
+        return out
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.stop_ids):

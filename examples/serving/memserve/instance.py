@@ -10,7 +10,9 @@ Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
     POST /connect   {"name", "host", "port"}          open a transfer link to a peer instance
     POST /generate  {"id", "tokens", "prompt_len"?, "params", "handoff"?, "kv_key"?, "send_back"?}
                     -> NDJSON: {"token": t} per token ({"token", "logprob", "top": [[id, logprob]]}
-                       when params ask for logprobs), then {"done": true, "finish_reason", "metrics",
+                       when params ask for logprobs; the first also "prompt": [[logprob, top], ...]
+                       for prompt tokens 1.. when they ask for prompt_logprobs), then
+                       {"done": true, "finish_reason", "metrics",
                        "transfer"?: {...}}; a blank line every ``KEEPALIVE_S`` while nothing else
                        is due (so that the scheduler tells a slow request from a stalled instance);
                        503 ``{"error", "busy": true}`` when ``max_waiting`` requests wait already
@@ -250,11 +252,13 @@ class Instance:
 
         def on_output(out: RequestOutput) -> None:
             for i, t in enumerate(out.new_token_ids):
-                if out.logprobs is None:
-                    emit({"token": t})
-                else:
+                event: dict[str, Any] = {"token": t}
+                if out.logprobs is not None:
                     lp = out.logprobs[i]
-                    emit({"token": t, "logprob": lp.logprob, "top": [list(x) for x in lp.top]})
+                    event.update(logprob=lp.logprob, top=[list(x) for x in lp.top])
+                if out.prompt_logprobs is not None and i == 0:
+                    event["prompt"] = [[x.logprob, [list(y) for y in x.top]] for x in out.prompt_logprobs]
+                emit(event)
             with self._count_lock:
                 self.counters["output_tokens"] += len(out.new_token_ids)
             if out.finished:

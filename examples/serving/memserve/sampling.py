@@ -23,7 +23,9 @@ class SamplingParams:
     (the output generated elsewhere before it, a prefill's or a failed instance's, counts too).
     ``return_logits`` attaches each step's float32 logits to the output; ``logprobs`` (0 to
     ``MAX_LOGPROBS``), each token's log-probability and that many most likely tokens' (see
-    :class:`TokenLogprob`). ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, OpenAI's)
+    :class:`TokenLogprob`); ``prompt_logprobs`` (the same range), each prompt token's after the
+    first, given those before it (the prompt is then computed whole, not read from the cache).
+    ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, OpenAI's)
     lower each token's logit by the first once it is in the output and by the second per time it
     is; ``logit_bias`` (``(token, bias)`` pairs, -100 to 100) adds to logits. Both act before
     temperature and sampling, greedy included; log-probabilities stay the model's own.
@@ -39,6 +41,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     return_logits: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -54,12 +57,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool)
-            or not isinstance(self.logprobs, int)
-            or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS
+            ):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not -2.0 <= value <= 2.0:
