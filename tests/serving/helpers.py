@@ -58,7 +58,10 @@ def drained(url: str, timeout: float = 60.0) -> dict[str, Any]:
         queues = any(i["running"] or i["waiting"] or i["held"] or i["swapped"] for i in stats["instances"].values())
         # the API's count too: a request between its prefill's handoff and its decode's start is on
         # no instance's queue for a moment
-        return not queues and stats["inflight"] == 0
+        clean = all(i["pool"]["device"]["used"] == i["pool"]["device"]["cached"] for i in stats["instances"].values())
+        # and the pools: a call its client dropped may reach an instance's engine a moment after
+        # the API let go of it (then it is aborted); a leak never settles, and fails here
+        return not queues and stats["inflight"] == 0 and clean
 
     assert wait_for(idle, timeout), get(f"{url}/admin/stats")["instances"]
     stats: dict[str, Any] = get(f"{url}/admin/stats?check=1")

@@ -19,7 +19,7 @@ from memserve.launch import Cluster
 from memserve.tokenizer import Tokenizer
 
 from .conftest import run
-from .helpers import drained, get
+from .helpers import drained, get, wait_for
 
 KEY = "test-api-key-0123456789"
 
@@ -510,6 +510,34 @@ def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster, n: int) ->
     sock.close()  # gone mid-stream
     drained(cluster.url)
     assert produced() - before < 100 * n  # not the 200 each choice asked for
+
+
+def test_an_instance_whose_caller_left_before_its_answer_began_stops_the_request(cluster: Cluster) -> None:
+    """The scheduler may drop a ``/generate`` call as the instance takes it (a choice of ``n``
+    cancelled as it began): writing the answer's headers then fails, and the request must be
+    aborted there, not left to run to ``max_tokens`` for nobody. (Found by CI: the instance
+    wrote its headers outside the handler that aborts, and the request ran on.)"""
+    from memserve.auth import control_token
+
+    decode = get_json(cluster, "/admin/stats")["members"]["decode-1"]["url"]
+
+    def produced() -> int:
+        return int(get(f"{decode}/stats")["counters"]["output_tokens"])
+
+    before, taken = produced(), get(f"{decode}/stats")["counters"]["requests"]
+    body = json.dumps(
+        {"id": "gone-early", "tokens": list(range(900, 940)), "params": {"max_tokens": 200, "ignore_eos": True}}
+    )
+    u = urlparse(decode)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {control_token(cluster.secret)}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    sock.close()  # gone before the answer's headers
+    assert wait_for(lambda: get(f"{decode}/stats")["counters"]["requests"] > taken)  # the engine took it
+    drained(cluster.url)
+    assert produced() - before < 100  # not the 200 it asked for
 
 
 # -- fuzzing: random bodies, valid and not, against both endpoints --------------------------------

@@ -409,15 +409,27 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
         def emit(line: dict[str, Any]) -> None:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
+        def stop_it() -> None:
+            instance.worker.call(lambda e: e.abort(str(body["id"])))
+
+        def stop_once_in(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                stop_it()
+
+        starting = asyncio.ensure_future(asyncio.to_thread(instance.start, body, emit))
         try:
-            await asyncio.to_thread(instance.start, body, emit)
+            await asyncio.shield(starting)
         except Busy as exc:  # (KV sent for it is freed, or left to its receipt to expire)
             return web.json_response({"error": str(exc), "busy": True}, status=503)
         except MALFORMED as exc:
             return _malformed(exc)
+        except asyncio.CancelledError:  # cancelled while the engine took it: stop it once it is in
+            starting.add_done_callback(stop_once_in)
+            raise
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
         try:
+            # the client may be gone already (a choice cancelled as it began): then nobody reads it
+            await response.prepare(request)
             while True:
                 try:
                     line = await asyncio.wait_for(lines.get(), KEEPALIVE_S)
@@ -428,10 +440,10 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
                 if line.get("done"):
                     break
         except ConnectionResetError:  # the client (the scheduler) left: stop the work, nothing to answer
-            instance.worker.call(lambda e: e.abort(str(body["id"])))
+            stop_it()
             return response
         except asyncio.CancelledError:
-            instance.worker.call(lambda e: e.abort(str(body["id"])))
+            stop_it()
             raise
         await response.write_eof()
         return response
