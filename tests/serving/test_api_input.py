@@ -1,4 +1,8 @@
-"""Bad input to the HTTP API: every case a 4xx with an OpenAI-style error body, nothing leaked."""
+"""The HTTP API over one disaggregated cluster (pd-caching-2): bad input gets a 4xx with an
+OpenAI-style error body and leaks nothing; the OpenAI options it implements (stop strings and ids,
+logprobs, echo, penalties, logit_bias, n) give exactly what they specify, checked against an
+engine of our own over the same weights where a value is computed; clients that leave are
+stopped on their instances."""
 
 from __future__ import annotations
 
