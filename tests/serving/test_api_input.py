@@ -1,6 +1,6 @@
 """The HTTP API over one disaggregated cluster (pd-caching-2): bad input gets a 4xx with an
 OpenAI-style error body and leaks nothing; the OpenAI options it implements (stop strings and ids,
-logprobs, echo, penalties, logit_bias, n) give exactly what they specify, checked against an
+logprobs, echo, penalties, logit_bias, n, best_of) give exactly what they specify, checked against an
 engine of our own over the same weights where a value is computed; clients that leave are
 stopped on their instances."""
 
@@ -94,6 +94,12 @@ FIELD_CASES = [
     ({**OK, "user": {"id": 1}}, 400),
     ({"prompt": list(range(1000, 2100)), "max_tokens": 4}, 400),  # beyond the 1,024-token context window
     ({**OK, "n": True}, 400),
+    ({**OK, "best_of": 0}, 400),
+    ({**OK, "best_of": 17}, 400),
+    ({**OK, "best_of": True}, 400),
+    ({**OK, "best_of": "2"}, 400),
+    ({**OK, "n": 3, "best_of": 2}, 400),  # fewer to pick from than to return
+    ({**OK, "best_of": 2, "stream": True}, 400),  # which answers are best is known only at the end
     ({**OK, "stop_token_ids": 5}, 400),
     ({**OK, "stop_token_ids": [True]}, 400),
     ({**OK, "stop_token_ids": [-1]}, 400),
@@ -135,7 +141,6 @@ CHAT_FIELD_CASES = [
 # (endpoint, field, values that ask for something, values that ask for nothing)
 UNSUPPORTED = [
     ("completions", "suffix", ["}"], [None, ""]),
-    ("completions", "best_of", [2, True], [None, 1]),
     ("chat/completions", "tools", [[{"type": "function", "function": {"name": "f"}}]], [None, []]),
     ("chat/completions", "tool_choice", ["required", {"type": "function", "function": {"name": "f"}}], ["auto"]),
     ("chat/completions", "response_format", [{"type": "json_object"}], [{"type": "text"}]),
@@ -335,6 +340,33 @@ def test_n_answers_one_prompt_once_prefilled_and_seeded_apart(cluster: Cluster, 
     for i in range(3):
         assert sampled[i]["ids"] == ask(temperature=1.0, seed=40 + i)[1][0]["ids"]
     assert sampled[0]["ids"] != sampled[1]["ids"]
+    drained(cluster.url)
+
+
+def test_best_of_returns_the_answers_most_likely_per_token(cluster: Cluster) -> None:
+    """``best_of`` k with ``n``: the k answers generated are those ``n = k`` gives (seeds seed,
+    seed + 1, ...), and the ``n`` returned are the ones whose tokens have the highest mean
+    log-probability, best first, indexed from 0; usage counts all k; log-probabilities show only
+    where the request asked for them."""
+    base = {"prompt": "memory pools " * 9, "max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    got, every = completion(cluster, **base, n=4, logprobs=0)
+    assert got == 200, every
+    means = [sum(c["logprobs"]["token_logprobs"]) / 6 for c in every["choices"]]
+    order = sorted(range(4), key=lambda i: -means[i])
+    assert order[:2] != [0, 1] and len({tuple(c["token_ids"]) for c in every["choices"]}) == 4  # ranking decides
+    got, best = completion(cluster, **base, n=2, best_of=4)
+    assert got == 200, best
+    assert [c["token_ids"] for c in best["choices"]] == [every["choices"][i]["token_ids"] for i in order[:2]]
+    assert [c["index"] for c in best["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in best["choices"])
+    assert best["usage"]["completion_tokens"] == 4 * 6
+    got, shown = completion(cluster, **base, n=1, best_of=4, logprobs=0)
+    assert got == 200 and len(shown["choices"]) == 1, shown
+    lps, want = shown["choices"][0]["logprobs"], every["choices"][order[0]]["logprobs"]
+    # (within rounding: a prompt computed whole and one read from the cache may differ in the last bits)
+    assert lps["tokens"] == want["tokens"] and lps["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+    got, same = completion(cluster, **base, n=2, best_of=2)  # best_of == n: the n answers, as they come
+    assert [c["token_ids"] for c in same["choices"]] == [c["token_ids"] for c in every["choices"][:2]]
     drained(cluster.url)
 
 
@@ -570,6 +602,7 @@ COMMON = {
     "stream": st.booleans() | JSON,
     "ignore_eos": st.booleans() | JSON,
     "n": st.integers(-1, 3) | JSON,
+    "best_of": st.integers(-1, 4) | JSON,
     "model": st.sampled_from(["memserve-default"]) | st.text(max_size=10),
     "user": st.text(max_size=10) | JSON,
     "stop": JSON,

@@ -164,10 +164,12 @@ def test_openai_client_completes_chats_and_streams() -> None:
             logprobs=2,
             echo=True,
             stop="\u0000",
+            best_of=2,
         )
         lp = legacy.choices[0].logprobs
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 3
         assert legacy.choices[0].text.startswith("Hello there") and lp.token_logprobs[0] is None
+        assert len(legacy.choices) == 1 and legacy.usage.completion_tokens == 8  # best_of: two generated
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="memserve-default", prompt=[], max_tokens=3)
         metrics = get(f"{c.url}/metrics")

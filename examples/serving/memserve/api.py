@@ -8,10 +8,12 @@ them; a stream holds back text that may be the start of one). Extensions: ``igno
 those after a stop string's start included). ``logprobs`` (chat: with ``top_logprobs``) come
 from the model's own distribution, before penalties, bias, temperature and top-k/p.
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` shape the logits a token is picked
-from (greedy too). ``n`` answers share the prompt's KV through the cache. ``echo`` (completions)
+from (greedy too). ``n`` answers share the prompt's KV through the cache; ``best_of``
+(completions, not streamed) generates that many and returns the ``n`` with the highest mean
+log-probability per token. ``echo`` (completions)
 puts the prompt before the answer, with its tokens' log-probabilities when ``logprobs`` is set
 (a prompt so scored is computed whole, not read from the cache). OpenAI options not implemented
-here (``suffix``, ``best_of``, tools, ...) are a 400 unless sent at the value that asks for
+here (``suffix``, tools, ...) are a 400 unless sent at the value that asks for
 nothing. Also ``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
@@ -80,10 +82,9 @@ MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOG
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
 # OpenAI options this server does not implement: accepted only at a value that asks for nothing
 # (what a client library sends by default), refused otherwise, so that no request silently gets
-# other output than it asked for (suffix, best_of, tools, ...)
+# other output than it asked for (suffix, tools, ...)
 _INERT: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
-    "best_of": (None, 1),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
@@ -217,6 +218,20 @@ def _choices_count(body: dict[str, Any]) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise BadRequest(f"n must be an integer in [1, {MAX_CHOICES}]")
     return n
+
+
+def _best_of(body: dict[str, Any], n: int) -> int:
+    """``best_of``: how many answers to generate, of which the ``n`` with the highest mean
+    log-probability per token are returned (``null``: ``n``). Such a response cannot be streamed:
+    which answers it holds is known only once all have ended."""
+    k = body.get("best_of")
+    if k is None:
+        return n
+    if isinstance(k, bool) or not isinstance(k, int) or not n <= k <= MAX_CHOICES:
+        raise BadRequest(f"best_of must be an integer in [n, {MAX_CHOICES}] (n is {n})")
+    if k > n and body.get("stream"):
+        raise BadRequest("best_of cannot be streamed: send stream: false, or best_of equal to n")
+    return k
 
 
 def _logit_bias(bias: Any, vocab: int) -> dict[str, Any]:
@@ -368,6 +383,7 @@ def make_app(
             params = _params(body, vocab(), chat)
             n = _choices_count(body)
             _check_options(body)
+            k = _best_of(body, n)
             limit = scheduler.max_context
             if limit and len(tokens) + params["max_tokens"] > limit:
                 raise BadRequest(
@@ -380,11 +396,14 @@ def make_app(
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         start = time.perf_counter()
+        shown_logprobs = params.get("logprobs") is not None
+        if k > n and not shown_logprobs:  # best_of ranks the answers by their tokens' log-probabilities
+            params["logprobs"] = 0
         # later choices start once the first one's prompt is in: they take its KV from the cache
-        events = _fan_in(scheduler, tokens, params, session, n, stagger=scheduler.stage.prefill_caching)
+        events = _fan_in(scheduler, tokens, params, session, k, stagger=scheduler.stage.prefill_caching)
         stops: list[str] = params.get("stop", [])
         echo = tokens if body.get("echo") else None
-        choices = [_Choice(i, tokenizer, stops, chat, params.get("logprobs") is not None, echo) for i in range(n)]
+        choices = [_Choice(i, tokenizer, stops, chat, shown_logprobs, echo) for i in range(k)]
 
         def finished(c: _Choice, done: dict[str, Any]) -> None:
             c.done = done
@@ -401,14 +420,15 @@ def make_app(
                 return _error(400, str(exc))
             except SchedulerError as exc:
                 return _unavailable(exc)
+            best = sorted(choices, key=lambda c: -c.mean_logprob())[:n] if k > n else choices  # (stable: ties by index)
             return web.json_response(
                 {
                     "id": rid,
                     "object": "chat.completion" if chat else "text_completion",
                     "created": created,
                     "model": model_name,
-                    "choices": [c.whole() for c in choices],
-                    "usage": _usage([c.done for c in choices]),
+                    "choices": [c.whole(i) for i, c in enumerate(best)],
+                    "usage": _usage([c.done for c in choices]),  # every answer generated counts
                 }
             )
         try:  # the first event before the headers: a refused or failed request still gets a status
@@ -603,6 +623,7 @@ class _Choice:
         self.track = Logprobs(tokenizer, chat) if logprobs else None
         self.first: float | None = None  # time to its first token
         self.done: dict[str, Any] = {}
+        self.logprob_sum = 0.0  # of its tokens (where the request asked the engine for log-probabilities)
 
     def add(self, event: dict[str, Any], elapsed: float) -> str:
         """Take a token event; the text it lets out (the first, the echoed prompt before it)."""
@@ -615,6 +636,7 @@ class _Choice:
                     self.track.add_prompt(self.echo, event.get("prompt"))
         self.ids.append(event["token"])
         self.pending.append(event["token"])
+        self.logprob_sum += event.get("logprob") or 0.0
         if self.track is not None:
             self.track.add(event)
         return echoed + self.answer.add(event["token"])
@@ -626,11 +648,15 @@ class _Choice:
         logprobs = None if self.track is None else self.track.take()
         return {"index": self.index, **body, "token_ids": ids, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def whole(self) -> dict[str, Any]:
-        """The finished choice of a response that is not streamed."""
+    def mean_logprob(self) -> float:
+        """Its tokens' mean log-probability (what ``best_of`` ranks answers by)."""
+        return self.logprob_sum / max(1, len(self.ids))
+
+    def whole(self, index: int | None = None) -> dict[str, Any]:
+        """The finished choice of a response that is not streamed, at ``index`` (default: its own)."""
         text = self.echo_text + self.answer.sent + self.answer.finish()
         out: dict[str, Any] = {
-            "index": self.index,
+            "index": self.index if index is None else index,
             "finish_reason": self.done["finish_reason"],
             "token_ids": self.ids,
             "logprobs": None if self.track is None else self.track.take(),
