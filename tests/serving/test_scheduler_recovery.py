@@ -166,6 +166,31 @@ def test_a_prefill_that_dies_after_its_first_token_leaves_decode_to_recompute() 
     asyncio.run(go())
 
 
+def test_a_malformed_eviction_report_is_skipped_not_a_failed_request() -> None:
+    """Keys of an instance's eviction report that are not hex text are skipped, in an answer's
+    summary as in a health probe: the valid ones still trim the prompt tree, the answer stands and
+    the heartbeat goes on."""
+    import time
+
+    from memserve.prompt_tree import chain_keys
+
+    earlier = list(range(100, 164))  # an earlier prompt of 4 blocks of 16, cached there
+    gone = chain_keys(earlier, 16)[2].hex()  # the instance evicted its third block
+    one = Script([([7], {**SUMMARY, "removed": ["zz", 5, None, gone]})])
+
+    async def go() -> None:
+        async with _deployment("colocated-caching", colocated_a=one) as s:
+            s.trees["colocated"].insert("colocated_a", earlier, time.monotonic())
+            out, done = await _run(s, [1, 2, 3], max_tokens=1)
+            assert out == [7] and done["finish_reason"] == "length" and s.counters.retries == 0
+            assert s.trees["colocated"].match(earlier, time.monotonic()) == {"colocated_a": 32}
+            assert s.counters.removals == 1
+            s._apply_removed(s.instances["colocated_a"], "not a list")  # (a health answer's field)
+            assert s.counters.removals == 1
+
+    asyncio.run(go())
+
+
 def test_a_request_whose_every_attempt_fails_raises_after_the_last() -> None:
     """No token ever came: each attempt goes to an instance not tried yet, and after the last the
     request fails with the scheduler's error (the API turns it into a 503)."""

@@ -325,6 +325,39 @@ def test_eviction_reports_update_the_prompt_tree() -> None:
         assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == believed  # ... and only that
 
 
+def test_evictions_no_answer_reports_reach_the_prompt_tree_with_the_heartbeat() -> None:
+    """In pd-caching-3 decode sends each answer's KV back to prefill after prefill has answered, so
+    what that evicts on prefill is in no answer of prefill's: the heartbeat's health probe collects
+    it, and the prompt tree then believes exactly what prefill's pool holds. A caller without the
+    control token reads ``/health`` and ``/stats`` without taking the report from the scheduler."""
+    import asyncio
+    import time
+
+    # the heartbeat is left idle here and driven by hand below: one probe, at a known point
+    with Cluster("pd-caching-3", model=MODEL, device_blocks=12, host_blocks=0, heartbeat_s=3600) as c:
+        assert c.scheduler is not None and c._loop is not None
+        tree, prefill = c.scheduler.trees["prefill"], c.scheduler.instances["prefill-0"]
+        prompts = [list(range(9000 + 100 * k, 9064 + 100 * k)) for k in range(4)]  # 4 blocks each
+        for p in prompts:  # each leaves 6 blocks on prefill (its prompt, then its answer sent back)
+            post(f"{c.url}/v1/completions", {"prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": True})
+
+        def believed() -> list[int]:
+            return [tree.match(p + [5], time.monotonic()).get("prefill-0", 0) for p in prompts]
+
+        before = believed()
+        for route in ("/health", "/stats"):  # open to anyone, but only the scheduler collects reports
+            assert "removed" not in get(prefill.url + route)
+        answer = asyncio.run_coroutine_threadsafe(c.scheduler._probe(prefill), c._loop).result(timeout=30)
+        assert answer is not None and answer["removed"]  # evictions that no answer had carried
+        after = believed()
+        assert all(a <= b for a, b in zip(after, before)) and after != before
+        again = asyncio.run_coroutine_threadsafe(c.scheduler._probe(prefill), c._loop).result(timeout=30)
+        assert again is not None and again["removed"] == []  # each report is delivered once
+        k = next(i for i, (a, b) in enumerate(zip(after, before)) if a < b)
+        r = post(f"{c.url}/v1/completions", {"prompt": prompts[k] + [5], "max_tokens": 2, "temperature": 0})
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == after[k]  # the tree is right again
+
+
 def test_session_id_policy_keeps_a_session_on_one_instance() -> None:
     with Cluster("colocated-caching", colocated=2, policy="session-id", **SMALL) as c:
         placed: dict[str, set[str]] = {}

@@ -21,15 +21,20 @@ def control_token(secret: str | bytes) -> str:
     return hmac.new(key, b"memserve control API", hashlib.sha256).hexdigest()
 
 
+def holds_token(request: web.Request, token: str | None) -> bool:
+    """Whether ``request`` carries ``Authorization: Bearer <token>`` (any request does where
+    ``token`` is ``None``); a constant-time compare."""
+    given = request.headers.get("Authorization", "")
+    return not token or hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
 def token_guard(token: str | None) -> Any:
     """aiohttp middleware: every POST outside ``/v1/`` needs ``Authorization: Bearer <token>``."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
-        if token and (request.method == "POST" and not request.path.startswith("/v1/")):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"error": "a valid control token is required"}, status=401)
+        if request.method == "POST" and not request.path.startswith("/v1/") and not holds_token(request, token):
+            return web.json_response({"error": "a valid control token is required"}, status=401)
         response: web.StreamResponse = await handler(request)
         return response
 

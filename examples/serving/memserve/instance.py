@@ -6,13 +6,16 @@ moves between instances only through MemPool ``transfer`` / ``transfer_with_inse
 
 Control API (aiohttp; JSON in, JSON or newline-delimited JSON out):
 
-    GET  /health, /info, /stats (``?check=1``: run the pool's ``check_invariants()`` too)
+    GET  /health, /info, /stats (``?check=1``: run the pool's ``check_invariants()`` too); to a
+         caller with the control token (the scheduler), /health and /stats also carry "removed":
+         the prompt-tree keys of the prefixes the pool stopped caching since they were last
+         reported (each key once, to whichever call comes first)
     POST /connect   {"name", "host", "port"}          open a transfer link to a peer instance
     POST /generate  {"id", "tokens", "prompt_len"?, "params", "handoff"?, "kv_key"?, "send_back"?}
                     -> NDJSON: {"token": t} per token ({"token", "logprob", "top": [[id, logprob]]}
                        when params ask for logprobs; the first also "prompt": [[logprob, top], ...]
                        for prompt tokens 1.. when they ask for prompt_logprobs), then
-                       {"done": true, "finish_reason", "metrics",
+                       {"done": true, "finish_reason", "metrics", "removed",
                        "transfer"?: {...}}; a blank line every ``KEEPALIVE_S`` while nothing else
                        is due (so that the scheduler tells a slow request from a stalled instance);
                        503 ``{"error", "busy": true}`` when ``max_waiting`` requests wait already
@@ -53,7 +56,7 @@ from aiohttp import web
 from mempool import Blocks, TransferResult, TransportConfig
 from mempool.errors import MemPoolError
 
-from .auth import control_token, token_guard
+from .auth import control_token, holds_token, token_guard
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
 from .faults import Faults
@@ -213,9 +216,9 @@ class Instance:
             "pid": os.getpid(),
         }
 
-    def stats(self, check: bool = False) -> dict[str, Any]:
+    def stats(self, check: bool = False, collect: bool = True) -> dict[str, Any]:
         """Queues, pool and transport figures; with ``check``, also ``invariants``: ``"ok"`` or what
-        ``check_invariants()`` found wrong.
+        ``check_invariants()`` found wrong; with ``collect``, ``removed`` (:meth:`take_removed`).
 
         The queue lengths are read without waiting for the engine thread (a long step must not stall
         monitoring): a request counts as running while its step is under way."""
@@ -238,7 +241,7 @@ class Instance:
             "peers": sorted(self.pool.peers()),
             "counters": dict(self.counters),
             "prefill_samples": self.prefill_samples[-256:],
-            "removed": self.take_removed(),
+            **({"removed": self.take_removed()} if collect else {}),
         }
 
     def start(self, body: dict[str, Any], emit: Any) -> None:
@@ -372,19 +375,19 @@ def make_app(instance: Instance, token: str | None = None) -> web.Application:
         loop_holder["loop"] = asyncio.get_running_loop()
         app[STOP] = asyncio.Event()
 
-    async def health(_: web.Request) -> web.Response:
+    async def health(request: web.Request) -> web.Response:
         ok = instance.worker.alive  # an engine thread that died makes the instance useless: report it down
-        return web.json_response(
-            {"ok": ok, "name": instance.config.name, "role": instance.config.role, "pid": os.getpid()},
-            status=200 if ok else 503,
-        )
+        about = {"ok": ok, "name": instance.config.name, "role": instance.config.role, "pid": os.getpid()}
+        if holds_token(request, token):  # the scheduler's heartbeat: the evictions no answer reported
+            about["removed"] = instance.take_removed()  # (a send-back or push after the last answer)
+        return web.json_response(about, status=200 if ok else 503)
 
     async def info(_: web.Request) -> web.Response:
         return web.json_response(instance.info())
 
     async def stats(request: web.Request) -> web.Response:
         check = request.query.get("check") == "1"
-        return web.json_response(await asyncio.to_thread(instance.stats, check))
+        return web.json_response(await asyncio.to_thread(instance.stats, check, holds_token(request, token)))
 
     async def connect(request: web.Request) -> web.Response:
         try:

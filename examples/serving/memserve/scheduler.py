@@ -304,12 +304,18 @@ class Scheduler:
             logging.getLogger(__name__).warning("instance %s is down: %s", inst.name, reason)
 
     async def _probe(self, inst: InstanceHandle, timeout: float = 2.0) -> dict[str, Any] | None:
+        """``inst``'s ``/health`` answer, its eviction report applied; ``None`` if it is not healthy."""
         s = await self.session()
         try:
             async with s.get(inst.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return dict(await r.json()) if r.status == 200 else None
+                answer = await r.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
+        if not isinstance(answer, dict):
+            return None
+        if inst.alive:
+            self._apply_removed(inst, answer.get("removed", ()))
+        return answer if r.status == 200 else None
 
     async def _healthy(self, inst: InstanceHandle) -> bool:
         return await self._probe(inst) is not None
@@ -352,11 +358,15 @@ class Scheduler:
         logging.getLogger(__name__).warning("instance %s rejoined as incarnation %d", inst.name, handle.incarnation)
 
     def _apply_removed(self, inst: InstanceHandle, keys: Any) -> None:
-        """An instance's eviction report: it no longer caches these prefixes."""
+        """An instance's eviction report: it no longer caches these prefixes (a key that is not
+        hex text is skipped: a report never stops a request or the heartbeat)."""
         tree = self.trees[inst.role]
-        for key in keys:
-            tree.drop(inst.name, bytes.fromhex(key))
-        self.counters.removals += len(keys)
+        for key in keys if isinstance(keys, list | tuple) else ():
+            try:
+                tree.drop(inst.name, bytes.fromhex(key))
+            except (TypeError, ValueError):
+                continue
+            self.counters.removals += 1
 
     # -- routing -------------------------------------------------------------------------------
     def _role_of_first(self) -> str:
