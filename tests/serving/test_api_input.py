@@ -1,6 +1,6 @@
 """The HTTP API over one disaggregated cluster (pd-caching-2): bad input gets a 4xx with an
 OpenAI-style error body and leaks nothing; the OpenAI options it implements (stop strings and ids,
-logprobs, echo, penalties, logit_bias, n, best_of) give exactly what they specify, checked against an
+logprobs, echo, penalties, logit_bias, n, best_of, a list of prompts) give exactly what they specify, checked against an
 engine of our own over the same weights where a value is computed; clients that leave are
 stopped on their instances."""
 
@@ -94,6 +94,12 @@ FIELD_CASES = [
     ({**OK, "user": {"id": 1}}, 400),
     ({"prompt": list(range(1000, 2100)), "max_tokens": 4}, 400),  # beyond the 1,024-token context window
     ({**OK, "n": True}, 400),
+    ({"prompt": ["a"] * 33, "max_tokens": 2}, 400),  # more prompts than one request may hold
+    ({"prompt": ["a", ""], "max_tokens": 2}, 400),
+    ({"prompt": [[1, 2], []], "max_tokens": 2}, 400),
+    ({"prompt": [[1, 2], [3, -1]], "max_tokens": 2}, 400),
+    ({"prompt": [["a"]], "max_tokens": 2}, 400),
+    ({"prompt": ["a"] * 5, "max_tokens": 2, "n": 13}, 400),  # 65 answers: over the 64 one request may have
     ({**OK, "best_of": 0}, 400),
     ({**OK, "best_of": 17}, 400),
     ({**OK, "best_of": True}, 400),
@@ -340,6 +346,32 @@ def test_n_answers_one_prompt_once_prefilled_and_seeded_apart(cluster: Cluster, 
     for i in range(3):
         assert sampled[i]["ids"] == ask(temperature=1.0, seed=40 + i)[1][0]["ids"]
     assert sampled[0]["ids"] != sampled[1]["ids"]
+    drained(cluster.url)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_list_of_prompts_gets_each_prompts_own_answers(cluster: Cluster, stream: bool) -> None:
+    """``prompt`` as a list of prompts (texts and token lists, as evaluation harnesses batch them):
+    choice ``i * n + j`` is answer ``j`` of prompt ``i``, exactly what that prompt alone gets (its
+    echo, its seeds), and usage adds up the prompts and every answer."""
+    prompts: list[Any] = ["the pool " * (5 + stream), list(range(300, 340 + stream)), "memory " * 7]
+    base: dict[str, Any] = {"max_tokens": 4, "temperature": 1.0, "seed": 3, "ignore_eos": True, "echo": True}
+    got, data = completion(cluster, prompt=prompts, n=2, stream=stream, stream_options={"include_usage": True}, **base)
+    assert got == 200, data
+    batched = _choices(data, chat=False)
+    assert sorted(batched) == list(range(6))
+    prompt_tokens = 0
+    for i, p in enumerate(prompts):
+        got, alone = completion(cluster, prompt=p, n=2, **base)
+        assert got == 200, alone
+        prompt_tokens += alone["usage"]["prompt_tokens"]
+        for j, c in enumerate(alone["choices"]):
+            assert (batched[2 * i + j]["ids"], batched[2 * i + j]["text"]) == (c["token_ids"], c["text"]), (i, j)
+    usage = [json.loads(line[6:]) for line in data.splitlines() if line.startswith("data: {")][-1] if stream else data
+    assert usage["usage"]["prompt_tokens"] == prompt_tokens and usage["usage"]["completion_tokens"] == 6 * 4
+    got, best = completion(cluster, prompt=prompts[:2], n=1, best_of=2, **{**base, "echo": False})
+    assert got == 200 and [c["index"] for c in best["choices"]] == [0, 1], best  # one best answer a prompt
+    assert [c["token_ids"] in [batched[2 * i + j]["ids"] for j in (0, 1)] for i, c in enumerate(best["choices"])]
     drained(cluster.url)
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API in front of the :class:`Scheduler` (aiohttp, prometheus_client).
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming as server-sent events, or not), with a
-prompt given as text or token ids; ``usage`` counts tokens, with ``prompt_tokens_details.cached_tokens``
+prompt given as text or token ids (completions: also a list of up to 32 prompts, whose answers
+come prompt by prompt); ``usage`` counts tokens, with ``prompt_tokens_details.cached_tokens``
 the prefix served from a cache. ``stop`` strings end an answer (the text stops before the first of
 them; a stream holds back text that may be the start of one). Extensions: ``ignore_eos``
 (benchmarks), ``stop_token_ids`` (as vLLM's) and, in each choice, ``token_ids`` (the generated ids,
@@ -77,6 +78,8 @@ _FIELDS = {
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_TOKEN_IDS = 64
 MAX_CHOICES = 16  # n: answers to one prompt
+MAX_PROMPTS = 32  # prompts in one completions request
+MAX_ANSWERS = 64  # answers one request may have generated: prompts x best_of
 MAX_LOGIT_BIAS = 300  # token ids one request may bias (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # the completions endpoint's limit (chat's: MAX_LOGPROBS, 20)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # stop strings: OpenAI's count; a bound on each one's length
@@ -341,24 +344,33 @@ def make_app(
     def vocab() -> int:
         return min(tokenizer.vocab_size, scheduler.vocab_size or tokenizer.vocab_size)
 
-    def prompt_tokens(body: dict[str, Any], chat: bool) -> list[int]:
+    def prompts_of(body: dict[str, Any], chat: bool) -> list[list[int]]:
+        """The request's prompts as token ids: a chat's one, or the completions endpoint's
+        ``prompt``, which is a text, a list of token ids, or a list of up to ``MAX_PROMPTS`` of either."""
         if chat:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
                 raise BadRequest("messages must be a non-empty list")
             try:
-                return tokenizer.chat([{"role": m["role"], "content": _content(m)} for m in msgs])
+                return [tokenizer.chat([{"role": m["role"], "content": _content(m)} for m in msgs])]
             except (KeyError, TypeError, ValueError) as exc:
                 raise BadRequest(f"bad message: {exc}") from exc
         p = body.get("prompt")
+        if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+            if len(p) > MAX_PROMPTS:
+                raise BadRequest(f"prompt may hold at most {MAX_PROMPTS} prompts")
+            return [one_prompt(x) for x in p]
+        return [one_prompt(p)]
+
+    def one_prompt(p: Any) -> list[int]:
         if isinstance(p, str):
             ids = tokenizer.encode(p)
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             ids = list(p)
-        elif isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-            return prompt_tokens({"prompt": p[0]}, chat=False)
         else:
-            raise BadRequest("prompt must be a string or a non-empty list of token ids")
+            raise BadRequest(
+                "prompt must be a string, a non-empty list of token ids, or a list of either (one prompt each)"
+            )
         if not ids:
             raise BadRequest("the prompt is empty")
         if min(ids) < 0 or max(ids) >= vocab():
@@ -379,15 +391,18 @@ def make_app(
                     f"the model {body.get('model')!r} does not exist; this server has {model_name!r}",
                     "model_not_found",
                 )
-            tokens = prompt_tokens(body, chat)
+            prompts = prompts_of(body, chat)
             params = _params(body, vocab(), chat)
             n = _choices_count(body)
             _check_options(body)
             k = _best_of(body, n)
+            if len(prompts) * k > MAX_ANSWERS:
+                raise BadRequest(f"{len(prompts)} prompts x {k} answers each is over this server's {MAX_ANSWERS}")
             limit = scheduler.max_context
-            if limit and len(tokens) + params["max_tokens"] > limit:
+            longest = max(len(p) for p in prompts)
+            if limit and longest + params["max_tokens"] > limit:
                 raise BadRequest(
-                    f"the prompt ({len(tokens)} tokens) plus max_tokens ({params['max_tokens']}) exceeds "
+                    f"the prompt ({longest} tokens) plus max_tokens ({params['max_tokens']}) exceeds "
                     f"the context window of {limit} tokens"
                 )
         except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -399,11 +414,15 @@ def make_app(
         shown_logprobs = params.get("logprobs") is not None
         if k > n and not shown_logprobs:  # best_of ranks the answers by their tokens' log-probabilities
             params["logprobs"] = 0
-        # later choices start once the first one's prompt is in: they take its KV from the cache
-        events = _fan_in(scheduler, tokens, params, session, k, stagger=scheduler.stage.prefill_caching)
+        # a prompt's later answers start once its first one's prompt is in: they take its KV from the cache
+        events = _fan_in(scheduler, prompts, params, session, k, stagger=scheduler.stage.prefill_caching)
         stops: list[str] = params.get("stop", [])
-        echo = tokens if body.get("echo") else None
-        choices = [_Choice(i, tokenizer, stops, chat, shown_logprobs, echo) for i in range(k)]
+        echo = body.get("echo")
+        choices = [
+            _Choice(i * k + j, tokenizer, stops, chat, shown_logprobs, p if echo else None)
+            for i, p in enumerate(prompts)
+            for j in range(k)
+        ]
 
         def finished(c: _Choice, done: dict[str, Any]) -> None:
             c.done = done
@@ -420,7 +439,11 @@ def make_app(
                 return _error(400, str(exc))
             except SchedulerError as exc:
                 return _unavailable(exc)
-            best = sorted(choices, key=lambda c: -c.mean_logprob())[:n] if k > n else choices  # (stable: ties by index)
+            best = choices
+            if k > n:  # each prompt's n best of its k answers (sorted is stable: ties by index), prompt by prompt
+                best = [
+                    c for i in range(0, len(choices), k) for c in sorted(choices[i : i + k], key=_by_mean_logprob)[:n]
+                ]
             return web.json_response(
                 {
                     "id": rid,
@@ -428,7 +451,7 @@ def make_app(
                     "created": created,
                     "model": model_name,
                     "choices": [c.whole(i) for i, c in enumerate(best)],
-                    "usage": _usage([c.done for c in choices]),  # every answer generated counts
+                    "usage": _usage([c.done for c in choices], k),  # every answer generated counts
                 }
             )
         try:  # the first event before the headers: a refused or failed request still gets a status
@@ -474,7 +497,7 @@ def make_app(
         finally:
             await events.aclose()
         if (body.get("stream_options") or {}).get("include_usage"):
-            await send(None, _usage([c.done for c in choices]))
+            await send(None, _usage([c.done for c in choices], k))
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -562,33 +585,41 @@ def make_app(
 
 
 async def _fan_in(
-    scheduler: Scheduler, tokens: list[int], params: dict[str, Any], session: str | None, n: int, *, stagger: bool
+    scheduler: Scheduler,
+    prompts: list[list[int]],
+    params: dict[str, Any],
+    session: str | None,
+    n: int,
+    *,
+    stagger: bool,
 ) -> AsyncGenerator[tuple[int, dict[str, Any]], None]:
-    """The events of ``n`` answers to one prompt as ``(choice, event)``, in the order they come.
-    Choice ``i`` samples with ``seed + i`` (where a seed is given). With ``stagger``, choices after
-    the first start once the first has its first event (its prompt is then cached). The first
-    failure of any choice is raised; closing this ends every choice still running."""
+    """The events of ``n`` answers to each prompt as ``(choice, event)``, in the order they come;
+    answer ``j`` of prompt ``i`` is choice ``i * n + j`` and samples with ``seed + j`` (where a
+    seed is given), as answer ``j`` of that prompt alone would. With ``stagger``, a prompt's answers
+    after its first start once the first has its first event (the prompt is then cached). The
+    first failure of any choice is raised; closing this ends every choice still running."""
     queue: asyncio.Queue[tuple[int, dict[str, Any] | None, Exception | None]] = asyncio.Queue()
-    first_in = asyncio.Event()
+    first_in = [asyncio.Event() for _ in prompts]
 
-    async def pump(i: int) -> None:
-        if i and stagger:
-            await first_in.wait()
-        mine = {**params, "seed": params["seed"] + i} if i and "seed" in params else params
-        events = scheduler.generate(tokens, mine, session)
+    async def pump(c: int) -> None:
+        i, j = divmod(c, n)
+        if j and stagger:
+            await first_in[i].wait()
+        mine = {**params, "seed": params["seed"] + j} if j and "seed" in params else params
+        events = scheduler.generate(prompts[i], mine, session)
         try:
             async for e in events:
-                first_in.set()
-                await queue.put((i, e, None))
+                first_in[i].set()
+                await queue.put((c, e, None))
         except Exception as exc:  # (a SchedulerError, or a bug of ours: raised where it is read)
-            await queue.put((i, None, exc))
+            await queue.put((c, None, exc))
         finally:
-            first_in.set()
+            first_in[i].set()
             await events.aclose()
 
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(n)]
+    tasks = [asyncio.ensure_future(pump(c)) for c in range(len(prompts) * n)]
     try:
-        running = n
+        running = len(tasks)
         while running:
             i, event, exc = await queue.get()
             if exc is not None:
@@ -770,13 +801,19 @@ def _content(message: dict[str, Any]) -> str:
     return content
 
 
-def _usage(dones: list[dict[str, Any]]) -> dict[str, Any]:
-    """The usage of a response: its prompt counted once (as the first choice saw its cache), the
-    tokens of every choice."""
-    prompt, completion = dones[0]["prompt_tokens"], sum(d["completion_tokens"] for d in dones)
+def _usage(dones: list[dict[str, Any]], per_prompt: int) -> dict[str, Any]:
+    """The usage of a response whose answers come ``per_prompt`` to a prompt: each prompt counted
+    once (as its first answer saw the cache), the tokens of every answer."""
+    firsts = dones[::per_prompt]
+    prompt, completion = sum(d["prompt_tokens"] for d in firsts), sum(d["completion_tokens"] for d in dones)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": dones[0]["cached_tokens"]},
+        "prompt_tokens_details": {"cached_tokens": sum(d["cached_tokens"] for d in firsts)},
     }
+
+
+def _by_mean_logprob(choice: _Choice) -> float:
+    """The sort key that puts the answer most likely per token first (``best_of``)."""
+    return -choice.mean_logprob()
