@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import weakref
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,90 @@ def test_a_closed_serving_pool_is_freed_at_once(no_cyclic_gc: None, backend: str
     a.close()
     b.close()
     del a, b, blocks
+    assert [ref() for ref in alive] == [None, None]
+    assert _memfds() == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_peer_still_being_dropped_when_the_pool_closes_is_torn_down_whole(
+    no_cyclic_gc: None, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``b`` starts closing and says goodbye; ``a``'s reader begins to drop it, and ``a`` closes
+    while that teardown is under way (links' aborts slowed here), cancelling the reader. The
+    teardown must still run to its end (link aborted, channel closed): cut short, it left ``a``'s
+    end of the channel open when ``a``'s loop stopped, and that transport kept ``a`` alive. Seen as
+    a 1-in-100 failure of the test above under load (CI, 2026-11-23); here it failed every time."""
+    import asyncio
+    import time
+
+    from mempool.transport import links
+
+    link_class = links._UcxLink if backend == "ucx" else links._TorchLink
+    abort = link_class.abort
+
+    async def slow_abort(self: Any) -> None:
+        await asyncio.sleep(0.5)
+        await abort(self)
+
+    monkeypatch.setattr(link_class, "abort", slow_abort)
+    before = _memfds()
+    a, b = make_pool(), make_pool()
+    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
+    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
+    a.connect("b", host, port)
+    deadline = time.monotonic() + 10
+    while not b.peers() and time.monotonic() < deadline:  # (a's connect returns before b registers a)
+        time.sleep(0.005)
+    closing = threading.Thread(target=b.close)  # b says goodbye, then sleeps in its abort
+    closing.start()
+    deadline = time.monotonic() + 10
+    while a.peers() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not a.peers()  # a's reader got the goodbye and is tearing b down (asleep in the abort) ...
+    alive = [weakref.ref(a), weakref.ref(b)]
+    a.close()  # ... and closing cancels that reader, with b's end of the channel still open
+    closing.join(30)
+    del a, b
+    assert [ref() for ref in alive] == [None, None]
+    assert _memfds() == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pool_closing_while_it_registers_a_peer_leaves_no_channel_open(
+    no_cyclic_gc: None, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``a``'s connect returns once ``a`` has registered ``b``; ``b`` registers ``a`` just after
+    (slowed here), and ``b`` closes in between. The half-made connection must be closed: then
+    ``a`` learns at once that ``b`` is gone, and both pools are freed. Before, the handshake's task
+    was not one the agent ended when closing: ``b``'s end stayed open, ``a`` believed in ``b``
+    until its heartbeat deadline, and that open channel kept ``b`` alive."""
+    import asyncio
+    import time
+
+    from mempool.transport.agent import TransferAgent
+
+    register = TransferAgent._register
+
+    async def slow_register(self: Any, got: Any, channel: Any) -> None:
+        if self.name == "b":
+            await asyncio.sleep(0.3)
+        await register(self, got, channel)
+
+    monkeypatch.setattr(TransferAgent, "_register", slow_register)
+    before = _memfds()
+    a, b = make_pool(), make_pool()
+    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
+    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
+    a.connect("b", host, port)
+    assert a.peers() and not b.peers()  # b is still registering a ...
+    b.close()  # ... when it closes
+    deadline = time.monotonic() + 5
+    while a.peers() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not a.peers()  # a saw b's end close (its heartbeat deadline is 10 s away)
+    alive = [weakref.ref(a), weakref.ref(b)]
+    a.close()
+    del a, b
     assert [ref() for ref in alive] == [None, None]
     assert _memfds() == before
 

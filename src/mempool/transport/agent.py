@@ -142,6 +142,8 @@ class TransferAgent:
         self._backend: DataBackend | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._teardowns: set[asyncio.Task[None]] = set()  # peers being dropped (see _drop)
+        self._closing = False
         self._receiving = 0  # transfers to this agent not yet cleaned up (a dropped peer's included)
         self.address: tuple[str, int] | None = None
         #: fault-injection hooks for tests: pause after each data message this agent sends, and
@@ -299,6 +301,7 @@ class TransferAgent:
         return cfg.host, port
 
     async def _close(self) -> None:
+        self._closing = True  # from here on no peer registers (see _register)
         for peer in list(self._peers.values()):
             await self._drop(peer, PeerLostError(f"{self.name} is shutting down"), goodbye=True)
         if self._server is not None:
@@ -309,6 +312,8 @@ class TransferAgent:
             task.cancel()
         if pending:  # let receivers run their cleanup (free what they allocated)
             await asyncio.wait(pending, timeout=5.0)
+        if self._teardowns:  # peers whose teardown a task cancelled above had begun
+            await asyncio.wait(list(self._teardowns), timeout=5.0)
         if self._backend is not None:
             await self._backend.close()
 
@@ -322,18 +327,31 @@ class TransferAgent:
         log.warning("agent %s refused %s: %s", self.name, who, why)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        channel = Channel(reader, writer)
+        # The handshake runs in a task of ours, which closing cancels and awaits. asyncio's own task
+        # for this callback must end normally: Python 3.11 reports a cancelled one as an error, whose
+        # frames then stay in a cycle with the agent.
+        if self._closing:
+            writer.close()
+        else:
+            self._spawn(self._handshake(Channel(reader, writer)))
+
+    async def _handshake(self, channel: Channel) -> None:
+        got, registered = None, False
         try:
             assert self._backend is not None
             got = await serve_handshake(
                 channel, self._identity(), self._data_info, self._backend, self.config.deadline_s, self._record_refusal
             )
-            if got is None:
-                return await channel.close()
-            await self._register(got, channel)
+            if got is not None:
+                await self._register(got, channel)
+                registered = True
         except (ChannelClosed, asyncio.TimeoutError, MemPoolError, OSError) as exc:
             log.info("agent %s: handshake from %s failed: %s", self.name, channel.peer_address, exc)
-            await channel.close()
+        finally:
+            if not registered:  # (cancelled by closing too: an open channel would outlive the agent)
+                if got is not None:
+                    await got.link.abort()
+                await channel.close()
 
     async def _connect(self, name: str, host: str, port: int) -> None:
         timeout = self.config.deadline_s
@@ -359,6 +377,8 @@ class TransferAgent:
         old = self._peers.get(name)
         if old is not None:  # a restarted peer (new incarnation) replaces the old connection
             await self._drop(old, PeerLostError(f"{name} reconnected as a new incarnation"))
+        if self._closing:  # a handshake that ended while the agent closes: its peers are dropped already
+            raise ChannelClosed(f"{self.name} is shutting down")
         peer = _Peer(name, got.incarnation, channel, got.link)
         if self._share is not None:  # pulls are on here: map what the peer offers
             peer.near = mapped.near(got.share)
@@ -423,11 +443,23 @@ class TransferAgent:
                         await self._drop(peer, PeerLostError(f"lost {peer.name}"))
 
     async def _drop(self, peer: _Peer, error: TransferError, *, goodbye: bool = False) -> None:
-        """Tear down a peer: link first (no late writes), then fail and clean up its transfers."""
+        """Tear down a peer: link first (no late writes), then fail and clean up its transfers.
+
+        The teardown runs to its end even when the caller is cancelled meanwhile (say a reader
+        dropping its peer while the agent closes): a half teardown left the link not aborted and
+        the channel open, its socket and the agent held until Python's cyclic collector ran."""
         if not peer.alive:
             await peer.down.wait()  # another caller is tearing it down: wait for the abort
             return
         peer.alive = False
+        teardown = asyncio.ensure_future(self._teardown(peer, error, goodbye, asyncio.current_task()))
+        self._teardowns.add(teardown)
+        teardown.add_done_callback(self._teardowns.discard)
+        await asyncio.shield(teardown)
+
+    async def _teardown(
+        self, peer: _Peer, error: TransferError, goodbye: bool, caller: asyncio.Task[Any] | None
+    ) -> None:
         peer.mapped = {}  # copies running now keep their mapping until they end
         if self._peers.get(peer.name) is peer:
             del self._peers[peer.name]
@@ -442,13 +474,15 @@ class TransferAgent:
             peer.down.set()
         for queue in peer.waiting.values():
             queue.put_nowait({"type": "lost", "error": error})
-        me = asyncio.current_task()
         for task in list(peer.serving.values()):
-            if task is not me:
+            if task is not caller:
                 task.cancel()
         await peer.channel.close()
-        if peer.reader is not None and peer.reader is not me:
+        if peer.reader is not None and peer.reader is not caller:
             peer.reader.cancel()
+        # the peer no longer names its tasks: a task that ends cancelled keeps its error, whose
+        # frames name the peer (a cycle only the cyclic collector would free)
+        peer.reader, peer.serving = None, {}
         log.info("agent %s dropped %s: %s", self.name, peer.name, error)
 
     # -- sender ----------------------------------------------------------------------------------
