@@ -1,8 +1,8 @@
 """The HTTP API over one disaggregated cluster (pd-caching-2): bad input gets a 4xx with an
 OpenAI-style error body and leaks nothing; the OpenAI options it implements (stop strings and ids,
-logprobs, echo, penalties, logit_bias, n, best_of, a list of prompts) give exactly what they specify, checked against an
-engine of our own over the same weights where a value is computed; clients that leave are
-stopped on their instances."""
+logprobs, echo, penalties, logit_bias, n, best_of, a list of prompts) give exactly what they
+specify, checked against an engine of our own over the same weights where a value is computed;
+clients that leave are stopped on their instances."""
 
 from __future__ import annotations
 
@@ -371,7 +371,9 @@ def test_a_list_of_prompts_gets_each_prompts_own_answers(cluster: Cluster, strea
     assert usage["usage"]["prompt_tokens"] == prompt_tokens and usage["usage"]["completion_tokens"] == 6 * 4
     got, best = completion(cluster, prompt=prompts[:2], n=1, best_of=2, **{**base, "echo": False})
     assert got == 200 and [c["index"] for c in best["choices"]] == [0, 1], best  # one best answer a prompt
-    assert [c["token_ids"] in [batched[2 * i + j]["ids"] for j in (0, 1)] for i, c in enumerate(best["choices"])]
+    assert all(
+        c["token_ids"] in (batched[2 * i]["ids"], batched[2 * i + 1]["ids"]) for i, c in enumerate(best["choices"])
+    )
     drained(cluster.url)
 
 
