@@ -13,6 +13,7 @@ import gc
 import os
 import socket
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -35,6 +36,23 @@ def _memfds() -> int:
         except OSError:
             pass
     return fds
+
+
+def _connected_pair(backend: str) -> tuple[MemPool, MemPool]:
+    """Two serving pools, ``a`` connected to ``b`` (``a``'s side registered; ``b``'s may still be on its way)."""
+    a, b = make_pool(), make_pool()
+    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
+    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
+    a.connect("b", host, port)
+    return a, b
+
+
+def _peers_become(pool: MemPool, connected: bool, timeout: float = 10.0) -> bool:
+    """Poll until ``pool`` has peers (``connected``) or has none; whether that came within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while bool(pool.peers()) != connected and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return bool(pool.peers()) == connected
 
 
 def _exercise(pool: MemPool) -> None:
@@ -78,10 +96,7 @@ def test_a_dropped_pool_is_freed_at_once(no_cyclic_gc: None) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_closed_serving_pool_is_freed_at_once(no_cyclic_gc: None, backend: str) -> None:
     before = _memfds()
-    a, b = make_pool(), make_pool()
-    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
-    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
-    a.connect("b", host, port)
+    a, b = _connected_pair(backend)
     tokens = make_tokens(2 * a.config.block_size, seed=3)
     blocks = a.alloc(2)
     assert blocks is not None
@@ -106,7 +121,6 @@ def test_a_peer_still_being_dropped_when_the_pool_closes_is_torn_down_whole(
     end of the channel open when ``a``'s loop stopped, and that transport kept ``a`` alive. Seen as
     a 1-in-100 failure of the test above under load (CI, 2026-11-23); here it failed every time."""
     import asyncio
-    import time
 
     from mempool.transport import links
 
@@ -119,19 +133,11 @@ def test_a_peer_still_being_dropped_when_the_pool_closes_is_torn_down_whole(
 
     monkeypatch.setattr(link_class, "abort", slow_abort)
     before = _memfds()
-    a, b = make_pool(), make_pool()
-    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
-    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
-    a.connect("b", host, port)
-    deadline = time.monotonic() + 10
-    while not b.peers() and time.monotonic() < deadline:  # (a's connect returns before b registers a)
-        time.sleep(0.005)
+    a, b = _connected_pair(backend)
+    assert _peers_become(b, connected=True)  # (a's connect returns before b has registered a)
     closing = threading.Thread(target=b.close)  # b says goodbye, then sleeps in its abort
     closing.start()
-    deadline = time.monotonic() + 10
-    while a.peers() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not a.peers()  # a's reader got the goodbye and is tearing b down (asleep in the abort) ...
+    assert _peers_become(a, connected=False)  # a's reader got the goodbye, is tearing b down (asleep in the abort) ...
     alive = [weakref.ref(a), weakref.ref(b)]
     a.close()  # ... and closing cancels that reader, with b's end of the channel still open
     closing.join(30)
@@ -150,7 +156,6 @@ def test_a_pool_closing_while_it_registers_a_peer_leaves_no_channel_open(
     was not one the agent ended when closing: ``b``'s end stayed open, ``a`` believed in ``b``
     until its heartbeat deadline, and that open channel kept ``b`` alive."""
     import asyncio
-    import time
 
     from mempool.transport.agent import TransferAgent
 
@@ -163,16 +168,10 @@ def test_a_pool_closing_while_it_registers_a_peer_leaves_no_channel_open(
 
     monkeypatch.setattr(TransferAgent, "_register", slow_register)
     before = _memfds()
-    a, b = make_pool(), make_pool()
-    host, port = b.serve(TransportConfig(name="b", secret=SECRET, backend=backend, same_host_pull=False))
-    a.serve(TransportConfig(name="a", secret=SECRET, backend=backend, same_host_pull=False))
-    a.connect("b", host, port)
+    a, b = _connected_pair(backend)
     assert a.peers() and not b.peers()  # b is still registering a ...
     b.close()  # ... when it closes
-    deadline = time.monotonic() + 5
-    while a.peers() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert not a.peers()  # a saw b's end close (its heartbeat deadline is 10 s away)
+    assert _peers_become(a, connected=False, timeout=5.0)  # a saw b's end close (its heartbeat deadline: 10 s)
     alive = [weakref.ref(a), weakref.ref(b)]
     a.close()
     del a, b
