@@ -119,7 +119,8 @@ def test_a_peer_still_being_dropped_when_the_pool_closes_is_torn_down_whole(
     while that teardown is under way (links' aborts slowed here), cancelling the reader. The
     teardown must still run to its end (link aborted, channel closed): cut short, it left ``a``'s
     end of the channel open when ``a``'s loop stopped, and that transport kept ``a`` alive. Seen as
-    a 1-in-100 failure of the test above under load (CI, 2026-11-23); here it failed every time."""
+    an occasional failure of the test above (CI, 2026-11-23; 2 in ~630 runs under CPU load); here
+    it failed every time."""
     import asyncio
 
     from mempool.transport import links
