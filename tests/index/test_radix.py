@@ -110,6 +110,32 @@ def test_namespaces_never_share(pool: MemPool) -> None:
         assert m.blocks.tolist() == [2, 3]
 
 
+def test_a_namespace_whose_last_prefix_leaves_keeps_nothing() -> None:
+    """Per-tenant namespaces come and go: one whose cache is evicted or deleted leaves no trace,
+    so a pool serving an unbounded stream of tenants does not grow (nor slow its evictions)."""
+    from mempool import PoolConfig
+
+    pool = MemPool(PoolConfig(num_layers=1, num_kv_heads=1, head_dim=2, block_size=2, device_blocks=6, dtype="float32"))
+    seen: list[object] = []
+    pool.watch_removals(lambda ns, _: seen.append(ns))
+    for i in range(40):  # room for 3 tenants at a time: each insert evicts the oldest tenant
+        a = pool.alloc(2)
+        assert a is not None
+        pool.insert([1, 2, 3, 4], a, namespace=("tenant", i))
+        pool.free(a)
+        assert pool.stats()["index"]["namespaces"] == min(i + 1, 3)
+        pool.check_invariants()
+    assert seen == [("tenant", i) for i in range(37)]  # each removal names its own namespace
+    assert pool.delete([1, 2], namespace=("tenant", 38)) == 2
+    assert pool.stats()["index"]["namespaces"] == 2
+    for i in (37, 39):  # the tenants left still hit; one deleted starts afresh
+        with pool.match([1, 2, 3, 4], namespace=("tenant", i)) as m:
+            assert m.num_tokens == 4
+    cache(pool, [1, 2, 3, 4], namespace=("tenant", 38))
+    assert pool.stats()["index"]["namespaces"] == 3
+    pool.check_invariants()
+
+
 def test_lru_eviction_order_without_host() -> None:
     pool = make_pool(device_blocks=6, host_blocks=0)
     cache(pool, toks(1, 2))  # 0 1

@@ -22,8 +22,11 @@ def check_index(index: RadixIndex) -> None:
     count = {t: 0 for t in Tier}
     locked = {t: 0 for t in Tier}
     nodes = 0
+    assert len(index._root_ns) == len(index._roots), "a stale namespace of a root"
     for ns, root in index._roots.items():
         assert root.parent is None and root.lock == 0 and root.device is None and root.host is None, ns
+        assert root.children, f"namespace {ns!r} keeps an empty root"
+        assert index._root_ns.get(root.uid) is ns, ns
         stack = [root]
         while stack:
             node = stack.pop()

@@ -77,7 +77,9 @@ class RadixIndex:
         self._locked = {Tier.DEVICE: 0, Tier.HOST: 0}  # of those, blocks in locked nodes
         self._mover = mover
         self._guard: AbstractContextManager[Any] = guard if guard is not None else nullcontext()
+        # one root per namespace that caches anything (dropped when its last prefix goes), and back
         self._roots: dict[Hashable, Node] = {}
+        self._root_ns: dict[int, Hashable] = {}  # root uid -> its namespace
         self._uid = 0
         self._clock = 0
         self.num_nodes = 0
@@ -155,6 +157,7 @@ class RadixIndex:
         root = self._roots.get(namespace)
         if root is None:
             root = self._roots[namespace] = Node(self._next_uid(), None, b"", 0, self._clock)
+            self._root_ns[root.uid] = namespace
         if segs:
             node, m, p = segs[-1]
             if m < node.nblocks and (pos < nb or (bare and bare[-1][0] is node)):
@@ -444,9 +447,9 @@ class RadixIndex:
         return self.cached_blocks(tier) - self._locked[tier]
 
     def stats(self) -> dict[str, int]:
-        """Counts of nodes, cached, locked and evictable blocks per tier (tails included), of
-        tails, and event counters."""
-        out = {"nodes": self.num_nodes, "tails": len(self.tails), **self.counters}
+        """Counts of nodes, of namespaces caching anything, of cached, locked and evictable blocks
+        per tier (tails included), of tails, and event counters."""
+        out = {"nodes": self.num_nodes, "namespaces": len(self._roots), "tails": len(self.tails), **self.counters}
         for tier in Tier:
             out[f"{tier.value}_cached"] = self.cached_blocks(tier)
             out[f"{tier.value}_locked"] = self._locked[tier]
@@ -660,7 +663,8 @@ class RadixIndex:
             path = top.path()
             prefix = b"".join(n.key for n in path[:-1]) + top.key[: self._tb]
             root = path[0].parent
-            namespace = next(ns for ns, r in self._roots.items() if r is root)
+            assert root is not None
+            namespace = self._root_ns[root.uid]
             try:
                 self.on_removed(namespace, np.frombuffer(prefix, dtype=np.int32))
             except Exception:  # an observer's bug must never stop (or half-do) an eviction
@@ -675,7 +679,10 @@ class RadixIndex:
             del self._nodes[node.uid]
             self.num_nodes -= 1
         del parent.children[top.key[: self._tb]]
-        self._offer(parent)
+        if parent.parent is not None:
+            self._offer(parent)
+        elif not parent.children:  # a namespace that caches nothing keeps no root
+            del self._roots[self._root_ns.pop(parent.uid)]
         return freed[0], freed[1]
 
 
