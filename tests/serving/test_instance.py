@@ -79,3 +79,23 @@ def test_a_request_the_engine_does_not_take_in_time_is_cancelled_not_left_to_run
     instance.pool.free(blocks)
     instance.pool.check_invariants()
     assert instance.pool.stats()["device"]["used"] == 0
+
+
+def test_stats_keep_a_window_of_the_latest_prefills_not_every_one(monkeypatch) -> None:
+    """A long-lived instance must not grow with every request it served: /stats shows the latest
+    ``PREFILL_SAMPLES`` prefill timings, newest last."""
+    monkeypatch.setattr(inst, "PREFILL_SAMPLES", 3)
+    config = InstanceConfig(name="c", model="tiny", backend="torch", device_blocks=64, host_blocks=0, warm_up_tokens=0)
+    instance = Instance(config, SECRET)
+    try:
+        for i in range(5):
+            done = threading.Event()
+            body = {"id": f"r{i}", "tokens": list(range(1, 3 + i)), "params": {"max_tokens": 1, "ignore_eos": True}}
+            instance.start(body, lambda line, done=done: line.get("done") and done.set())
+            assert done.wait(60)
+        samples = instance.stats()["prefill_samples"]
+        assert [prompt for prompt, _, _ in samples] == [4, 5, 6]  # the last three prompts, in order
+        assert all(seconds > 0 for _, _, seconds in samples)
+    finally:
+        instance.worker.stop()
+        instance.pool.close()

@@ -71,6 +71,7 @@ SECRET_ENV = "MEMSERVE_SECRET"
 WARM_UP_ENV = "MEMSERVE_WARM_UP_TOKENS"
 STOP = web.AppKey("stop", asyncio.Event)
 KEEPALIVE_S = 1.0
+PREFILL_SAMPLES = 256  # the latest prefills' timings /stats shows
 
 
 class Busy(RuntimeError):
@@ -187,7 +188,8 @@ class Instance:
         self.pool.watch_removals(self._on_removed)
         self._count_lock = threading.Lock()
         self.counters = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
-        self.prefill_samples: list[tuple[int, int, float]] = []  # (prompt, cached, seconds), newest last
+        # (prompt, cached, seconds) of the latest prefills, newest last (a long-lived instance keeps a window)
+        self.prefill_samples: deque[tuple[int, int, float]] = deque(maxlen=PREFILL_SAMPLES)
 
     def _on_removed(self, namespace: object, tokens: Any) -> None:
         if namespace is None:
@@ -231,6 +233,8 @@ class Instance:
             "held": len(e.held),
             "queued_tokens": sum(len(s.tokens) - s.num_computed for s in waiting),
         }
+        with self._count_lock:
+            samples = list(self.prefill_samples)
         if check:
             queues["invariants"] = self.worker.call(_check_invariants).result(timeout=60)
         return {
@@ -240,7 +244,7 @@ class Instance:
             "transport_stats": self.pool.transport_stats(),
             "peers": sorted(self.pool.peers()),
             "counters": dict(self.counters),
-            "prefill_samples": self.prefill_samples[-256:],
+            "prefill_samples": samples,
             **({"removed": self.take_removed()} if collect else {}),
         }
 
@@ -304,9 +308,9 @@ class Instance:
         emit: Any,
     ) -> None:
         m = out.metrics
-        if m.first_scheduled is not None and m.first_token is not None and prompt_len == len(tokens):
-            self.prefill_samples.append((prompt_len, m.cached_tokens, m.first_token - m.first_scheduled))
         with self._count_lock:  # the HTTP threads count requests concurrently
+            if m.first_scheduled is not None and m.first_token is not None and prompt_len == len(tokens):
+                self.prefill_samples.append((prompt_len, m.cached_tokens, m.first_token - m.first_scheduled))
             self.counters["prompt_tokens"] += prompt_len
             self.counters["cached_tokens"] += m.cached_tokens
         metrics = {k: v for k, v in asdict(m).items()}
