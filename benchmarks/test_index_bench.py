@@ -62,7 +62,9 @@ class HashChainCache:
             self.table[h] = self.free.pop()
 
 
-def replay_mempool(turns: list[Any], as_list: bool, host_blocks: int) -> dict[str, float]:
+def replay_mempool(turns: list[Any], as_list: bool, host_blocks: int, tails: bool = False) -> dict[str, float]:
+    """``tails``: cache each finished sequence as an engine does (``insert_sequence``: its whole
+    blocks and its partly filled last block), so eviction under pressure drops tails first."""
     pool = MemPool(
         PoolConfig(
             num_layers=1,
@@ -85,11 +87,14 @@ def replay_mempool(turns: list[Any], as_list: bool, host_blocks: int) -> dict[st
         t_match += time.perf_counter() - a
         tok_match += len(prompt)
         hit += m.num_tokens
-        own = pool.alloc(len(full) // BLOCK - len(m.blocks))
+        own = pool.alloc(-(-len(full) // BLOCK) - len(m.blocks) if tails else len(full) // BLOCK - len(m.blocks))
         assert own is not None
         blocks = m.blocks.concat(own)
         a = time.perf_counter()
-        pool.insert(full, blocks)
+        if tails:
+            pool.insert_sequence(full, blocks)
+        else:
+            pool.insert(full, blocks)
         t_insert += time.perf_counter() - a
         tok_insert += len(full)
         pool.free(own)
@@ -151,14 +156,23 @@ PEERS = "peer engines: match 0.09-0.29 us/token, insert 0.06-0.11 us/token (goal
 
 
 @pytest.mark.parametrize(
-    "impl", ["mempool (numpy tokens)", "mempool (list tokens)", "mempool + host tier", "hash chain (baseline)"]
+    "impl",
+    [
+        "mempool (numpy tokens)",
+        "mempool (list tokens)",
+        "mempool + host tier",
+        "mempool + tails",
+        "hash chain (baseline)",
+    ],
 )
 def test_chat_replay(benchmark: Any, report: Any, impl: str) -> None:
     turns = chat_turns(conversations=300, seed=1)
     if impl.startswith("hash"):
         run = lambda: replay_baseline(turns)  # noqa: E731
     else:
-        run = lambda: replay_mempool(turns, as_list="list" in impl, host_blocks=12000 if "host" in impl else 0)  # noqa: E731
+        run = lambda: replay_mempool(  # noqa: E731
+            turns, as_list="list" in impl, host_blocks=12000 if "host" in impl else 0, tails="tails" in impl
+        )
     # three replays, each on a fresh pool; the median of each figure (this shared 2-core machine
     # drifts by tens of percent between runs, mostly on the first)
     runs = [benchmark.pedantic(run, rounds=1, iterations=1)] + [run() for _ in range(ROUNDS - 1)]
@@ -210,3 +224,39 @@ def test_paper_microbenchmarks(report: Any) -> None:
         ax.set(xlabel="cached fraction of a 4K-token prompt", ylabel="match latency (us)", ylim=(0, None))
 
     report.plot("paper_match_vs_cached_fraction", draw)
+
+
+def _pressed_pool(sequences: int, tails: bool) -> MemPool:
+    """A device tier full of finished two-block sequences, cached with their partly filled last
+    block as a tail (an engine's ``insert_sequence``) or as whole blocks only; no free block."""
+    pool = MemPool(PoolConfig(num_layers=1, num_kv_heads=1, head_dim=8, block_size=BLOCK, device_blocks=2 * sequences))
+    for i in range(sequences):
+        blocks = pool.alloc(2)
+        assert blocks is not None
+        tokens = [i, *range(1, BLOCK)] + [7] * (BLOCK // 2 if tails else BLOCK)
+        pool.insert_sequence(tokens, blocks)
+        pool.free(blocks)
+    assert pool.stats()["device"]["free"] == 0 and pool.stats()["index"]["tails"] == (sequences if tails else 0)
+    return pool
+
+
+def test_allocation_under_pressure_with_many_tails(report: Any) -> None:
+    """One block allocated on a full device tier, each allocation evicting: with every sequence's tail
+    kept (dropped first) against whole blocks only, as the number of cached sequences grows.
+    Goal: flat in the number of tails (evicting one must not walk all of them)."""
+    allocs = 2000
+    for sequences in (1_000, 20_000):
+        row: dict[str, Any] = {"cached_sequences": sequences}
+        for tails in (False, True):
+            times = []
+            for _ in range(ROUNDS):
+                pool = _pressed_pool(sequences, tails)
+                a = time.perf_counter()
+                for _ in range(allocs):
+                    assert pool.alloc(1) is not None
+                times.append((time.perf_counter() - a) / allocs)
+                pool.check_invariants()
+            row["tails_us" if tails else "whole_blocks_us"] = float(np.median(times)) * 1e6
+        row["tails_over_whole_blocks"] = row["tails_us"] / row["whole_blocks_us"]
+        report.add("index_alloc_under_pressure", **row)
+    report.note("index_alloc_under_pressure", f"median of {ROUNDS} pools, {allocs} one-block allocations each")

@@ -206,6 +206,28 @@ def test_eviction_keeps_a_tail_whose_sequence_still_holds_its_block() -> None:
     pool.check_invariants()
 
 
+def test_allocation_counts_the_tails_it_can_free_past_one_still_in_use() -> None:
+    """The least recently used tail is still its sequence's: a short allocation skips it, counts the
+    tails behind it and the indexed blocks, and is refused (changing nothing) only past all of them."""
+    pool = make_pool(device_blocks=8, host_blocks=0)
+    held = pool.alloc(1)
+    assert held is not None
+    pool.insert_tail([100, 101], held)  # the oldest tail; its sequence keeps the block
+    finished(pool, [*range(200, 204), 210, 211])  # an indexed block and a tail only the index holds
+    finished(pool, [*range(300, 304), 310, 311])  # the same again
+    assert pool.stats()["device"]["free"] == 3
+    before = snapshot(pool)
+    assert pool.alloc(8) is None  # 5 short; 2 free tails + 2 indexed blocks make 4
+    assert snapshot(pool) == before
+    got = pool.alloc(7)  # 4 short: exactly those four
+    assert got is not None
+    s = pool.stats()["index"]
+    assert s["dropped_tails"] == 2 and s["dropped_device"] == 2 and s["tails"] == 1
+    pool.free(got)
+    pool.free(held)
+    pool.check_invariants()
+
+
 def test_a_tail_that_its_sequence_fills_up_becomes_a_whole_block() -> None:
     pool = make_pool()
     tokens = list(range(100, 106))  # one whole block, and a tail of 2

@@ -402,8 +402,8 @@ class RadixIndex:
         alloc = self._alloc_of(tier)
         short = n - alloc.num_free if isinstance(n, int) else 0
         if short > 0:
-            tails = self.tails.freeable() if tier is Tier.DEVICE and len(self.tails) else 0
-            if short > self._count[tier] - self._locked[tier] + tails:
+            room = self._count[tier] - self._locked[tier]  # unlocked indexed blocks: all evictable
+            if short > room and (tier is not Tier.DEVICE or short > room + self.tails.freeable(short - room)):
                 return None
             self.evict(tier, short)
         return alloc.allocate(n)

@@ -91,13 +91,24 @@ class TailStore:
         """Drop the least recently used tails whose block only the store references until ``free``
         blocks became free (or none is left); returns how many did. A tail whose sequence still
         holds its block stays: dropping it would free nothing."""
-        freed = 0
-        for key, (_, block) in list(self._tails.items()):
-            if freed >= free:
-                break
-            if self._alloc._refs[block] == 1:
-                freed += self.drop_key(key)
-        return freed
+        doomed = self._freeable_keys(free)
+        for key in doomed:
+            self.drop_key(key)
+        return len(doomed)
+
+    def _freeable_keys(self, limit: int) -> list[_Key]:
+        """The keys of the (at most ``limit``) least recently used tails whose block only the store
+        references: a walk from the oldest that stops once it has them, not a pass over every tail."""
+        out: list[_Key] = []
+        if limit <= 0:
+            return out
+        refs = self._alloc._refs
+        for key, (_, block) in self._tails.items():
+            if refs[block] == 1:
+                out.append(key)
+                if len(out) >= limit:
+                    break
+        return out
 
     def drop_under(self, namespace: Hashable, prefix: bytes, kept: int) -> int:
         """Drop every tail of ``namespace`` whose tokens run past the first ``kept`` bytes of
@@ -112,12 +123,10 @@ class TailStore:
             self.drop_key(key)
         return len(doomed)
 
-    def freeable(self) -> int:
-        """Tails whose block only the store references (dropping them frees that many blocks)."""
-        if not self._blocks:
-            return 0
-        ids = np.fromiter(self._blocks, dtype=np.int64, count=len(self._blocks))
-        return int(np.count_nonzero(self._alloc._refs[ids] == 1))
+    def freeable(self, limit: int) -> int:
+        """Tails whose block only the store references (dropping them frees that many blocks),
+        counted up to ``limit``."""
+        return len(self._freeable_keys(limit))
 
     def check(self, where: npt.NDArray[np.int64]) -> None:
         """Assert the store's invariants; ``where``: the tree's device block -> node map."""
