@@ -62,6 +62,10 @@ def check_index(index: RadixIndex) -> None:
         assert np.array_equal(held[tier], index._where[tier]), f"{tier.value} block-to-node map is stale"
         assert count[tier] == index._count[tier], (tier, count[tier], index._count[tier])
         assert locked[tier] == index._locked[tier], (tier, locked[tier], index._locked[tier])
+        heap = index._heaps[tier]  # one live entry per node queued; none for a node that left the tree
+        queued = sum(1 for node in index._nodes.values() if node.pushed[heap._slot] != -1)
+        assert heap._live == queued, (tier, heap._live, queued)
+        assert len(heap) <= 2 * heap._live + 64, (tier, len(heap), heap._live)
         alloc = index._alloc[tier]
         if alloc is not None and held[tier].any():
             refs = alloc._refs[held[tier] != 0]

@@ -7,9 +7,10 @@ A policy only ranks candidates; which nodes are candidates is the tree's rule:
   host copy loses nothing) or childless.
 
 Each tier keeps a lazy min-heap of ``(priority, uid, stamp, node)``. A node is pushed when it
-may have become a candidate or its stamp changed; stale entries (older stamp, removed or no
-longer eligible node) are skipped when popped, and the heap is compacted when stale entries
-outnumber live nodes, so every operation is O(log n) amortised and nothing scans all leaves.
+may have become a candidate or its stamp changed, and forgotten when it leaves the tree; stale
+entries (older stamp, removed or no longer eligible node) are skipped when popped, and the heap
+is compacted when stale entries outnumber live nodes, so every operation is O(log n) amortised,
+nothing scans all leaves, and the heap never outgrows twice the tree (plus a constant).
 A policy's priority must depend only on node state that changes together with ``stamp``.
 """
 
@@ -82,6 +83,15 @@ class CandidateHeap:
         heapq.heappush(self._heap, (self._policy.priority(node), node.uid, node.stamp, node))
         if len(self._heap) > 2 * self._live + 64:
             self._compact()
+
+    def forget(self, node: Node) -> None:
+        """``node`` left the tree: its entry is stale from now on (and compacted away with the rest),
+        so a tree that removes without evicting, by ``delete``, keeps no removed node alive."""
+        if node.pushed[self._slot] != -1:
+            node.pushed[self._slot] = -1
+            self._live -= 1
+            if len(self._heap) > 2 * self._live + 64:
+                self._compact()
 
     def pop(self) -> Node | None:
         """Remove and return the lowest-priority candidate, or ``None``. O(log n) amortised."""

@@ -676,6 +676,8 @@ class RadixIndex:
             if node.host is not None:
                 freed[1] += self._detach(node, Tier.HOST)
             node.removed = True
+            self._dev_heap.forget(node)
+            self._host_heap.forget(node)
             del self._nodes[node.uid]
             self.num_nodes -= 1
         del parent.children[top.key[: self._tb]]
