@@ -240,23 +240,32 @@ def _pressed_pool(sequences: int, tails: bool) -> MemPool:
     return pool
 
 
-def test_allocation_under_pressure_with_many_tails(report: Any) -> None:
-    """One block allocated on a full device tier, each allocation evicting: with every sequence's tail
-    kept (dropped first) against whole blocks only, as the number of cached sequences grows.
-    Goal: flat in the number of tails (evicting one must not walk all of them)."""
-    allocs = 2000
+def test_tails_at_scale(report: Any) -> None:
+    """With every cached sequence's tail kept, against the same sequences as whole blocks only, as
+    the number of cached sequences grows: one block allocated on a full device tier (each
+    allocation evicts; tails go first), and a sequence deleted (its tail goes with it).
+    Goal: flat in the number of tails (neither may walk all of them)."""
+    ops = 500  # at most half the sequences of the smaller pool
     for sequences in (1_000, 20_000):
         row: dict[str, Any] = {"cached_sequences": sequences}
         for tails in (False, True):
-            times = []
+            alloc_s, delete_s = [], []
             for _ in range(ROUNDS):
                 pool = _pressed_pool(sequences, tails)
                 a = time.perf_counter()
-                for _ in range(allocs):
+                for i in range(ops):
+                    assert pool.delete([sequences - 1 - i, *range(1, BLOCK)]) == (1 if tails else 2)
+                delete_s.append((time.perf_counter() - a) / ops)
+                pool = _pressed_pool(sequences, tails)
+                a = time.perf_counter()
+                for _ in range(ops):
                     assert pool.alloc(1) is not None
-                times.append((time.perf_counter() - a) / allocs)
+                alloc_s.append((time.perf_counter() - a) / ops)
                 pool.check_invariants()
-            row["tails_us" if tails else "whole_blocks_us"] = float(np.median(times)) * 1e6
-        row["tails_over_whole_blocks"] = row["tails_us"] / row["whole_blocks_us"]
-        report.add("index_alloc_under_pressure", **row)
-    report.note("index_alloc_under_pressure", f"median of {ROUNDS} pools, {allocs} one-block allocations each")
+            which = "tails" if tails else "whole_blocks"
+            row[f"alloc_{which}_us"] = float(np.median(alloc_s)) * 1e6
+            row[f"delete_{which}_us"] = float(np.median(delete_s)) * 1e6
+        row["alloc_ratio"] = row["alloc_tails_us"] / row["alloc_whole_blocks_us"]
+        row["delete_ratio"] = row["delete_tails_us"] / row["delete_whole_blocks_us"]
+        report.add("index_tails_at_scale", **row)
+    report.note("index_tails_at_scale", f"median of {ROUNDS} pools, {ops} one-block allocations or deletes each")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
 
 from mempool import Blocks, MemPool, Tier
+from mempool.alloc.allocator import BlockAllocator
 from mempool.errors import (
     BlockInUseError,
     BlockNotAllocatedError,
@@ -13,6 +17,7 @@ from mempool.errors import (
     InvalidTokensError,
     WrongTierError,
 )
+from mempool.index.tails import TailStore
 from tests.conftest import fill_random, make_pool
 
 B = 4  # block size of make_pool
@@ -287,3 +292,37 @@ def test_insert_sequence_caches_whole_blocks_and_the_tail_all_or_nothing() -> No
     pool.free(blocks)
     pool.check_invariants()
     assert pool.stats()["device"]["used"] == pool.stats()["device"]["cached"] == 3  # 2 indexed + the tail
+
+
+_BLOCK = st.lists(st.integers(0, 1), min_size=2, max_size=2)  # block size 2, two token values: prefixes collide
+_TAILS = st.lists(st.tuples(st.sampled_from([None, "a"]), st.lists(_BLOCK, max_size=3), st.integers(0, 1)), max_size=24)
+
+
+@given(tails=_TAILS, namespace=st.sampled_from([None, "a"]), kept=st.lists(_BLOCK, max_size=2), block=_BLOCK)
+def test_a_delete_drops_exactly_the_tails_that_continue_or_end_in_what_it_removes(
+    tails: list[tuple[object, list[list[int]], int]], namespace: object, kept: list[list[int]], block: list[int]
+) -> None:
+    """``drop_under`` finds its tails through the sorted prefixes; the oracle is the definition,
+    checked against every tail one by one."""
+
+    def key(blocks: list[list[int]]) -> bytes:
+        return np.array([t for b in blocks for t in b], dtype=np.int32).tobytes()
+
+    alloc = BlockAllocator(Tier.DEVICE, 32, owner=None)
+    store = TailStore(alloc)
+    for ns, blocks, token in tails:
+        own = alloc.allocate(1)
+        assert own is not None
+        store.put(ns, key(blocks), key([[token]]), int(own.ids[0]))
+        alloc.free(own)
+    prefix, cut = key([*kept, block]), len(key(kept))
+    doomed = {  # the definition: the tail's tokens run past kept and agree with prefix that far
+        k
+        for k, (tail, _) in store._tails.items()
+        if k[0] == namespace and len(k[1] + tail) > cut and (k[1] + tail)[: len(prefix)] == prefix[: len(k[1] + tail)]
+    }
+    before = set(store._tails)
+    assert store.drop_under(namespace, prefix, cut) == len(doomed)
+    assert set(store._tails) == before - doomed
+    store.check(np.zeros(32, dtype=np.int64))
+    assert alloc.num_used == len(store)  # a dropped tail's block went back

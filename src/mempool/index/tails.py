@@ -20,6 +20,7 @@ from collections.abc import Hashable
 
 import numpy as np
 import numpy.typing as npt
+from sortedcontainers import SortedList
 
 from mempool.alloc.allocator import BlockAllocator
 from mempool.index.keys import TOKEN_BYTES, common_prefix_tokens
@@ -43,6 +44,9 @@ class TailStore:
         self._tails: OrderedDict[_Key, tuple[bytes, int]] = OrderedDict()
         self._blocks: dict[int, _Key] = {}  # block id -> the tail holding it
         self.mask = np.zeros(alloc.capacity, dtype=bool)  # block id -> held by a tail
+        # per namespace holding tails, their prefix keys in byte order: the tails after any given
+        # prefix are one range of it (what a delete drops)
+        self._prefixes: dict[Hashable, SortedList[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._tails)
@@ -58,6 +62,7 @@ class TailStore:
         self._alloc._retain(np.array([block], dtype=np.int64))  # first: the drop may release the same block
         self.drop_key(key)
         self._tails[key] = (tail, block)
+        self._prefixes.setdefault(namespace, SortedList()).add(prefix)
         self._blocks[block] = key
         self.mask[block] = True
 
@@ -83,6 +88,10 @@ class TailStore:
         got = self._tails.pop(key, None)
         if got is None:
             return 0
+        prefixes = self._prefixes[key[0]]
+        prefixes.remove(key[1])
+        if not prefixes:  # a namespace without tails keeps no entry
+            del self._prefixes[key[0]]
         del self._blocks[got[1]]
         self.mask[got[1]] = False
         return self._alloc.free(Blocks._trusted(Tier.DEVICE, np.array([got[1]], dtype=np.int64), None))
@@ -113,11 +122,19 @@ class TailStore:
     def drop_under(self, namespace: Hashable, prefix: bytes, kept: int) -> int:
         """Drop every tail of ``namespace`` whose tokens run past the first ``kept`` bytes of
         ``prefix`` and agree with it that far (so continue it, or end inside it); returns how
-        many tails were dropped."""
+        many tails were dropped. ``kept`` is a whole number of blocks and ``prefix`` one block
+        more: so the tails after ``prefix`` or a longer prefix, and the tail after exactly
+        ``prefix[:kept]`` where that block starts with it. O(log tails + dropped)."""
         doomed = []
-        for key, (tail, _) in self._tails.items():
-            whole = key[1] + tail
-            if key[0] == namespace and len(whole) > kept and whole[: len(prefix)] == prefix[: len(whole)]:
+        prefixes = self._prefixes.get(namespace)
+        if prefixes is not None and len(prefix) > kept:
+            for p in prefixes.irange(minimum=prefix):  # every key that starts with prefix, in a row
+                if not p.startswith(prefix):
+                    break
+                doomed.append((namespace, p))
+            key = (namespace, prefix[:kept])
+            got = self._tails.get(key)
+            if got is not None and prefix.startswith(got[0], kept):
                 doomed.append(key)
         for key in doomed:
             self.drop_key(key)
@@ -137,3 +154,6 @@ class TailStore:
             assert self._alloc._refs[block] >= 1, f"tail block {block} is free in the allocator"
             assert where[block] == 0, f"tail block {block} is also indexed as a whole block"
         assert int(np.count_nonzero(self.mask)) == len(self._blocks), "stale tail mask"
+        listed = [(ns, p) for ns, ps in self._prefixes.items() for p in ps]
+        assert all(self._prefixes.values()), "a namespace without tails keeps an entry"
+        assert len(listed) == len(self._tails) and set(listed) == set(self._tails), "stale prefix order"
