@@ -137,7 +137,11 @@ class MemPool:
         with self._lock:
             m = self.index.match(tokens, namespace)
             if promote and len(m.host_blocks):
-                self.index.promote(m)
+                try:
+                    self.index.promote(m)
+                except BaseException:  # (a failed copy) the caller never gets the match: unlock it
+                    m.release()
+                    raise
             return m
 
     def insert_tail(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> bool:
@@ -221,6 +225,8 @@ class MemPool:
         The caller's references to ``blocks`` pass to the handle, which drops them once the
         copy has landed; ``handle.wait()`` returns the new host blocks (one reference each,
         owned by the caller). Returns ``None`` when the host tier has no room (nothing changes).
+        If the copy fails, ``handle.wait()`` raises its error and the caller keeps ``blocks``
+        (the new blocks are freed).
 
         Raises:
             WrongTierError, BlockNotAllocatedError, ForeignBlockError, InvalidBlockError,
@@ -246,11 +252,15 @@ class MemPool:
             got = self.index.allocate(dst, len(ids))
             if got is None:
                 return None
-            if wait:
-                self._swap.copy(src, ids, dst, got.ids)
-                job: CopyJob = DoneJob()
-            else:
-                job = self._swap.copy_async(src, ids, dst, got.ids)
+            try:
+                if wait:
+                    self._swap.copy(src, ids, dst, got.ids)
+                    job: CopyJob = DoneJob()
+                else:
+                    job = self._swap.copy_async(src, ids, dst, got.ids)
+            except BaseException:  # the copy failed (or could not start): the caller keeps its blocks
+                self._alloc_of(dst).free(got)
+                raise
             return SwapHandle(job, blocks, got, self._release)
 
     def _release(self, blocks: Blocks) -> None:

@@ -124,6 +124,71 @@ def test_swap_misuse_raises_and_changes_nothing(pool: MemPool) -> None:
     pool.free(own)
 
 
+class _CopyFailed(RuntimeError):
+    pass
+
+
+def _fail(*args: object, **kwargs: object) -> None:
+    raise _CopyFailed("copy failed")
+
+
+@pytest.fixture
+def failing_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every copy between tiers fails before it moves a byte (as a CUDA error or an interrupted
+    copy would surface), for the swap engine's sync and async paths alike."""
+    monkeypatch.setattr("mempool.transport.swap.copy_blocks", _fail)
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_failed_swap_leaves_the_caller_its_blocks_and_frees_the_new_ones(failing_copies: None, how: str) -> None:
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    blocks = pool.alloc(3)
+    assert blocks is not None
+    written = fill_random(pool, blocks, seed=3)
+    before = snapshot(pool)
+    if how == "sync":
+        with pytest.raises(_CopyFailed):
+            pool.swap_out(blocks)
+    else:
+        handle = pool.swap_out_async(blocks)
+        assert handle is not None
+        for _ in range(2):  # the error every time, and the swap undone once
+            with pytest.raises(_CopyFailed):
+                handle.wait()
+        assert handle.done()
+    assert snapshot(pool) == before  # the host blocks went back; the device blocks are still ours
+    assert torch.equal(read(pool, blocks), written)
+    pool.free(blocks)
+    pool.check_invariants()
+    assert pool.stats()["device"]["used"] == 0 and pool.stats()["host"]["used"] == 0
+
+
+def test_a_failed_promotion_or_demotion_changes_nothing(failing_copies: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index's moves between tiers: a match that would promote, an eviction that would demote."""
+    pool = make_pool(device_blocks=4, host_blocks=4)
+    tokens = list(range(8))  # two blocks of 4
+    blocks = pool.alloc(2)
+    assert blocks is not None
+    pool.insert(tokens, blocks)
+    pool.free(blocks)
+    before = snapshot(pool)
+    with pytest.raises(_CopyFailed):  # the demotion's copy fails: nothing is evicted
+        pool.alloc(4)
+    assert snapshot(pool) == before
+    with pytest.raises(_CopyFailed):  # again: the prefix is still a candidate, not lost from the queue
+        pool.evict(2)
+    assert snapshot(pool) == before
+    monkeypatch.undo()  # copies work again: demote, then fail the promotion
+    assert pool.evict(2) == 2 and pool.stats()["host"]["cached"] == 2
+    before = snapshot(pool)
+    monkeypatch.setattr("mempool.transport.swap.copy_blocks", _fail)
+    with pytest.raises(_CopyFailed):
+        pool.match(tokens + [9], promote=True)
+    assert snapshot(pool) == before  # no device block taken, no lock left
+    assert pool.stats()["index"]["host_locked"] == 0
+    pool.check_invariants()
+
+
 def test_full_host_tier_is_back_pressure() -> None:
     pool = make_pool(device_blocks=8, host_blocks=4)
     host_own = pool.alloc(3, "host")

@@ -263,7 +263,7 @@ class RadixIndex:
         todo = [n for n in last.path() if n.device is None]  # a match ends at a node's end
         src = np.concatenate([n.host for n in todo if n.host is not None])
         assert src.size == need, (src.size, need)
-        self._mover(Tier.HOST, src, Tier.DEVICE, got.ids)
+        self._move(Tier.HOST, src, Tier.DEVICE, got)
         off = 0
         for node in todo:  # top first, so device residency stays prefix-closed
             self._attach(node, Tier.DEVICE, got.ids[off : off + node.nblocks])
@@ -632,6 +632,15 @@ class RadixIndex:
         self._offer(head)
         return head
 
+    def _move(self, src: Tier, ids: IdArray, dst: Tier, got: Blocks) -> None:
+        """Copy blocks ``ids`` into ``got`` (just allocated); if the copy fails, free ``got`` and raise."""
+        assert self._mover is not None
+        try:
+            self._mover(src, ids, dst, got.ids)
+        except BaseException:
+            self._alloc_of(dst).free(got)
+            raise
+
     def _evict_device(self, node: Node) -> int:
         host = self._alloc[Tier.HOST]
         k = node.nblocks
@@ -641,7 +650,11 @@ class RadixIndex:
             got = host.allocate(k)
             if got is not None:
                 assert node.device is not None
-                self._mover(Tier.DEVICE, node.device, Tier.HOST, got.ids)
+                try:
+                    self._move(Tier.DEVICE, node.device, Tier.HOST, got)
+                except BaseException:
+                    self._offer(node)  # still cached as it was: a candidate again
+                    raise
                 self._attach(node, Tier.HOST, got.ids)
         if node.host is not None:
             self.counters["demoted"] += k

@@ -16,7 +16,9 @@ class SwapHandle:
 
     Owns the caller's references to the source blocks until the copy has landed, then drops
     them. ``wait()`` returns the destination blocks, whose references belong to the caller;
-    they must not be read before ``wait()`` returns (or ``done()`` is true).
+    they must not be read before ``wait()`` has returned them. If the copy failed,
+    ``wait()`` raises its error, every time: the destination blocks are freed and the source
+    blocks, untouched, are the caller's again, as before the swap.
     """
 
     def __init__(self, job: CopyJob, src: Blocks, dst: Blocks, release: Callable[[Blocks], None]) -> None:
@@ -25,10 +27,12 @@ class SwapHandle:
         self.blocks = dst
         self._release = release
         self._finished = False
+        self._error: BaseException | None = None
         self._mutex = threading.Lock()
 
     def done(self) -> bool:
-        """Whether the copy has landed (finishes the handle if so). Never blocks on the copy."""
+        """Whether the copy has ended, landed or failed (finishes the handle if so; ``wait()`` says
+        which). Never blocks on the copy."""
         if self._finished:
             return True
         if self._job.done():
@@ -39,16 +43,28 @@ class SwapHandle:
     def wait(self) -> Blocks:
         """Block until the copy has landed; return the destination blocks."""
         if not self._finished:
-            self._job.wait()
+            try:
+                self._job.wait()
+            except BaseException:
+                if not self._job.done():
+                    raise  # interrupted while waiting (Ctrl-C): the copy goes on, the handle stands
+                # the copy's own error: _finish takes it up, once, whichever thread gets there first
             self._finish()
+        if self._error is not None:
+            raise self._error
         return self.blocks
 
     def _finish(self) -> None:
         with self._mutex:
             if self._finished:
                 return
-            self._job.wait()  # already complete; surfaces a copy error, if any
-            self._release(self._src)
+            try:
+                self._job.wait()  # already complete; surfaces a copy error, if any
+            except BaseException as exc:  # nothing landed that counts: undo the swap
+                self._error = exc
+                self._release(self.blocks)
+            else:
+                self._release(self._src)
             self._finished = True
 
     def __repr__(self) -> str:
