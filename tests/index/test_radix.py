@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -320,6 +323,27 @@ def test_release_twice_is_a_lock_underflow(pool: MemPool) -> None:
     with pytest.raises(HandleReleasedError):
         pool.promote(m)
     assert pool.stats()["device"]["evictable"] == 1
+
+
+def test_a_match_dropped_unreleased_says_so_and_keeps_its_lock(pool: MemPool) -> None:
+    """A leaked lock makes its prefix unevictable for good: the match warns when it is collected
+    (a ResourceWarning, as an unclosed file does) and does not release, since its caller may
+    still read the blocks it handed out."""
+    cache(pool, toks(1, 2))
+    m = pool.match(toks(1, 2))
+    blocks = m.blocks
+    with pytest.warns(ResourceWarning, match="dropped without release"):
+        del m
+        gc.collect()
+    assert pool.stats()["device"]["evictable"] == 0 and pool.evict(2) == 0
+    assert blocks.tolist() == [0, 1]
+    with warnings.catch_warnings(record=True) as seen:  # released, or matching nothing: no warning
+        warnings.simplefilter("always")
+        with pool.match(toks(1, 2)):
+            pass
+        pool.match(toks(7))
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -90,6 +91,18 @@ class Match:
     ) -> None:
         if not self._released:
             self.release()
+
+    def __del__(self) -> None:
+        # A match dropped unreleased keeps its blocks locked (never evictable) for the life of the
+        # pool. Releasing here could free blocks a caller still reads through ``blocks``, so it
+        # only says so, as an unclosed file does (``python -X dev`` or ``-W default`` shows it).
+        if not self._released and self._last is not None:
+            try:
+                warnings.warn(
+                    f"{self!r} was dropped without release(): its blocks stay locked", ResourceWarning, stacklevel=2
+                )
+            except Exception:  # interpreter shutdown
+                pass
 
     def __repr__(self) -> str:
         state = "released" if self._released else "locked"
