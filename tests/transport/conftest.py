@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -57,8 +58,9 @@ class PeerProcess:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._pumps = [threading.Thread(target=f, daemon=True) for f in (self._pump, self._pump_err)]
+        for t in self._pumps:
+            t.start()
         ready = self._read(60)
         assert ready.get("ready"), ready
         self.host, self.port = ready["host"], ready["port"]
@@ -152,6 +154,16 @@ class PeerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def close_pipes(self) -> None:
+        """Once the process has ended: let the readers reach the end of its output, then close
+        the pipes (left to the collector, they warn as unclosed files)."""
+        for t in self._pumps:
+            t.join(5)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., PeerProcess]]:
@@ -166,3 +178,4 @@ def spawn() -> Iterator[Callable[..., PeerProcess]]:
     for p in started:
         p.stop()
         p.kill()
+        p.close_pipes()

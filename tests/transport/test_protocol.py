@@ -99,6 +99,9 @@ def test_channel_round_trip_and_bad_frames() -> None:
             await ch4.recv()
         for c in (ch, ch2, ch3, ch4, other):
             await c.close()
+        for w in (raw_w2, raw_w3):  # the accepting ends no channel wraps
+            w.close()
+            await w.wait_closed()
         for s in (server, server2, server3, server4):
             s.close()
 
