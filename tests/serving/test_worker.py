@@ -97,3 +97,31 @@ def test_a_listener_that_raises_loses_only_its_own_outputs(make_engine: Callable
         worker.stop()
     late = worker.call(lambda e: None)  # after stop: refused, not queued for ever
     assert isinstance(late.exception(timeout=1), WorkerStopped)
+
+
+def test_a_cache_insert_that_fails_at_finish_leaks_nothing(make_engine: Callable[..., Engine]) -> None:
+    """The request whose finishing insert failed ends with ``error``; its lock and blocks go back,
+    and the next request runs as if nothing happened."""
+    engine = make_engine(caching=True)
+    prompt = make_prompts([13], seed=24)[0]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    expected = make_engine().generate([prompt], params)[0]
+    insert, calls = engine.pool.insert_sequence, []
+
+    def failing_at_finish(*args: Any, **kwargs: Any) -> int:
+        calls.append(args)
+        if len(calls) == 2:  # the first caches the prefill's whole blocks, the second the finished sequence
+            raise RuntimeError("injected failure")
+        return insert(*args, **kwargs)
+
+    engine.pool.insert_sequence = failing_at_finish  # type: ignore[method-assign]
+    worker = EngineWorker(engine)
+    try:
+        failed = _submit(worker, prompt, params, "a")
+        assert failed[-1].finish_reason == "error" and len(calls) == 2
+        worker.call(assert_no_leaks).result(timeout=30)
+        fine = _submit(worker, prompt, params, "b")
+        assert [t for o in fine for t in o.new_token_ids] == expected and fine[-1].finish_reason == "length"
+        worker.call(assert_no_leaks).result(timeout=30)
+    finally:
+        worker.stop()

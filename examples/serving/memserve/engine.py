@@ -502,15 +502,19 @@ class Engine:
         del self._by_id[seq.id]
 
     def _release(self, seq: Sequence, *, cache: bool) -> None:
-        """Cache the sequence's full computed blocks (if ``cache``), then drop its locks and references."""
-        if cache:
-            self._cache(seq)
-        if seq.match is not None:
-            seq.match.release()
-        for blocks in (seq.own, seq.swapped):
-            if blocks is not None and len(blocks):
-                self.pool.free(blocks)
-        seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
+        """Cache the sequence's full computed blocks (if ``cache``), then drop its locks and references
+        (those go even if caching fails: a failed insert must not also leak the request's blocks)."""
+        try:
+            if cache:
+                self._cache(seq)
+        finally:
+            match, own, swapped = seq.match, seq.own, seq.swapped
+            seq.match, seq.own, seq.swapped, seq.prefix_blocks = None, None, None, 0
+            if match is not None:
+                match.release()
+            for blocks in (own, swapped):
+                if blocks is not None and len(blocks):
+                    self.pool.free(blocks)
 
     def _cache(self, seq: Sequence, *, tail: bool = True) -> None:
         """Insert the sequence's full computed blocks into the index (context caching), and with
