@@ -1,7 +1,9 @@
 """Fuzz the public MemPool API with random valid and invalid calls (hypothesis state machine).
 
 Every call either succeeds or raises a typed error (a ``MemPoolError``; misuse ones are also
-``ValueError``), and the pool's invariants hold after every call, errors included.
+``ValueError``), and the pool's invariants hold after every call, errors included. At times every
+copy between tiers fails (as a device error would): the calls that copy raise it, and still
+nothing leaks.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import mempool.transport.swap as swap_module
 from mempool import Blocks, MemPool, PoolConfig, Tier
 from mempool.errors import MemPoolError
 
@@ -27,9 +30,22 @@ TIERS = st.sampled_from([Tier.DEVICE, Tier.HOST, "device", "host", "gpu", 3])
 COUNTS = st.one_of(st.integers(-2, 12), st.just(1.5), st.just(True), st.just("2"))
 
 
+class _CopyFailed(RuntimeError):
+    pass
+
+
 class PoolFuzz(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        self.failing = False  # every copy between tiers raises while set (swaps, promotions, demotions)
+        real = self._real_copy = swap_module.copy_blocks
+
+        def copy_blocks(*args: Any, **kwargs: Any) -> None:
+            if self.failing:
+                raise _CopyFailed("injected")
+            real(*args, **kwargs)
+
+        swap_module.copy_blocks = copy_blocks  # type: ignore[assignment]
         self.pool = MemPool(
             PoolConfig(
                 num_layers=1, num_kv_heads=1, head_dim=2, block_size=2, device_blocks=8, host_blocks=4, dtype="float32"
@@ -43,6 +59,9 @@ class PoolFuzz(RuleBasedStateMachine):
             return True, fn(*args, **kw)
         except MemPoolError:
             return False, None  # typed: fine (a ValueError too where it is misuse)
+        except _CopyFailed:
+            assert self.failing
+            return False, None  # what the failed copy had taken was given back (the invariants say)
 
     def pick(self, data: st.DataObject) -> Blocks:
         """Some of our blocks (one tier), or ids we may not hold at all."""
@@ -136,11 +155,16 @@ class PoolFuzz(RuleBasedStateMachine):
         if ok:
             self.own(blocks, 1)
 
+    @rule(on=st.booleans())
+    def copies_fail(self, on: bool) -> None:
+        self.failing = on
+
     @invariant()
     def consistent(self) -> None:
         self.pool.check_invariants()
 
     def teardown(self) -> None:
+        swap_module.copy_blocks = self._real_copy  # type: ignore[assignment]
         for m in self.matches:
             m.release()
         for (tier, i), k in self.refs.items():
