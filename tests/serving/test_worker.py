@@ -6,6 +6,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from memserve import Engine, SamplingParams
 from memserve.engine import RequestOutput
 from memserve.worker import EngineWorker, WorkerStopped
@@ -122,6 +124,102 @@ def test_a_cache_insert_that_fails_at_finish_leaks_nothing(make_engine: Callable
         worker.call(assert_no_leaks).result(timeout=30)
         fine = _submit(worker, prompt, params, "b")
         assert [t for o in fine for t in o.new_token_ids] == expected and fine[-1].finish_reason == "length"
+        worker.call(assert_no_leaks).result(timeout=30)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("failing", ["copy_tail", "alloc"])
+def test_a_failed_copy_at_admission_leaks_nothing(make_engine: Callable[..., Engine], failing: str) -> None:
+    """A copy fails (a device error) while a request is admitted: the kept tail's copy into its new
+    block, or the demotion an allocation's eviction makes. That step fails; the request's match and
+    blocks are given back (not left on it, or in no one's hands, when it is admitted again), and its
+    answer is exact."""
+    engine = make_engine(caching=True)
+    first = make_prompts([13], seed=25)[0]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    out = engine.generate([first], params)[0]
+    follow = first + out + make_prompts([5], seed=26)[0]  # continues the first: its prefix and tail serve
+    expected = make_engine().generate([follow], params)[0]
+    real, calls = getattr(engine.pool, failing), []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("injected copy failure")
+        return real(*args, **kwargs)
+
+    setattr(engine.pool, failing, failing_once)
+    worker = EngineWorker(engine)
+    try:
+        again = _submit(worker, follow, params, "b")  # admitted again after the failed step
+        assert [t for o in again for t in o.new_token_ids] == expected and len(calls) >= 2
+        worker.call(assert_no_leaks).result(timeout=30)
+    finally:
+        worker.stop()
+
+
+def test_a_failed_copy_while_growing_a_running_request_ends_it_not_hangs_it(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """Growing the running requests by a block needs an allocation whose eviction copies (a
+    demotion), and that copy fails: the requests that step had in hand end with ``error``; none is
+    dropped from the engine's lists unanswered (its client would wait for ever), nothing leaks."""
+    engine = make_engine(caching=True)
+    prompt = make_prompts([13], seed=27)[0]
+    params = SamplingParams(max_tokens=8, ignore_eos=True)  # crosses into a new block of 4 while decoding
+    expected = make_engine().generate([prompt], params)[0]
+    real, calls = engine.pool.alloc, []
+
+    def failing_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:  # the first admits the request, the second grows it
+            raise RuntimeError("injected copy failure")
+        return real(*args, **kwargs)
+
+    engine.pool.alloc = failing_second  # type: ignore[method-assign]
+    worker = EngineWorker(engine)
+    try:
+        failed = _submit(worker, prompt, params, "a")
+        assert failed[-1].finish_reason == "error" and len(calls) >= 2
+        worker.call(assert_no_leaks).result(timeout=30)
+        fine = _submit(worker, prompt, params, "b")
+        assert [t for o in fine for t in o.new_token_ids] == expected
+        worker.call(assert_no_leaks).result(timeout=30)
+    finally:
+        worker.stop()
+
+
+def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
+    make_engine: Callable[..., Engine],
+) -> None:
+    """Two requests admitted in one step, the second's allocation fails (a copy in its eviction):
+    the first, admitted already, is not dropped unanswered; both end, nothing leaks."""
+    engine = make_engine(caching=True)
+    prompts = make_prompts([9, 11], seed=28)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    real, calls = engine.pool.alloc, []
+
+    def failing_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("injected copy failure")
+        return real(*args, **kwargs)
+
+    engine.pool.alloc = failing_second  # type: ignore[method-assign]
+    worker = EngineWorker(engine)
+    outs: dict[str, list[RequestOutput]] = {"a": [], "b": []}
+    done = {rid: threading.Event() for rid in outs}
+
+    def add(engine: Engine) -> None:
+        for rid, prompt in zip(outs, prompts):
+            engine.add_request(prompt, params, rid)
+            worker.listen(rid, lambda out, rid=rid: (outs[rid].append(out), out.finished and done[rid].set()))
+
+    try:
+        worker.call(add).result(timeout=30)
+        assert all(event.wait(60) for event in done.values())  # each ends: none hangs
+        assert [outs[rid][-1].finish_reason for rid in outs] == ["error", "length"]
         worker.call(assert_no_leaks).result(timeout=30)
     finally:
         worker.stop()

@@ -284,18 +284,20 @@ class Engine:
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         budget = self.config.max_prefill_tokens
-        while self.waiting and len(self.running) + len(admitted) < self.config.max_running and not self.swapped:
-            seq = self.waiting[0]
-            if admitted and len(seq.tokens) > budget:
-                break
-            if not self._allocate(seq):
-                break
-            self.waiting.popleft()
-            budget -= len(seq.tokens) - seq.num_computed
-            admitted.append(seq)
-            if budget <= 0:
-                break
-        self.running += admitted
+        try:
+            while self.waiting and len(self.running) + len(admitted) < self.config.max_running and not self.swapped:
+                seq = self.waiting[0]
+                if admitted and len(seq.tokens) > budget:
+                    break
+                if not self._allocate(seq):
+                    break
+                self.waiting.popleft()
+                budget -= len(seq.tokens) - seq.num_computed
+                admitted.append(seq)
+                if budget <= 0:
+                    break
+        finally:  # those admitted before a failure are running (a failed step ends them), not lost
+            self.running += admitted
         return admitted
 
     def _allocate(self, seq: Sequence) -> bool:
@@ -307,15 +309,26 @@ class Engine:
         if self.config.caching and not _scores_prompt(seq):
             match = self.pool.match(seq.tokens[:-1], self.config.namespace, promote=True)
         hit = 0 if match is None else len(match.blocks)
-        own = self.pool.alloc(-(-len(seq.tokens) // bs) - hit)
+        try:
+            own = self.pool.alloc(-(-len(seq.tokens) // bs) - hit)
+        except BaseException:  # (an eviction's copy to the host failed) the request waits, holding nothing
+            if match is not None:
+                match.release()
+            raise
         if own is None:
             if match is not None:
                 match.release()
             return False
-        seq.match, seq.prefix_blocks, seq.own = match, hit, own
-        seq.num_computed = hit * bs
+        extra = 0
         if match is not None:  # the K/V of a few more tokens, from a finished sequence's last block
-            seq.num_computed += self.pool.copy_tail(seq.tokens[:-1], hit * bs, own[:1], self.config.namespace)
+            try:
+                extra = self.pool.copy_tail(seq.tokens[:-1], hit * bs, own[:1], self.config.namespace)
+            except BaseException:  # (the copy failed) likewise
+                match.release()
+                self.pool.free(own)
+                raise
+        seq.match, seq.prefix_blocks, seq.own = match, hit, own
+        seq.num_computed = hit * bs + extra
         if seq.metrics.first_scheduled is None:
             seq.metrics.first_scheduled = _now()
             seq.metrics.cached_tokens = seq.num_computed
@@ -326,18 +339,26 @@ class Engine:
         """Make room for every running sequence's next token, preempting from the back if needed."""
         bs = self.block_size
         ready: list[Sequence] = []
-        while self.running:
-            seq = self.running.pop(0)
-            while seq.state is State.RUNNING and len(seq.table) * bs < len(seq.tokens):
-                more = self.pool.alloc(1)
-                if more is not None:
-                    assert seq.own is not None
-                    seq.own = seq.own.concat(more)
-                    continue
-                victim = self.running.pop() if self.running else seq
-                self._preempt(victim)
-            if seq.state is State.RUNNING:
-                ready.append(seq)
+        seq = victim = None
+        try:
+            while self.running:
+                seq = self.running.pop(0)
+                while seq.state is State.RUNNING and len(seq.table) * bs < len(seq.tokens):
+                    more = self.pool.alloc(1)
+                    if more is not None:
+                        assert seq.own is not None
+                        seq.own = seq.own.concat(more)
+                        continue
+                    victim = self.running.pop() if self.running else seq
+                    self._preempt(victim)
+                    victim = None
+                if seq.state is State.RUNNING:
+                    ready.append(seq)
+                seq = None
+        except BaseException:  # (a failed copy) every request in hand runs again, for the failed step to end
+            held = [s for s in (seq, victim) if s is not None and s.state is State.RUNNING]
+            self.running = ready + list(dict.fromkeys(held)) + self.running
+            raise
         self.running = ready
         return ready
 
