@@ -62,7 +62,10 @@ class TailStore:
         self._alloc._retain(np.array([block], dtype=np.int64))  # first: the drop may release the same block
         self.drop_key(key)
         self._tails[key] = (tail, block)
-        self._prefixes.setdefault(namespace, SortedList()).add(prefix)
+        prefixes = self._prefixes.get(namespace)
+        if prefixes is None:
+            prefixes = self._prefixes[namespace] = SortedList()
+        prefixes.add(prefix)
         self._blocks[block] = key
         self.mask[block] = True
 
