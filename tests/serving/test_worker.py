@@ -34,6 +34,21 @@ def _submit(worker: EngineWorker, prompt: list[int], params: SamplingParams, rid
     return outs
 
 
+def _fail_nth(pool: Any, name: str, nth: int) -> list[Any]:
+    """Make ``pool.<name>`` raise on its ``nth`` call (an injected failure, as a device error would
+    surface); returns the list its calls are recorded in."""
+    real, calls = getattr(pool, name), []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == nth:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    setattr(pool, name, failing)
+    return calls
+
+
 def test_a_failed_step_ends_its_requests_with_error_and_the_worker_goes_on(
     make_engine: Callable[..., Engine],
 ) -> None:
@@ -108,15 +123,8 @@ def test_a_cache_insert_that_fails_at_finish_leaks_nothing(make_engine: Callable
     prompt = make_prompts([13], seed=24)[0]
     params = SamplingParams(max_tokens=5, ignore_eos=True)
     expected = make_engine().generate([prompt], params)[0]
-    insert, calls = engine.pool.insert_sequence, []
-
-    def failing_at_finish(*args: Any, **kwargs: Any) -> int:
-        calls.append(args)
-        if len(calls) == 2:  # the first caches the prefill's whole blocks, the second the finished sequence
-            raise RuntimeError("injected failure")
-        return insert(*args, **kwargs)
-
-    engine.pool.insert_sequence = failing_at_finish  # type: ignore[method-assign]
+    # the first call caches the prefill's whole blocks, the second the finished sequence
+    calls = _fail_nth(engine.pool, "insert_sequence", 2)
     worker = EngineWorker(engine)
     try:
         failed = _submit(worker, prompt, params, "a")
@@ -141,15 +149,7 @@ def test_a_failed_copy_at_admission_leaks_nothing(make_engine: Callable[..., Eng
     out = engine.generate([first], params)[0]
     follow = first + out + make_prompts([5], seed=26)[0]  # continues the first: its prefix and tail serve
     expected = make_engine().generate([follow], params)[0]
-    real, calls = getattr(engine.pool, failing), []
-
-    def failing_once(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        if len(calls) == 1:
-            raise RuntimeError("injected copy failure")
-        return real(*args, **kwargs)
-
-    setattr(engine.pool, failing, failing_once)
+    calls = _fail_nth(engine.pool, failing, 1)
     worker = EngineWorker(engine)
     try:
         again = _submit(worker, follow, params, "b")  # admitted again after the failed step
@@ -169,15 +169,7 @@ def test_a_failed_copy_while_growing_a_running_request_ends_it_not_hangs_it(
     prompt = make_prompts([13], seed=27)[0]
     params = SamplingParams(max_tokens=8, ignore_eos=True)  # crosses into a new block of 4 while decoding
     expected = make_engine().generate([prompt], params)[0]
-    real, calls = engine.pool.alloc, []
-
-    def failing_second(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        if len(calls) == 2:  # the first admits the request, the second grows it
-            raise RuntimeError("injected copy failure")
-        return real(*args, **kwargs)
-
-    engine.pool.alloc = failing_second  # type: ignore[method-assign]
+    calls = _fail_nth(engine.pool, "alloc", 2)  # the first call admits the request, the second grows it
     worker = EngineWorker(engine)
     try:
         failed = _submit(worker, prompt, params, "a")
@@ -198,15 +190,7 @@ def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
     engine = make_engine(caching=True)
     prompts = make_prompts([9, 11], seed=28)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
-    real, calls = engine.pool.alloc, []
-
-    def failing_second(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        if len(calls) == 2:
-            raise RuntimeError("injected copy failure")
-        return real(*args, **kwargs)
-
-    engine.pool.alloc = failing_second  # type: ignore[method-assign]
+    _fail_nth(engine.pool, "alloc", 2)
     worker = EngineWorker(engine)
     outs: dict[str, list[RequestOutput]] = {"a": [], "b": []}
     done = {rid: threading.Event() for rid in outs}
