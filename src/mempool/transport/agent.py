@@ -6,7 +6,7 @@ receipt expiry and both halves of every transfer. A transfer of ``n`` blocks::
     sender                                   receiver
     share(blocks)  (the transfer's lock)
     begin {xid, n, key | tokens}      --->   match(tokens) -> k cached; alloc(n - k)
-                                      <---   ready {skip: k, segments}   (or fail {no_space})
+                                      <---   ready {skip: k, segments}   (or fail {code})
     per segment: storage view, or a          per segment: receive into its KV storage
       gather into staging; one message  ==>    (or staging, then one scatter)
                                              insert_sequence(tokens, cached + new) | receipt[key]
@@ -24,7 +24,9 @@ On one host, with both pools' CPU tiers in shared memory, a transfer is a pull i
 Any failure (peer closed, crashed, stalled past the deadline, protocol error) tears the whole
 link down first, so no late byte can land in a block that is then freed, and the receiver frees
 what it allocated for unfinished transfers and indexes nothing. A peer that comes back is a new
-incarnation and must connect again.
+incarnation and must connect again. A receiver that fails before any of the sender's data can be
+on the link (bad request, no room, an error of its own such as a failed copy between its tiers)
+answers ``fail`` instead: that transfer alone fails and the link stays.
 """
 
 from __future__ import annotations
@@ -679,6 +681,7 @@ class TransferAgent:
         staging: list[torch.Tensor] = []
         inflight: list[asyncio.Task[None]] = []
         reserved: str | None = None
+        streaming = False  # "ready" is sent: the sender's data may be on the link
         self._receiving += 1  # until every block of it is back: a dropped peer's transfers still count
         try:
             n, key, ns = msg.get("n"), msg.get("key"), msg.get("ns")
@@ -729,6 +732,7 @@ class TransferAgent:
                 if time.monotonic() >= until:  # the sender may have let go of its blocks meanwhile
                     raise TransferTimeoutError(f"pull from {peer.name} ended after the sender's deadline")
             else:
+                streaming = True
                 await self._receive(peer, msg, xid, skip, ids, storage, staging, inflight)
             # every byte has landed: only now does anything become visible
             if tokens is not None:
@@ -755,9 +759,11 @@ class TransferAgent:
         except (MemPoolError, ValueError) as exc:  # e.g. bad tokens or a malformed field from the peer
             if peer.alive:
                 await self._fail(peer, xid, "bad_request", str(exc))
-        except Exception as exc:  # nothing above foresaw it: end the link rather than leave the sender waiting
+        except Exception as exc:  # nothing above foresaw it (a failed copy here, say)
             log.exception("agent %s: serving transfer %d from %s failed", self.name, xid, peer.name)
-            if peer.alive:
+            if peer.alive and not streaming:  # nothing of the sender's is on the link: refuse, keep it
+                await self._fail(peer, xid, "receiver_error", f"{self.name} failed: {exc!r}")
+            elif peer.alive:  # data may be on its way: end the link rather than leave the sender waiting
                 await self._drop(peer, PeerLostError(f"transfer {xid} from {peer.name} failed: {exc!r}"))
         finally:
             try:

@@ -1,0 +1,117 @@
+"""A receiver that fails on its own before any of the sender's data can be on the link (a copy
+between its tiers while it makes room or promotes what it caches, or the copy of a same-host
+pull): that transfer fails typed on the sender at once, the receiver keeps nothing of it, and
+the link stays up for the next one.
+
+Two pools in this process (``tests/transport/inproc.py``), over the torch backend's data link and
+over the same-host pull.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from mempool import MemPool
+from mempool.errors import TransferError
+from mempool.types import Blocks
+
+from ..conftest import fill_random, make_tokens
+from .inproc import DEADLINE_S, connected, unchanged
+
+
+class _CopyFailed(RuntimeError):
+    """What a failing copy (a CUDA error, say) raises here."""
+
+
+def _fail(*args: object, **kwargs: object) -> None:
+    raise _CopyFailed("the copy failed")
+
+
+@pytest.fixture(params=[False, True], ids=["link", "pull"])
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[MemPool, MemPool]]:
+    with connected(request.param) as (a, b):
+        yield a, b
+
+
+def _rows(pool: MemPool, blocks: Blocks) -> torch.Tensor:
+    """The bytes of ``blocks``, one row a block."""
+    return pool.storage(blocks.tier).flat[torch.tensor(blocks.ids.tolist())]
+
+
+def _refused(a: MemPool, b: MemPool, send: Callable[[], object]) -> None:
+    """``send()`` fails typed and at once; both ends keep the link, and ``a`` its blocks."""
+    before_a, before_b = a.stats(), b.stats()
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="_CopyFailed"):
+        send()
+    assert time.monotonic() - start < DEADLINE_S / 4  # answered, not waited out
+    assert "b" in a.peers() and "a" in b.peers()
+    unchanged(b, before_b)  # nothing allocated, received, cached or promoted there
+    assert a.stats() == before_a  # the sender's blocks are its own again, none held for a pull
+
+
+def test_a_receiver_whose_copy_between_tiers_fails_refuses_and_keeps_the_link(
+    pair: tuple[MemPool, MemPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    bs = b.config.block_size
+    held = b.config.device_blocks
+    # b's device tier is all cached prefixes of 2 blocks: room for a transfer of 2 means a
+    # demotion of one whole prefix (one that split a prefix would keep the split, as any does)
+    prefixes = [make_tokens(2 * bs, seed=10 + i) for i in range(held // 2)]
+    for prefix in prefixes:
+        cached = b.alloc(2)
+        assert cached is not None
+        b.insert(prefix, cached)
+        b.free(cached)
+    blocks = a.alloc(2)
+    assert blocks is not None
+    fill_random(a, blocks, seed=2)
+    tokens = make_tokens(2 * bs, seed=2)
+
+    monkeypatch.setattr("mempool.transport.swap.copy_blocks", _fail)
+    _refused(a, b, lambda: a.transfer("b", blocks, key="k"))
+    _refused(a, b, lambda: a.transfer_with_insert("b", tokens, blocks))
+    assert b.claim("k") is None
+
+    monkeypatch.undo()  # copies work: b demotes its prefix; promoting it back will fail
+    assert b.evict(held) == held and b.stats()["host"]["cached"] == held
+    monkeypatch.setattr("mempool.transport.swap.copy_blocks", _fail)
+    _refused(a, b, lambda: a.transfer_with_insert("b", prefixes[0], blocks))
+    assert b.stats()["index"]["host_locked"] == 0
+
+    monkeypatch.undo()  # the same link carries the next transfer, bit for bit
+    result = a.transfer("b", blocks, key="k")
+    assert result is not None and result.sent_blocks == 2
+    got = b.claim("k")
+    assert got is not None
+    assert torch.equal(_rows(b, got), _rows(a, blocks))
+    b.free(got)
+    a.free(blocks)
+    for pool in (a, b):
+        pool.check_invariants()
+    assert a.stats()["device"]["used"] == 0 and b.stats()["device"]["used"] == 0
+
+
+def test_a_same_host_pull_whose_copy_fails_refuses_and_keeps_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    with connected(pull=True) as (a, b):
+        blocks = a.alloc(3)
+        assert blocks is not None
+        fill_random(a, blocks, seed=4)
+        tokens = make_tokens(3 * a.config.block_size, seed=4)
+        monkeypatch.setattr("mempool.transport.agent.copy_rows", _fail)
+        _refused(a, b, lambda: a.transfer("b", blocks, key="k"))
+        _refused(a, b, lambda: a.transfer_with_insert("b", tokens, blocks))
+        monkeypatch.undo()
+        result = a.transfer_with_insert("b", tokens, blocks)
+        assert result is not None and result.pulled and result.sent_blocks == 3
+        with b.match(tokens) as hit:
+            assert hit.num_tokens == len(tokens)
+            assert torch.equal(_rows(b, hit.blocks), _rows(a, blocks))
+        a.free(blocks)
+        a.check_invariants()
+        b.check_invariants()
