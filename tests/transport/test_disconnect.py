@@ -8,6 +8,7 @@ over the same-host pull.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ import torch
 
 from mempool import MemPool
 from mempool.errors import TransferError, UnknownPeerError
+from mempool.transport import agent as agent_module
 
 from ..conftest import fill_random, make_tokens
 from .inproc import DEADLINE_S, connected, unchanged, wait_until
@@ -98,5 +100,52 @@ def test_a_disconnect_mid_transfer_fails_it_typed_and_the_receiver_frees_everyth
         unchanged(b, before_b)  # the receiver freed what it had allocated and holds no receipt
         assert b.claim("mid") is None
         assert a.stats() == before_a  # the sender's blocks are its own again, unlocked
+        a.free(blocks)
+        a.check_invariants()
+
+
+def test_a_receiver_closed_while_it_cleans_up_a_transfer_still_frees_everything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent's close cancels every task, also one already giving back what a failed transfer
+    took: that give-back must still run to its end (it stopped half-way, leaking the blocks)."""
+    with connected(pull=False, chunk_bytes=512) as (a, b):  # a message per block (512 bytes here)
+        blocks = a.alloc(4)
+        assert blocks is not None
+        fill_random(a, blocks, seed=6)
+        before_b = b.stats()
+        receiver = b._agent
+        sender = a._agent
+        assert receiver is not None and sender is not None
+        sender.segment_delay_s = 2.0  # b waits 2 s for each next block: time to leave mid-way
+        cleaning = threading.Event()
+        settle = agent_module._settle
+
+        async def slow_settle(tasks: list[asyncio.Task[None]]) -> None:
+            if tasks and asyncio.get_running_loop() is receiver._loop:  # b's give-back, nothing else
+                cleaning.set()
+                await asyncio.sleep(1.0)  # b closes meanwhile
+            await settle(tasks)
+
+        monkeypatch.setattr(agent_module, "_settle", slow_settle)
+        outcome: list[BaseException | object] = []
+
+        def send() -> None:
+            try:
+                outcome.append(a.transfer("b", blocks, key="mid"))
+            except BaseException as exc:  # the test inspects it
+                outcome.append(exc)
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
+        a.disconnect("b")
+        assert cleaning.wait(DEADLINE_S)
+        b.close()
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], TransferError), outcome
+        assert b.stats()["device"] == before_b["device"]  # the transfer's blocks are free again
+        b.check_invariants()
         a.free(blocks)
         a.check_invariants()

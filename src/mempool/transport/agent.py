@@ -39,7 +39,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard, TypeVar
@@ -635,10 +635,16 @@ class TransferAgent:
                 await asyncio.shield(self._drop(peer, error))
             raise
         finally:
-            await _settle(tasks)  # no send may still read staging
-            peer.waiting.pop(xid, None)
-            for buf in staging or ():
-                self._give_staging(buf)
+            await _to_the_end(self._end_sending(peer, xid, tasks, staging))
+
+    async def _end_sending(
+        self, peer: _Peer, xid: int, tasks: list[asyncio.Task[None]], staging: list[torch.Tensor] | None
+    ) -> None:
+        """Give back a transfer's staging once no send can still read it."""
+        await _settle(tasks)
+        peer.waiting.pop(xid, None)
+        for buf in staging or ():
+            self._give_staging(buf)
 
     def _pulled(self, peer: _Peer, done: dict[str, Any], n: int, started: float) -> TransferResult:
         """The result of a transfer the receiver pulled."""
@@ -765,25 +771,37 @@ class TransferAgent:
                 await self._fail(peer, xid, "receiver_error", f"{self.name} failed: {exc!r}")
             elif peer.alive:  # data may be on its way: end the link rather than leave the sender waiting
                 await self._drop(peer, PeerLostError(f"transfer {xid} from {peer.name} failed: {exc!r}"))
+        finally:  # runs to its end even if the agent closes meanwhile: nothing may leak
+            await _to_the_end(self._end_serving(peer, xid, inflight, staging, dst, match, reserved))
+
+    async def _end_serving(
+        self,
+        peer: _Peer,
+        xid: int,
+        inflight: list[asyncio.Task[None]],
+        staging: list[torch.Tensor],
+        dst: Blocks | None,
+        match: Match | None,
+        reserved: str | None,
+    ) -> None:
+        """Give back what a served transfer took, once no receive can still write into it."""
+        try:
+            if peer.alive and any(not t.done() for t in inflight):
+                # receives still posted are abandoned: end them on the link before anything is freed
+                await self._drop(peer, TransferError(f"transfer {xid} from {peer.name} abandoned mid-flight"))
+            await _settle(inflight)  # nothing may still write into dst or staging
+            if dst is not None:
+                self._pool.free(dst)
+            if match is not None:
+                match.release()
+            if reserved is not None:
+                with self._receipts_lock:
+                    self._incoming.discard(reserved)
+            for buf in staging:
+                self._give_staging(buf)
+            peer.serving.pop(xid, None)
         finally:
-            try:
-                if peer.alive and any(not t.done() for t in inflight):
-                    # receives still posted are abandoned: end them on the link before anything is freed
-                    error = TransferError(f"transfer {xid} from {peer.name} abandoned mid-flight")
-                    await asyncio.shield(self._drop(peer, error))
-                await _settle(inflight)  # nothing may still write into dst or staging
-                if dst is not None:
-                    self._pool.free(dst)
-                if match is not None:
-                    match.release()
-                if reserved is not None:
-                    with self._receipts_lock:
-                        self._incoming.discard(reserved)
-                for buf in staging:
-                    self._give_staging(buf)
-                peer.serving.pop(xid, None)
-            finally:
-                self._receiving -= 1
+            self._receiving -= 1
 
     def _pull_source(self, peer: _Peer, pull: Any, n: int) -> tuple[torch.Tensor, IdArray, float] | None:
         """The sender's mapped rows, block ids and deadline, if this transfer can be pulled.
@@ -926,16 +944,24 @@ def _gather(flat: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
 async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> None:
     """Run ``fn(*args)`` on ``executor``; when cancelled, first wait until it has returned (a
     copy still running must not outlive the blocks it reads or writes)."""
-    fut = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        while not fut.done():
-            try:
-                await asyncio.wait([fut])
-            except asyncio.CancelledError:
-                continue
-        raise
+    await _to_the_end(asyncio.get_running_loop().run_in_executor(executor, fn, *args))
+
+
+async def _to_the_end(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end, even through cancellations of the caller; a cancellation that
+    came meanwhile is raised after it (so cleanup cannot be cut short half-way)."""
+    fut = asyncio.ensure_future(aw)
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not fut.cancelled():
+            fut.exception()  # retrieved, so not reported as lost: the cancellation wins
+        raise asyncio.CancelledError
+    return fut.result()
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:
