@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from mempool import MemPool
+from mempool import Blocks, MemPool
 from mempool.errors import TransferError, UnknownPeerError
 from mempool.transport import agent as agent_module
 
@@ -33,6 +34,35 @@ def _address(pool: MemPool) -> tuple[str, int]:
     agent = pool._agent
     assert agent is not None and agent.address is not None
     return agent.address
+
+
+def _transfer_in_background(a: MemPool, blocks: Blocks) -> tuple[threading.Thread, list[BaseException | object]]:
+    """Start ``a.transfer("b", blocks, key="mid")`` on a thread; its result or error lands in the list."""
+    outcome: list[BaseException | object] = []
+
+    def send() -> None:
+        try:
+            outcome.append(a.transfer("b", blocks, key="mid"))
+        except BaseException as exc:  # the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, outcome
+
+
+def _slow_abort(monkeypatch: pytest.MonkeyPatch, link: Any, seconds: float) -> threading.Event:
+    """Make ``link``'s abort wait ``seconds`` first; the event is set once it has ended."""
+    aborted = threading.Event()
+    abort = link.abort
+
+    async def slow_abort() -> None:
+        await asyncio.sleep(seconds)
+        await abort()
+        aborted.set()
+
+    monkeypatch.setattr(link, "abort", slow_abort)
+    return aborted
 
 
 def test_a_disconnect_ends_the_link_on_both_sides_and_they_can_connect_again(pair: tuple[MemPool, MemPool]) -> None:
@@ -81,16 +111,7 @@ def test_a_disconnect_mid_transfer_fails_it_typed_and_the_receiver_frees_everyth
         assert agent is not None
         assert a.config.layout.block_bytes == 512
         agent.segment_delay_s = 2.0  # b waits 2 s for each next block: time to leave mid-way
-        outcome: list[BaseException | object] = []
-
-        def send() -> None:
-            try:
-                outcome.append(a.transfer("b", blocks, key="mid"))
-            except BaseException as exc:  # the test inspects it
-                outcome.append(exc)
-
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender, outcome = _transfer_in_background(a, blocks)
         wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
         a.disconnect("b")
         sender.join(DEADLINE_S)
@@ -128,16 +149,7 @@ def test_a_receiver_closed_while_it_cleans_up_a_transfer_still_frees_everything(
             await settle(tasks)
 
         monkeypatch.setattr(agent_module, "_settle", slow_settle)
-        outcome: list[BaseException | object] = []
-
-        def send() -> None:
-            try:
-                outcome.append(a.transfer("b", blocks, key="mid"))
-            except BaseException as exc:  # the test inspects it
-                outcome.append(exc)
-
-        thread = threading.Thread(target=send)
-        thread.start()
+        thread, outcome = _transfer_in_background(a, blocks)
         wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
         a.disconnect("b")
         assert cleaning.wait(DEADLINE_S)
@@ -148,4 +160,111 @@ def test_a_receiver_closed_while_it_cleans_up_a_transfer_still_frees_everything(
         assert b.stats()["device"] == before_b["device"]  # the transfer's blocks are free again
         b.check_invariants()
         a.free(blocks)
+        a.check_invariants()
+
+
+def test_a_receiver_frees_nothing_a_receive_may_write_into_before_its_link_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A transfer that fails on the receiver's side while another task is dropping the peer (here
+    a disconnect, whose link abort is slowed down): its blocks are freed only once that abort has
+    ended every posted receive, never in between (a late byte would land in a reused block)."""
+    with connected(pull=False, chunk_bytes=1024) as (a, b):  # a message per 2 blocks (of 512 bytes)
+        spread = b.alloc(b.config.device_blocks)
+        assert spread is not None
+        b.free(spread[::2])  # b's free blocks are scattered
+        blocks = a.alloc(4)
+        assert blocks is not None
+        fill_random(a, blocks, seed=7)
+        receiver, sender = b._agent, a._agent
+        assert receiver is not None and sender is not None
+        peer = receiver._peers["a"]
+        monkeypatch.setattr(peer.link, "receive_via_staging", True)  # as NCCL's: 2 blocks a message
+        sender.segment_delay_s = 2.0  # a message every 2 s: b waits mid-way
+        aborted = _slow_abort(monkeypatch, peer.link, 0.5)
+        land = receiver._land
+
+        async def failing_land(*args: Any) -> None:  # a local failure once the peer is being dropped
+            while peer.alive and not args[0].done():
+                await asyncio.sleep(0.01)
+            if not peer.alive:
+                raise RuntimeError("a local failure while the peer is being dropped")
+            await land(*args)
+
+        monkeypatch.setattr(receiver, "_land", failing_land)
+        free = b.free
+        freed_after_abort: list[bool] = []
+
+        def recording_free(what: Any) -> int:
+            freed_after_abort.append(aborted.is_set())
+            return free(what)
+
+        monkeypatch.setattr(b, "free", recording_free)
+        before_b = b.stats()
+        thread, outcome = _transfer_in_background(a, blocks)
+        wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
+        b.disconnect("a")
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], TransferError), outcome
+        unchanged(b, before_b)
+        assert freed_after_abort == [True]  # one give-back of the transfer's blocks, after the abort
+        b.free(spread[1::2])
+        a.free(blocks)
+        for pool in (a, b):
+            pool.check_invariants()
+
+
+def test_a_sender_gives_back_no_staging_a_send_may_read_before_its_link_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sender's side of the test above: a transfer that fails while another task drops the
+    peer gives its staging buffers back (for another transfer to fill) only once the link abort
+    has ended every posted send."""
+    with connected(pull=False, chunk_bytes=1024) as (a, b):  # a message per 2 blocks (of 512 bytes)
+        spread = a.alloc(8)
+        assert spread is not None
+        blocks = spread[::2]  # scattered: gathered into staging
+        fill_random(a, blocks, seed=8)
+        sender, receiver = a._agent, b._agent
+        assert sender is not None and receiver is not None
+        peer = sender._peers["b"]
+        link_b = receiver._peers["a"].link
+        recv = link_b.recv
+
+        async def late_recv(buf: torch.Tensor, tag: int) -> None:  # a's sends stay posted meanwhile
+            await asyncio.sleep(3.0)
+            await recv(buf, tag)
+
+        monkeypatch.setattr(link_b, "recv", late_recv)
+        sender.segment_delay_s = 1.0  # a message a second: a is mid-way when it disconnects
+        aborted = _slow_abort(monkeypatch, peer.link, 2.5)  # still going when the next gather fails
+        gather = agent_module._gather
+        gathered = threading.Event()
+
+        def failing_gather(*args: Any) -> None:  # a local failure once the peer is being dropped
+            if not peer.alive:
+                raise RuntimeError("a local failure while the peer is being dropped")
+            gather(*args)
+            gathered.set()
+
+        monkeypatch.setattr(agent_module, "_gather", failing_gather)
+        give = sender._give_staging
+        given_after_abort: list[bool] = []
+
+        def recording_give(buf: torch.Tensor) -> None:
+            given_after_abort.append(aborted.is_set())
+            give(buf)
+
+        monkeypatch.setattr(sender, "_give_staging", recording_give)
+        before_a = a.stats()
+        thread, outcome = _transfer_in_background(a, blocks)
+        assert gathered.wait(DEADLINE_S)  # the first message is on its way
+        a.disconnect("b")
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], RuntimeError) and "local failure" in str(outcome[0]), outcome  # as it came
+        assert given_after_abort == [True, True]  # both staging buffers, given back after the abort
+        assert a.stats() == before_a
+        a.free(spread)
         a.check_invariants()

@@ -641,6 +641,8 @@ class TransferAgent:
         self, peer: _Peer, xid: int, tasks: list[asyncio.Task[None]], staging: list[torch.Tensor] | None
     ) -> None:
         """Give back a transfer's staging once no send can still read it."""
+        if any(not t.done() for t in tasks):  # sends still posted: the link goes down first
+            await self._drop(peer, TransferError(f"transfer {xid} to {peer.name} abandoned mid-flight"))
         await _settle(tasks)
         peer.waiting.pop(xid, None)
         for buf in staging or ():
@@ -786,8 +788,9 @@ class TransferAgent:
     ) -> None:
         """Give back what a served transfer took, once no receive can still write into it."""
         try:
-            if peer.alive and any(not t.done() for t in inflight):
+            if any(not t.done() for t in inflight):
                 # receives still posted are abandoned: end them on the link before anything is freed
+                # (a peer another task is dropping: wait until its link is aborted)
                 await self._drop(peer, TransferError(f"transfer {xid} from {peer.name} abandoned mid-flight"))
             await _settle(inflight)  # nothing may still write into dst or staging
             if dst is not None:
