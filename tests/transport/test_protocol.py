@@ -194,3 +194,38 @@ def test_an_agent_call_past_its_budget_is_a_transfer_timeout_and_is_cancelled() 
     finally:
         pool.close()
     pool.check_invariants()
+
+
+def test_a_clean_up_runs_to_its_end_through_cancellations_then_raises_them() -> None:
+    """What a transfer's give-back runs under (``agent._to_the_end``)."""
+    from mempool.transport.agent import _to_the_end
+
+    async def main() -> None:
+        started, go = asyncio.Event(), asyncio.Event()
+        steps: list[str] = []
+
+        async def clean_up() -> str:
+            started.set()
+            await go.wait()
+            steps.append("ran to its end")
+            return "done"
+
+        task = asyncio.ensure_future(_to_the_end(clean_up()))
+        await started.wait()
+        for _ in range(2):  # cancelled twice while it runs
+            task.cancel()
+            await asyncio.sleep(0)
+        assert not task.done() and not steps
+        go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["ran to its end"]
+        assert await _to_the_end(clean_up()) == "done"  # not cancelled: its result
+
+        async def failing() -> None:
+            raise ValueError("a failed copy")
+
+        with pytest.raises(ValueError, match="a failed copy"):
+            await _to_the_end(failing())
+
+    asyncio.run(main())
