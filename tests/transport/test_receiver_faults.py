@@ -1,7 +1,8 @@
 """A receiver that fails on its own before any of the sender's data can be on the link (a copy
 between its tiers while it makes room or promotes what it caches, or the copy of a same-host
 pull): that transfer fails typed on the sender at once, the receiver keeps nothing of it, and
-the link stays up for the next one.
+the link stays up for the next one. A sender whose own copy fails once its data is on the way
+ends the link instead, and neither end keeps anything of the transfer.
 
 Two pools in this process (``tests/transport/inproc.py``), over the torch backend's data link and
 over the same-host pull.
@@ -115,3 +116,27 @@ def test_a_same_host_pull_whose_copy_fails_refuses_and_keeps_the_link(monkeypatc
         a.free(blocks)
         a.check_invariants()
         b.check_invariants()
+
+
+def test_a_sender_whose_own_gather_fails_raises_it_and_both_ends_keep_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other end: the sender's copy into staging fails once data is on the way. It raises that
+    error, after dropping the link (the receiver may be waiting for the rest); the receiver frees
+    what it had allocated; the sender's blocks are its own again."""
+    with connected(pull=False) as (a, b):
+        spread = a.alloc(8)
+        assert spread is not None
+        blocks = spread[::2]  # scattered: gathered into staging
+        fill_random(a, blocks, seed=9)
+        before_a, before_b = a.stats(), b.stats()
+        monkeypatch.setattr("mempool.transport.agent._gather", _fail)
+        start = time.monotonic()
+        with pytest.raises(_CopyFailed):
+            a.transfer("b", blocks, key="k")
+        assert time.monotonic() - start < DEADLINE_S / 4
+        assert "b" not in a.peers()
+        unchanged(b, before_b)
+        assert a.stats() == before_a
+        a.free(spread)
+        a.check_invariants()
