@@ -125,42 +125,44 @@ def test_a_disconnect_mid_transfer_fails_it_typed_and_the_receiver_frees_everyth
         a.check_invariants()
 
 
-def test_a_receiver_closed_while_it_cleans_up_a_transfer_still_frees_everything(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The agent's close cancels every task, also one already giving back what a failed transfer
-    took: that give-back must still run to its end (it stopped half-way, leaking the blocks)."""
-    with connected(pull=False, chunk_bytes=512) as (a, b):  # a message per block (512 bytes here)
-        blocks = a.alloc(4)
-        assert blocks is not None
-        fill_random(a, blocks, seed=6)
-        before_b = b.stats()
-        receiver = b._agent
-        sender = a._agent
+class _FailingReceiver:
+    """``b`` receiving 4 scattered blocks from ``a`` through staging, one message every 2 s, set to
+    fail on its own (a local error) once its peer ``a`` is being dropped, whose link abort takes
+    ``abort_s``. Records, for each free of the transfer's blocks, whether that abort had ended."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, a: MemPool, b: MemPool, abort_s: float) -> None:
+        self.spread = b.alloc(b.config.device_blocks)
+        assert self.spread is not None
+        b.free(self.spread[::2])  # b's free blocks are scattered
+        self.blocks = a.alloc(4)
+        assert self.blocks is not None
+        fill_random(a, self.blocks, seed=7)
+        receiver, sender = b._agent, a._agent
         assert receiver is not None and sender is not None
-        sender.segment_delay_s = 2.0  # b waits 2 s for each next block: time to leave mid-way
-        cleaning = threading.Event()
-        settle = agent_module._settle
+        peer = receiver._peers["a"]
+        monkeypatch.setattr(peer.link, "receive_via_staging", True)  # as NCCL's: 2 blocks a message
+        sender.segment_delay_s = 2.0  # a message every 2 s: b waits mid-way
+        self.aborted = _slow_abort(monkeypatch, peer.link, abort_s)
+        self.failed = threading.Event()
+        land = receiver._land
 
-        async def slow_settle(tasks: list[asyncio.Task[None]]) -> None:
-            if tasks and asyncio.get_running_loop() is receiver._loop:  # b's give-back, nothing else
-                cleaning.set()
-                await asyncio.sleep(1.0)  # b closes meanwhile
-            await settle(tasks)
+        async def failing_land(*args: Any) -> None:
+            while peer.alive and not args[0].done():
+                await asyncio.sleep(0.01)
+            if not peer.alive:
+                self.failed.set()
+                raise RuntimeError("a local failure while the peer is being dropped")
+            await land(*args)
 
-        monkeypatch.setattr(agent_module, "_settle", slow_settle)
-        thread, outcome = _transfer_in_background(a, blocks)
-        wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
-        a.disconnect("b")
-        assert cleaning.wait(DEADLINE_S)
-        b.close()
-        thread.join(DEADLINE_S)
-        assert not thread.is_alive()
-        assert isinstance(outcome[0], TransferError), outcome
-        assert b.stats()["device"] == before_b["device"]  # the transfer's blocks are free again
-        b.check_invariants()
-        a.free(blocks)
-        a.check_invariants()
+        monkeypatch.setattr(receiver, "_land", failing_land)
+        free = b.free
+        self.freed_after_abort: list[bool] = []
+
+        def recording_free(what: Any) -> int:
+            self.freed_after_abort.append(self.aborted.is_set())
+            return free(what)
+
+        monkeypatch.setattr(b, "free", recording_free)
 
 
 def test_a_receiver_frees_nothing_a_receive_may_write_into_before_its_link_is_aborted(
@@ -170,49 +172,44 @@ def test_a_receiver_frees_nothing_a_receive_may_write_into_before_its_link_is_ab
     a disconnect, whose link abort is slowed down): its blocks are freed only once that abort has
     ended every posted receive, never in between (a late byte would land in a reused block)."""
     with connected(pull=False, chunk_bytes=1024) as (a, b):  # a message per 2 blocks (of 512 bytes)
-        spread = b.alloc(b.config.device_blocks)
-        assert spread is not None
-        b.free(spread[::2])  # b's free blocks are scattered
-        blocks = a.alloc(4)
-        assert blocks is not None
-        fill_random(a, blocks, seed=7)
-        receiver, sender = b._agent, a._agent
-        assert receiver is not None and sender is not None
-        peer = receiver._peers["a"]
-        monkeypatch.setattr(peer.link, "receive_via_staging", True)  # as NCCL's: 2 blocks a message
-        sender.segment_delay_s = 2.0  # a message every 2 s: b waits mid-way
-        aborted = _slow_abort(monkeypatch, peer.link, 0.5)
-        land = receiver._land
-
-        async def failing_land(*args: Any) -> None:  # a local failure once the peer is being dropped
-            while peer.alive and not args[0].done():
-                await asyncio.sleep(0.01)
-            if not peer.alive:
-                raise RuntimeError("a local failure while the peer is being dropped")
-            await land(*args)
-
-        monkeypatch.setattr(receiver, "_land", failing_land)
-        free = b.free
-        freed_after_abort: list[bool] = []
-
-        def recording_free(what: Any) -> int:
-            freed_after_abort.append(aborted.is_set())
-            return free(what)
-
-        monkeypatch.setattr(b, "free", recording_free)
+        case = _FailingReceiver(monkeypatch, a, b, abort_s=0.5)
         before_b = b.stats()
-        thread, outcome = _transfer_in_background(a, blocks)
+        thread, outcome = _transfer_in_background(a, case.blocks)
         wait_until(lambda: b.stats() != before_b, DEADLINE_S)  # b has allocated for it: data is flowing
         b.disconnect("a")
         thread.join(DEADLINE_S)
         assert not thread.is_alive()
         assert isinstance(outcome[0], TransferError), outcome
         unchanged(b, before_b)
-        assert freed_after_abort == [True]  # one give-back of the transfer's blocks, after the abort
-        b.free(spread[1::2])
-        a.free(blocks)
+        assert case.freed_after_abort == [True]  # one give-back of the transfer's blocks, after the abort
+        b.free(case.spread[1::2])
+        a.free(case.blocks)
         for pool in (a, b):
             pool.check_invariants()
+
+
+def test_a_receiver_closed_while_it_waits_to_free_a_transfer_still_frees_everything_after_the_abort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same failure, and the receiving pool closed while that transfer waits for the abort:
+    the close cancels every task of the agent, and the wait must not be cut short (freeing at once
+    risks a late byte; giving up leaks the blocks)."""
+    with connected(pull=False, chunk_bytes=1024) as (a, b):
+        case = _FailingReceiver(monkeypatch, a, b, abort_s=1.0)
+        before_b = b.stats()
+        thread, outcome = _transfer_in_background(a, case.blocks)
+        wait_until(lambda: b.stats() != before_b, DEADLINE_S)
+        a.disconnect("b")  # b's reader drops a on the goodbye: this thread is free meanwhile
+        assert case.failed.wait(DEADLINE_S)  # b's transfer waits for the abort now
+        b.close()
+        thread.join(DEADLINE_S)
+        assert not thread.is_alive()
+        assert isinstance(outcome[0], TransferError), outcome
+        assert case.freed_after_abort == [True]
+        assert b.stats()["device"] == before_b["device"]  # the transfer's blocks are free again
+        b.check_invariants()
+        a.free(case.blocks)
+        a.check_invariants()
 
 
 def test_a_sender_gives_back_no_staging_a_send_may_read_before_its_link_is_aborted(

@@ -635,18 +635,20 @@ class TransferAgent:
                 await asyncio.shield(self._drop(peer, error))
             raise
         finally:
-            await _to_the_end(self._end_sending(peer, xid, tasks, staging))
+            try:
+                if any(not t.done() for t in tasks):  # sends still posted: no staging goes back before they end
+                    await _to_the_end(self._abandon(peer, tasks, f"transfer {xid} to {peer.name} abandoned mid-flight"))
+            finally:
+                _retrieve(tasks)
+                peer.waiting.pop(xid, None)
+                for buf in staging or ():
+                    self._give_staging(buf)
 
-    async def _end_sending(
-        self, peer: _Peer, xid: int, tasks: list[asyncio.Task[None]], staging: list[torch.Tensor] | None
-    ) -> None:
-        """Give back a transfer's staging once no send can still read it."""
-        if any(not t.done() for t in tasks):  # sends still posted: the link goes down first
-            await self._drop(peer, TransferError(f"transfer {xid} to {peer.name} abandoned mid-flight"))
+    async def _abandon(self, peer: _Peer, tasks: list[asyncio.Task[None]], why: str) -> None:
+        """End a transfer's unfinished sends or receives: the link is aborted first (or the abort
+        another task began is waited for), so that none can still touch their buffers."""
+        await self._drop(peer, TransferError(why))
         await _settle(tasks)
-        peer.waiting.pop(xid, None)
-        for buf in staging or ():
-            self._give_staging(buf)
 
     def _pulled(self, peer: _Peer, done: dict[str, Any], n: int, started: float) -> TransferResult:
         """The result of a transfer the receiver pulled."""
@@ -773,10 +775,17 @@ class TransferAgent:
                 await self._fail(peer, xid, "receiver_error", f"{self.name} failed: {exc!r}")
             elif peer.alive:  # data may be on its way: end the link rather than leave the sender waiting
                 await self._drop(peer, PeerLostError(f"transfer {xid} from {peer.name} failed: {exc!r}"))
-        finally:  # runs to its end even if the agent closes meanwhile: nothing may leak
-            await _to_the_end(self._end_serving(peer, xid, inflight, staging, dst, match, reserved))
+        finally:
+            try:
+                if any(not t.done() for t in inflight):
+                    # receives still posted: nothing is freed before they end, whoever drops the link,
+                    # and a close of the agent meanwhile does not cut that short (it would leak)
+                    why = f"transfer {xid} from {peer.name} abandoned mid-flight"
+                    await _to_the_end(self._abandon(peer, inflight, why))
+            finally:
+                self._give_back(peer, xid, inflight, staging, dst, match, reserved)
 
-    async def _end_serving(
+    def _give_back(
         self,
         peer: _Peer,
         xid: int,
@@ -786,13 +795,9 @@ class TransferAgent:
         match: Match | None,
         reserved: str | None,
     ) -> None:
-        """Give back what a served transfer took, once no receive can still write into it."""
+        """Free what a served transfer took (no receive may still write into it)."""
         try:
-            if any(not t.done() for t in inflight):
-                # receives still posted are abandoned: end them on the link before anything is freed
-                # (a peer another task is dropping: wait until its link is aborted)
-                await self._drop(peer, TransferError(f"transfer {xid} from {peer.name} abandoned mid-flight"))
-            await _settle(inflight)  # nothing may still write into dst or staging
+            _retrieve(inflight)
             if dst is not None:
                 self._pool.free(dst)
             if match is not None:
@@ -974,9 +979,14 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
         t.cancel()
     if live:
         await asyncio.wait(live, timeout=5.0)
+    _retrieve(tasks)
+
+
+def _retrieve(tasks: list[asyncio.Task[None]]) -> None:
+    """Mark the failures of ended tasks seen: each was handled (or re-raised) already."""
     for t in tasks:
         if t.done() and not t.cancelled():
-            t.exception()  # retrieved: a failure was handled (or re-raised) already
+            t.exception()
 
 
 def check_namespace(namespace: Hashable) -> None:
