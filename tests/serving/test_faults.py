@@ -187,7 +187,15 @@ def test_a_full_instance_queue_answers_503_not_a_longer_queue() -> None:
         faults={"colocated-0": {"forward_delay_s": 0.3}},
     ) as c:  # fmt: skip
         results: list[tuple[int, dict[str, Any]]] = []
-        threads = [in_thread(c.url, {"prompt": [9, k], "max_tokens": 3, "temperature": 0}, results) for k in range(6)]
+
+        def request(k: int) -> dict[str, Any]:
+            return {"prompt": [9, k], "max_tokens": 3, "temperature": 0}
+
+        threads = [in_thread(c.url, request(0), results)]
+        # the first runs before the rest arrive (sent all at once, a slow machine could see all six
+        # before the engine's first step: one waiting, five refused, none running)
+        assert wait_for(lambda: get(f"{c.url}/admin/stats")["instances"]["colocated-0"]["running"] == 1)
+        threads += [in_thread(c.url, request(k), results) for k in range(1, 6)]
         for t in threads:
             t.join(timeout=60)
         codes = sorted(code for code, _ in results)
