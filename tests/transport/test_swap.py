@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
+import warnings
+
 import pytest
 import torch
 
@@ -218,3 +222,34 @@ def test_cuda_round_trip_through_pinned_host() -> None:  # pragma: no cover - ne
     assert torch.equal(read(pool, host), written)
     back = pool.swap_in(host)
     assert torch.equal(read(pool, back), written)
+
+
+def test_an_async_swap_dropped_before_wait_says_so_and_keeps_its_blocks() -> None:
+    """A handle owns the source references until its copy is seen to end; dropped before that, it
+    warns when collected (a ResourceWarning, as an unclosed file does) and releases nothing."""
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    blocks = pool.alloc(2)
+    assert blocks is not None
+    handle = pool.swap_out_async(blocks)
+    assert handle is not None
+    with pytest.warns(ResourceWarning, match="dropped before wait"):
+        del handle
+        gc.collect()
+    pool.close()  # the copy has ended; nothing gave the references back
+    assert pool.stats()["device"]["used"] == 2 and pool.stats()["host"]["used"] == 2
+    with warnings.catch_warnings(record=True) as seen:  # waited for, or seen done: no warning
+        warnings.simplefilter("always")
+        own = pool.alloc(1)
+        assert own is not None
+        waited = pool.swap_out_async(own)
+        assert waited is not None
+        pool.free(waited.wait())
+        polled = pool.swap_out_async(pool.alloc(1))
+        assert polled is not None
+        while not polled.done():
+            time.sleep(0.001)
+        pool.free(polled.blocks)
+        del waited, polled
+        gc.collect()
+    assert not [w for w in seen if issubclass(w.category, ResourceWarning)]
+    pool.check_invariants()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 
 from mempool.transport.swap import CopyJob
@@ -18,7 +19,8 @@ class SwapHandle:
     them. ``wait()`` returns the destination blocks, whose references belong to the caller;
     they must not be read before ``wait()`` has returned them. If the copy failed,
     ``wait()`` raises its error, every time: the destination blocks are freed and the source
-    blocks, untouched, are the caller's again, as before the swap.
+    blocks, untouched, are the caller's again, as before the swap. Dropped before its copy was
+    seen to end, it warns (``ResourceWarning``) and releases nothing.
     """
 
     def __init__(self, job: CopyJob, src: Blocks, dst: Blocks, release: Callable[[Blocks], None]) -> None:
@@ -66,6 +68,20 @@ class SwapHandle:
             else:
                 self._release(self._src)
             self._finished = True
+
+    def __del__(self) -> None:
+        # A handle dropped before its copy was seen to end (``wait()``, or ``done()`` returning
+        # True) keeps the source blocks referenced for the life of the pool, and its destination
+        # blocks, the caller's, are lost with it. Finishing here would call into the pool from the
+        # garbage collector, which may run while this thread holds the pool's lock; so it only
+        # says so, as an unclosed file does (``python -X dev`` or ``-W default`` shows it).
+        if not getattr(self, "_finished", True):  # (True: __init__ did not get that far)
+            try:
+                warnings.warn(
+                    f"{self!r} was dropped before wait(): its blocks stay referenced", ResourceWarning, stacklevel=2
+                )
+            except Exception:  # interpreter shutdown
+                pass
 
     def __repr__(self) -> str:
         return f"SwapHandle({self._src!r} -> {self.blocks!r}, done={self._finished})"
