@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -230,3 +232,30 @@ def test_a_closed_or_misused_cache_refuses(llama: Any, pool: MemPool) -> None:
     assert gen.generate(torch.tensor([7, 8, 9]), max_new_tokens=2, do_sample=False)[0].tolist() == hf(
         llama, [7, 8, 9], 2
     )
+
+
+def test_a_cache_dropped_without_close_gives_everything_back_but_never_from_inside_the_pool(
+    llama: Any, pool: MemPool
+) -> None:
+    """The collector may drop a cache while this very thread is inside the pool, holding its
+    re-entrant lock (half-way through an eviction, say): the cache's blocks and lock must not be
+    given back from there, but once the pool is free again."""
+    prompt = [random.Random(5).randrange(VOCAB) for _ in range(14)]
+    with torch.no_grad(), MemPoolCache(pool, prompt) as first:  # cache the prompt's whole blocks, and a tail
+        llama(ids(prompt), past_key_values=first)
+        first.commit(prompt)
+    baseline = pool.stats()["device"]
+    cache = MemPoolCache(pool, prompt + [3, 4, 5])  # locks the cached prefix, takes blocks of its own
+    cache._table.reserve(len(prompt) + 3)
+    held = pool.stats()
+    assert held["index"]["device_locked"] > 0 and held["device"]["used"] > baseline["used"]
+    with pool._lock:  # as inside a pool call on this thread
+        del cache
+        gc.collect()
+        assert pool.stats() == held  # nothing given back from in here
+    deadline = time.monotonic() + 10
+    while pool.stats()["device"] != baseline:  # given back by the reaper once the lock is free
+        assert time.monotonic() < deadline, (pool.stats()["device"], baseline)
+        time.sleep(0.01)
+    assert pool.stats()["index"]["device_locked"] == 0
+    assert_nothing_held(pool)

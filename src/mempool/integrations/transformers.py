@@ -17,6 +17,8 @@ Scope: decoder-only models with full attention (Llama, Qwen2, Mistral without sl
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -122,6 +124,37 @@ class _BlockTable:
             self.pool.free(own)
 
 
+class _Reaper:
+    """Releases the block tables of caches dropped without ``close()``, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_BlockTable] = queue.SimpleQueue()  # put() is re-entrant
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Make sure the thread runs (again after a fork); never call from a finalizer."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mempool-cache-reaper", daemon=True)
+                self._thread.start()
+
+    def put(self, table: _BlockTable) -> None:
+        self._queue.put(table)
+
+    def _run(self) -> None:
+        while True:
+            table = self._queue.get()
+            try:
+                table.release()
+            except Exception:  # a closed pool, say: nothing else can be done with it
+                logging.getLogger(__name__).exception("releasing a dropped MemPoolCache failed")
+            del table  # the pool may go once the last table leaves
+
+
+_REAPER = _Reaper()
+
+
 class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One decoder layer's K/V, stored in the pool blocks of a :class:`MemPoolCache`.
 
@@ -209,6 +242,7 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
         self.cached_tokens = 0 if match is None else match.num_tokens
         self._table = _BlockTable(pool, match)
+        _REAPER.start()  # here, not in a finalizer: starting it takes a lock
         self._closed = False
         try:
             if match is not None:  # a few more tokens, from a finished sequence's partly filled last block
@@ -259,10 +293,12 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         self.close()
 
     def __del__(self) -> None:  # a cache dropped without close() must not leak blocks or locks
-        try:
-            self.close()
-        except Exception:
-            pass
+        # Not released here: the collector may run this while the same thread is inside the pool
+        # (holding its re-entrant lock, half-way through an eviction, say). The reaper thread
+        # releases it once the pool is free; ``put`` is safe to call from a finalizer.
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            _REAPER.put(self._table)
 
 
 class PoolGenerator:
