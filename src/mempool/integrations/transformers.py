@@ -237,12 +237,12 @@ class MemPoolCache(Cache):  # type: ignore[misc]
     def __init__(self, pool: MemPool, prompt: Iterable[int] = (), *, namespace: Any = None) -> None:
         self.pool, self.namespace = pool, namespace
         self._closed = True  # until the table exists: close() (and __del__) have nothing to give back
+        _REAPER.start()  # first (it may fail: nothing is held yet), and here, not in a finalizer (it takes a lock)
         self.prompt = [int(t) for t in prompt]
         # keep the last prompt token uncached: its logits pick the first new token
         match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
         self.cached_tokens = 0 if match is None else match.num_tokens
         self._table = _BlockTable(pool, match)
-        _REAPER.start()  # here, not in a finalizer: starting it takes a lock
         self._closed = False
         try:
             if match is not None:  # a few more tokens, from a finished sequence's partly filled last block
