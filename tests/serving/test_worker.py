@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -13,6 +14,16 @@ from memserve.engine import RequestOutput
 from memserve.worker import EngineWorker, WorkerStopped
 
 from .conftest import assert_no_leaks, make_prompts
+
+
+@contextmanager
+def _started(engine: Engine) -> Iterator[EngineWorker]:
+    """``engine`` on a worker thread, stopped when the block ends."""
+    worker = EngineWorker(engine)
+    try:
+        yield worker
+    finally:
+        worker.stop()
 
 
 def _submit(worker: EngineWorker, prompt: list[int], params: SamplingParams, rid: str) -> list[RequestOutput]:
@@ -64,17 +75,16 @@ def test_a_failed_step_ends_its_requests_with_error_and_the_worker_goes_on(
             raise RuntimeError("injected failure")
 
     hook = engine.model.register_forward_pre_hook(boom)
-    worker = EngineWorker(engine)
     try:
-        failed = _submit(worker, prompt, params, "a")
-        assert [o.finish_reason for o in failed] == ["error"] and not failed[0].new_token_ids
-        assert worker.alive
-        fine = _submit(worker, prompt, params, "b")  # the next request runs as if nothing happened
-        assert [t for o in fine for t in o.new_token_ids] == expected and fine[-1].finish_reason == "length"
-        worker.call(assert_no_leaks).result(timeout=30)
+        with _started(engine) as worker:
+            failed = _submit(worker, prompt, params, "a")
+            assert [o.finish_reason for o in failed] == ["error"] and not failed[0].new_token_ids
+            assert worker.alive
+            fine = _submit(worker, prompt, params, "b")  # the next request runs as if nothing happened
+            assert [t for o in fine for t in o.new_token_ids] == expected and fine[-1].finish_reason == "length"
+            worker.call(assert_no_leaks).result(timeout=30)
     finally:
         hook.remove()
-        worker.stop()
 
 
 def test_a_vanishing_temperature_is_greedy_not_nan(make_engine: Callable[..., Engine]) -> None:
@@ -92,9 +102,8 @@ def test_a_listener_that_raises_loses_only_its_own_outputs(make_engine: Callable
     broken_prompt, prompt = make_prompts([11, 13], seed=23)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     expected = make_engine().generate([prompt], params)[0]
-    worker = EngineWorker(engine)
     calls = []
-    try:
+    with _started(engine) as worker:
 
         def broken(out: RequestOutput) -> None:
             calls.append(out)
@@ -110,8 +119,6 @@ def test_a_listener_that_raises_loses_only_its_own_outputs(make_engine: Callable
         worker.call(lambda e: None).result(timeout=30)  # a call runs between steps: the engine is idle
         assert len(calls) == 6 and calls[-1].finished  # every output reached it, each raising
         worker.call(assert_no_leaks).result(timeout=30)
-    finally:
-        worker.stop()
     late = worker.call(lambda e: None)  # after stop: refused, not queued for ever
     assert isinstance(late.exception(timeout=1), WorkerStopped)
 
@@ -125,16 +132,13 @@ def test_a_cache_insert_that_fails_at_finish_leaks_nothing(make_engine: Callable
     expected = make_engine().generate([prompt], params)[0]
     # the first call caches the prefill's whole blocks, the second the finished sequence
     calls = _fail_nth(engine.pool, "insert_sequence", 2)
-    worker = EngineWorker(engine)
-    try:
+    with _started(engine) as worker:
         failed = _submit(worker, prompt, params, "a")
         assert failed[-1].finish_reason == "error" and len(calls) == 2
         worker.call(assert_no_leaks).result(timeout=30)
         fine = _submit(worker, prompt, params, "b")
         assert [t for o in fine for t in o.new_token_ids] == expected and fine[-1].finish_reason == "length"
         worker.call(assert_no_leaks).result(timeout=30)
-    finally:
-        worker.stop()
 
 
 @pytest.mark.parametrize("failing", ["copy_tail", "alloc"])
@@ -150,13 +154,10 @@ def test_a_failed_copy_at_admission_leaks_nothing(make_engine: Callable[..., Eng
     follow = first + out + make_prompts([5], seed=26)[0]  # continues the first: its prefix and tail serve
     expected = make_engine().generate([follow], params)[0]
     calls = _fail_nth(engine.pool, failing, 1)
-    worker = EngineWorker(engine)
-    try:
+    with _started(engine) as worker:
         again = _submit(worker, follow, params, "b")  # admitted again after the failed step
         assert [t for o in again for t in o.new_token_ids] == expected and len(calls) >= 2
         worker.call(assert_no_leaks).result(timeout=30)
-    finally:
-        worker.stop()
 
 
 def test_a_failed_copy_while_growing_a_running_request_ends_it_not_hangs_it(
@@ -170,16 +171,13 @@ def test_a_failed_copy_while_growing_a_running_request_ends_it_not_hangs_it(
     params = SamplingParams(max_tokens=8, ignore_eos=True)  # crosses into a new block of 4 while decoding
     expected = make_engine().generate([prompt], params)[0]
     calls = _fail_nth(engine.pool, "alloc", 2)  # the first call admits the request, the second grows it
-    worker = EngineWorker(engine)
-    try:
+    with _started(engine) as worker:
         failed = _submit(worker, prompt, params, "a")
         assert failed[-1].finish_reason == "error" and len(calls) >= 2
         worker.call(assert_no_leaks).result(timeout=30)
         fine = _submit(worker, prompt, params, "b")
         assert [t for o in fine for t in o.new_token_ids] == expected
         worker.call(assert_no_leaks).result(timeout=30)
-    finally:
-        worker.stop()
 
 
 def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
@@ -191,7 +189,6 @@ def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
     prompts = make_prompts([9, 11], seed=28)
     params = SamplingParams(max_tokens=3, ignore_eos=True)
     _fail_nth(engine.pool, "alloc", 2)
-    worker = EngineWorker(engine)
     outs: dict[str, list[RequestOutput]] = {"a": [], "b": []}
     done = {rid: threading.Event() for rid in outs}
 
@@ -200,10 +197,8 @@ def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
             engine.add_request(prompt, params, rid)
             worker.listen(rid, lambda out, rid=rid: (outs[rid].append(out), out.finished and done[rid].set()))
 
-    try:
+    with _started(engine) as worker:
         worker.call(add).result(timeout=30)
         assert all(event.wait(60) for event in done.values())  # each ends: none hangs
         assert [outs[rid][-1].finish_reason for rid in outs] == ["error", "length"]
         worker.call(assert_no_leaks).result(timeout=30)
-    finally:
-        worker.stop()
