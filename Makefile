@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
 	touch $@
 
-demo: $(STAMP)  ## the main job: the memserve engine demo (multi-turn chats, caching off vs on)
+demo: $(STAMP)  ## the main job: memserve through every MemServe design stage (same greedy tokens in each)
 	$(BIN)/python -m memserve
 
 pool-demo: $(STAMP)  ## a short tour of the MemPool API
