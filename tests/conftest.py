@@ -27,6 +27,8 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 os.environ.setdefault("MEMSERVE_WARM_UP_TOKENS", "0")
 
 BLOCK_SIZE = 4
+# The CUDA paths' tests: they run where a GPU is (no machine of this project's CI has one)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def make_config(**overrides: object) -> PoolConfig:

@@ -313,7 +313,8 @@ class MemPool:
 
         The receiver allocates, the bytes land in its KV storage, it confirms; then ``peer``'s
         ``claim(key)`` hands them over (unclaimed, they are freed after the receipt TTL). The
-        blocks stay referenced (locked) here until this returns, either way.
+        blocks stay referenced (locked) here until this returns, either way. On CUDA the blocks
+        are read once the work queued on the caller's current stream (the KV it wrote) is done.
 
         Returns:
             what moved; ``None`` when the receiver has no room (back-pressure).
@@ -326,6 +327,7 @@ class MemPool:
         agent = self._transport()
         self.share(blocks)  # validates, and locks the blocks for the transfer
         try:
+            self.storage(blocks.tier).synchronize()  # the KV the caller's stream still writes
             return agent.transfer(peer, blocks.ids, blocks.tier, key, None, None)
         finally:
             self.free(blocks)
@@ -339,7 +341,7 @@ class MemPool:
         the missing blocks travel; it inserts them only after every byte has landed. A last
         block that ``tokens`` fill only partly (``len(blocks) == ceil(len(tokens) / block_size)``)
         travels too and is kept there as a tail (:meth:`insert_tail`): a prompt that continues
-        ``tokens`` then reuses every token of it.
+        ``tokens`` then reuses every token of it. Read as :meth:`transfer` reads them.
 
         Returns:
             what moved; ``None`` when the receiver has no room (back-pressure).
@@ -356,6 +358,7 @@ class MemPool:
         agent = self._transport()
         self.share(blocks)
         try:
+            self.storage(blocks.tier).synchronize()
             return agent.transfer(peer, blocks.ids, blocks.tier, None, key[: n * bs * 4], namespace)
         finally:
             self.free(blocks)

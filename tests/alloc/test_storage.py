@@ -149,3 +149,19 @@ def test_copy_blocks_rejects_mismatch() -> None:
         copy_blocks(a, np.array([1]), other, np.array([0]))
     with pytest.raises(ValueError, match="expected"):
         a.scatter(np.array([1]), torch.zeros(2, *LAYOUT.block_shape))
+
+
+@pytest.mark.parametrize("ids", [[3, 4, 5], [9, 2, 3, 4, 11], [1, 3, 5, 7, 9, 11, 13, 15, 0, 2]])
+def test_read_rows_copies_blocks_in_order_into_the_first_rows_of_a_buffer(ids: list[int]) -> None:
+    """What a transfer's sender gathers into staging: the blocks' rows in order, nothing else touched."""
+    s = make()
+    before = s.tensor.clone()
+    out = torch.full((12, s.flat.shape[1]), -1, dtype=s.flat.dtype)
+    s.read_rows(np.array(ids), out)
+    s.synchronize()  # on CPU the copy has landed already
+    assert torch.equal(out[: len(ids)], s.flat[torch.tensor(ids)])
+    assert bool((out[len(ids) :] == -1).all())
+    assert torch.equal(s.tensor, before)
+    for wrong in (out[: len(ids) - 1], out[:, 1:], out.view(torch.int32), out.view(-1)):
+        with pytest.raises(LayoutMismatchError, match="cannot hold"):
+            s.read_rows(np.array(ids), wrong)

@@ -68,7 +68,12 @@ class Peer:
         layout = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4, "dtype": "float16"}
         layout.update(cfg.get("layout", {}))
         self.pool = MemPool(
-            PoolConfig(**layout, device_blocks=cfg.get("device_blocks", 256), host_blocks=cfg.get("host_blocks", 0))
+            PoolConfig(
+                **layout,
+                device_blocks=cfg.get("device_blocks", 256),
+                host_blocks=cfg.get("host_blocks", 0),
+                device=cfg.get("device", "cpu"),
+            )
         )
         tcfg = {
             k: cfg[k]

@@ -236,7 +236,7 @@ def test_a_sender_gives_back_no_staging_a_send_may_read_before_its_link_is_abort
         monkeypatch.setattr(link_b, "recv", late_recv)
         sender.segment_delay_s = 1.0  # a message a second: a is mid-way when it disconnects
         aborted = _slow_abort(monkeypatch, peer.link, 2.5)  # still going when the next gather fails
-        gather = agent_module._gather
+        gather = agent_module._copy_out
         gathered = threading.Event()
 
         def failing_gather(*args: Any) -> None:  # a local failure once the peer is being dropped
@@ -245,7 +245,7 @@ def test_a_sender_gives_back_no_staging_a_send_may_read_before_its_link_is_abort
             gather(*args)
             gathered.set()
 
-        monkeypatch.setattr(agent_module, "_gather", failing_gather)
+        monkeypatch.setattr(agent_module, "_copy_out", failing_gather)
         give = sender._give_staging
         given_after_abort: list[bool] = []
 

@@ -130,7 +130,7 @@ def test_a_sender_whose_own_gather_fails_raises_it_and_both_ends_keep_nothing(
         blocks = spread[::2]  # scattered: gathered into staging
         fill_random(a, blocks, seed=9)
         before_a, before_b = a.stats(), b.stats()
-        monkeypatch.setattr("mempool.transport.agent._gather", _fail)
+        monkeypatch.setattr("mempool.transport.agent._copy_out", _fail)
         start = time.monotonic()
         with pytest.raises(_CopyFailed):
             a.transfer("b", blocks, key="k")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
+from tests.conftest import needs_cuda
 from tests.transport.conftest import BACKENDS, HAS_UCX, PATHS, path_config
 
 B = 4  # block size of peer_proc's layout
@@ -108,6 +110,46 @@ def test_transfer_with_insert_keeps_a_partly_filled_last_block_as_a_tail(spawn, 
     out = prefill.call("send_insert", peer="decode", tokens=toks(3), handle="seq")
     assert out["error"] == "InvalidArgumentError", out
     assert prefill.ok("state")["transport"]["failed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("backend", "devices"),
+    [
+        pytest.param("ucx", ("cuda", "cuda"), marks=BACKENDS[0].marks, id="ucx"),
+        pytest.param(
+            "torch",
+            ("cuda:0", "cuda:1"),  # NCCL: one rank per GPU
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two GPUs"),
+            id="nccl",
+        ),
+    ],
+)
+@pytest.mark.parametrize("layout", ["run", "scattered"])
+@needs_cuda
+def test_cuda_blocks_round_trip_bit_exact(
+    spawn, backend: str, devices: tuple[str, str], layout: str
+) -> None:  # pragma: no cover - needs a GPU
+    """Device tiers in GPU memory: runs go straight from and into KV storage, scattered blocks
+    through staging on the GPU, gathered and scattered there (their ids on the GPU too) and
+    landed before a link reads them or the receiver confirms."""
+    a = spawn("a", backend=backend, device=devices[0], chunk_bytes=16 * 1024)
+    b = spawn("b", backend=backend, device=devices[1])
+    a.connect_to(b)
+    sent = a.ok("alloc_fill", name="kv", n=40, layout=layout, seed=5)
+    res = a.ok("send", peer="b", handle="kv", key="req-1")["result"]
+    assert (res["sent"], res["pulled"]) == (40, False)
+    assert b.ok("claim", key="req-1")["digest"] == sent["digest"]
+    seq = [*toks(9), 901]
+    a.ok("alloc_fill", name="seq", n=10, layout=layout, seed=6)
+    assert a.ok("send_insert", peer="b", tokens=seq, handle="seq")["result"]["sent"] == 10
+    hit = b.ok("match", tokens=seq)
+    assert hit["num_tokens"] == 36
+    assert hit["digest"] == a.ok("digest_rows", handle="seq", start=0, stop=9)["digest"]
+    tail = b.ok("copy_tail", tokens=[*seq, 902], start=36)  # the partly filled tenth block, kept there
+    assert tail["tokens"] == 1 and tail["digest"] == a.ok("digest_rows", handle="seq", start=9, stop=10)["digest"]
+    a.ok("free", handle="kv")
+    a.ok("free", handle="seq")
+    assert a.ok("state")["device_used"] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -121,6 +121,26 @@ class KVStorage:
             )
         _copy_runs(flat_view(src.contiguous()), np.arange(len(ids), dtype=np.int64), self.flat, ids)
 
+    def read_rows(self, ids: IdArray, out: torch.Tensor) -> None:
+        """Copy blocks ``ids``, in order, into the first ``len(ids)`` rows of ``out``, a buffer
+        shaped like :attr:`flat` (``[rows, words]``, same dtype) on this tier's device."""
+        if (
+            out.dim() != 2
+            or out.shape[0] < len(ids)
+            or out.shape[1] != self.flat.shape[1]
+            or out.dtype != self.flat.dtype
+        ):
+            raise LayoutMismatchError(
+                f"rows {tuple(out.shape)} {out.dtype} cannot hold {len(ids)} of {tuple(self.flat.shape)}"
+            )
+        _copy_runs(self.flat, ids, out, np.arange(len(ids), dtype=np.int64))
+
+    def synchronize(self) -> None:
+        """Return once the copies this thread has queued on the tier's device have landed (on
+        CUDA, its current stream's work; on CPU every copy has landed when it returns)."""
+        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            torch.cuda.current_stream(self.device).synchronize()  # type: ignore[no-untyped-call]
+
 
 def gather_view(view: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``view[table]``, contiguous: the blocks ``table`` (int64 block ids, any shape) of a
@@ -251,7 +271,9 @@ def _copy_runs(
             d0 = int(dst_ids[0])
             dst[d0 : d0 + n].copy_(staged, non_blocking=non_blocking)
         else:
-            moved = staged.to(dst.device, non_blocking=non_blocking)
+            # Into host memory the scatter below runs on this thread at once, so the copy must
+            # have landed first: a non-blocking one would return before its bytes do.
+            moved = staged.to(dst.device, non_blocking=non_blocking and dst.device.type != "cpu")
             dst.index_copy_(0, _index(dst_ids, dst.device), moved)
         return
     sidx = _index(src_ids, src.device)

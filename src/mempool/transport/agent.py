@@ -601,8 +601,7 @@ class TransferAgent:
                     if len(staging) <= slot:
                         staging.append(self._take_staging(chunk, storage))
                     buf = staging[slot][:length]
-                    index = torch.from_numpy(np.array(src, dtype=np.int64))
-                    await _in_thread(self._copier, _gather, storage.flat, index, buf)
+                    await _in_thread(self._copier, _copy_out, storage, src, buf)
                 task = asyncio.ensure_future(self._timed(peer, peer.link.send(buf, segment_tag(xid, i))))
                 tasks.append(task)
                 if slot >= 0:
@@ -735,7 +734,7 @@ class TransferAgent:
             if pull is not None:
                 rows, src, until = pull
                 t0 = time.perf_counter()
-                await _in_thread(self._copier, copy_rows, rows, src[skip:], storage, ids)
+                await _in_thread(self._copier, _copy_in, rows, src[skip:], storage, ids)
                 copy_s = time.perf_counter() - t0
                 if self.pull_delay_s:
                     await asyncio.sleep(self.pull_delay_s)
@@ -902,12 +901,7 @@ class TransferAgent:
     async def _land(self, task: asyncio.Task[None], landing: torch.Tensor, part: IdArray, storage: KVStorage) -> None:
         """Wait for one segment received into staging, then scatter it into its blocks."""
         await task
-        if _is_run(part):
-            d0 = int(part[0])
-            await _in_thread(self._copier, storage.flat[d0 : d0 + len(part)].copy_, landing)
-        else:
-            index = torch.from_numpy(np.array(part, dtype=np.int64))
-            await _in_thread(self._copier, storage.flat.index_copy_, 0, index, landing)
+        await _in_thread(self._copier, _copy_in, landing, np.arange(len(part), dtype=np.int64), storage, part)
 
     async def _fail(self, peer: _Peer, xid: int, code: str, reason: str) -> None:
         try:
@@ -945,8 +939,17 @@ def _is_run(ids: IdArray) -> bool:
     return n > 0 and int(ids[-1]) - int(ids[0]) == n - 1 and (n == 1 or bool((np.diff(ids) == 1).all()))
 
 
-def _gather(flat: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    torch.index_select(flat, 0, index, out=out)
+def _copy_out(storage: KVStorage, ids: IdArray, rows: torch.Tensor) -> None:
+    """Blocks ``ids`` into ``rows`` (staging), landed before it returns: a link may read them next."""
+    storage.read_rows(ids, rows)
+    storage.synchronize()
+
+
+def _copy_in(rows: torch.Tensor, rows_ids: IdArray, storage: KVStorage, ids: IdArray) -> None:
+    """Rows ``rows_ids`` of ``rows`` (staging, or a peer's mapped tier) into blocks ``ids``, landed
+    before it returns: the transfer may be confirmed, and the blocks read, next."""
+    copy_rows(rows, rows_ids, storage, ids)
+    storage.synchronize()
 
 
 async def _in_thread(executor: ThreadPoolExecutor, fn: Callable[..., Any], *args: Any) -> None:
