@@ -6,10 +6,12 @@ import gc
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from mempool import Blocks, MemPool, Tier
+from mempool.alloc.storage import RUN_COPY_MAX
 from mempool.errors import (
     BlockLockedError,
     BlockNotAllocatedError,
@@ -18,9 +20,7 @@ from mempool.errors import (
     TierUnavailableError,
     WrongTierError,
 )
-from tests.conftest import fill_random, make_pool
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from tests.conftest import fill_random, make_pool, needs_cuda
 
 
 def read(pool: MemPool, blocks: Blocks) -> torch.Tensor:
@@ -222,6 +222,30 @@ def test_cuda_round_trip_through_pinned_host() -> None:  # pragma: no cover - ne
     assert torch.equal(read(pool, host), written)
     back = pool.swap_in(host)
     assert torch.equal(read(pool, back), written)
+
+
+@needs_cuda
+@pytest.mark.parametrize("wait", [True, False])
+def test_cuda_swap_out_into_host_blocks_in_many_runs_is_bit_exact(wait: bool) -> None:  # pragma: no cover - needs a GPU
+    """Host blocks in many runs are written by a scatter on the host, after the device's copy into
+    host memory: that copy must have landed by then (a non-blocking one returns before its bytes)."""
+    pool = make_pool(device="cuda", device_blocks=64, host_blocks=64, dtype="bfloat16")
+    holes = pool.alloc(64, Tier.HOST)
+    assert holes is not None
+    pool.free(holes[::2])  # the host tier's free blocks: 32, none adjacent
+    blocks = scattered(pool, 20)
+    written = fill_random(pool, blocks, seed=4)
+    if wait:
+        host = pool.swap_out(blocks)
+    else:
+        handle = pool.swap_out_async(blocks)
+        assert handle is not None
+        host = handle.wait()
+    assert host is not None
+    assert int((np.diff(host.ids) != 1).sum()) + 1 > RUN_COPY_MAX  # the scatter path, not run copies
+    assert torch.equal(read(pool, host), written)
+    back = pool.swap_in(host)
+    assert back is not None and torch.equal(read(pool, back), written)
 
 
 def test_an_async_swap_dropped_before_wait_says_so_and_keeps_its_blocks() -> None:

@@ -1,9 +1,11 @@
 """Copies of block runs between the device and host tiers.
 
-On CUDA the copies run on a dedicated stream that first waits for the work already queued on
-the current stream (so KV being written is complete), with pinned host memory, and signal an
-event; a :class:`CopyJob` waits on that event. On CPU the same API runs the copy on one worker
-thread (torch releases the GIL inside the copy, so it overlaps Python work and compute).
+Asynchronous copies run on one worker thread (torch releases the GIL inside a copy, so it
+overlaps Python work and compute). On CUDA that thread issues them on a dedicated stream, which
+first waits for the work the caller's current stream had queued when the copy was asked for (so
+KV being written is complete), with pinned host memory, then waits for the stream: a copy whose
+host side must read what the device wrote (a scatter into host blocks in many runs) does so only
+once it has landed, and a :class:`CopyJob` is done only when every byte is in place.
 
 Runs adjacent in both tiers move as single slice copies; scattered blocks move through one
 vectorised gather and one scatter (``mempool.alloc.storage.copy_blocks``), never per layer.
@@ -56,17 +58,6 @@ class _FutureJob:
         self._future.result()
 
 
-class _EventJob:
-    def __init__(self, event: torch.cuda.Event) -> None:
-        self._event = event
-
-    def done(self) -> bool:
-        return bool(self._event.query())  # type: ignore[no-untyped-call]
-
-    def wait(self) -> None:
-        self._event.synchronize()
-
-
 class SwapEngine:
     """Moves KV blocks between tiers of one pool.
 
@@ -98,15 +89,23 @@ class SwapEngine:
         src, dst = self._storages[src_tier], self._storages[dst_tier]
         if len(src_ids) == 0:
             return DoneJob()
-        if self._stream is not None:
-            stream = self._stream
-            stream.wait_stream(torch.cuda.current_stream(src.device if src.device.type == "cuda" else dst.device))
-            with torch.cuda.stream(stream):
-                copy_blocks(src, src_ids, dst, dst_ids, non_blocking=True)
-                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                event.record(stream)
-            return _EventJob(event)
+        if self._stream is not None:  # pragma: no cover - needs a GPU
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record(torch.cuda.current_stream(src.device if src.device.type == "cuda" else dst.device))
+            return _FutureJob(self._pool().submit(self._on_stream, ready, src, src_ids, dst, dst_ids))
         return _FutureJob(self._pool().submit(copy_blocks, src, src_ids, dst, dst_ids))
+
+    def _on_stream(
+        self, ready: torch.cuda.Event, src: KVStorage, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray
+    ) -> None:  # pragma: no cover - needs a GPU
+        """The worker's part of a CUDA copy: issue it on the copy stream after ``ready``, then
+        return once it has landed."""
+        stream = self._stream
+        assert stream is not None
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            copy_blocks(src, src_ids, dst, dst_ids, non_blocking=True)
+        stream.synchronize()  # type: ignore[no-untyped-call]
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._executor_lock:
