@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import weakref
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from mempool import Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
 from memserve import Engine, EngineConfig, SamplingParams
 from memserve.sampling import argmax_rows
+from tests.conftest import needs_cuda
 
 from .conftest import assert_no_leaks, make_prompts, reference, run
 
@@ -514,3 +516,43 @@ def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Eng
     engine.pool.free(own)
     engine.pool.free(host)
     assert engine.pool.stats() == before
+
+
+@needs_cuda
+def test_the_engine_on_cuda_gives_the_cpu_engines_tokens_in_every_mode(tiny_model) -> None:  # pragma: no cover
+    """The same weights on a GPU: greedy with cached prefixes, preemption by swap through the
+    pinned host tier, and seeded sampling with a penalty, a bias and log-probabilities all give
+    the CPU engine's tokens (sampled rows are drawn on the CPU, from the GPU's logits)."""
+    gpu_model = copy.deepcopy(tiny_model).to("cuda")
+    prompts = make_prompts([20, 28, 36, 24, 30], seed=6, shared=8)
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    sampled = SamplingParams(
+        max_tokens=12, ignore_eos=True, temperature=1.0, top_k=40, seed=5, presence_penalty=0.5, logit_bias=((7, 2.0),)
+    )
+
+    def served(engine: Engine) -> tuple[list[list[int]], ...]:
+        ids = [engine.add_request(p, greedy) for p in prompts]
+        first: dict[str, list[int]] = {i: [] for i in ids}
+        preempted = 0
+        while engine.has_work():
+            for out in engine.step():
+                first[out.request_id] += out.new_token_ids
+                preempted += out.metrics.preemptions if out.finished else 0
+        assert preempted > 0 or engine.config.device_blocks > 40
+        turns = [p + first[i] for p, i in zip(prompts, ids)]
+        again = engine.generate(turns, greedy)  # over cached prefixes
+        drawn, _ = run(engine, prompts[:2], [sampled, replace(sampled, logprobs=3)])
+        assert_no_leaks(engine)
+        return [first[i] for i in ids], again, drawn
+
+    for config in (
+        EngineConfig(block_size=4, device_blocks=256, host_blocks=256),
+        EngineConfig(block_size=4, device_blocks=40, host_blocks=64, preemption="swap"),
+    ):
+        engines = [Engine(tiny_model, config), Engine(gpu_model, config)]
+        try:
+            on_cpu, on_gpu = (served(e) for e in engines)
+        finally:
+            for e in engines:
+                e.close()
+        assert on_gpu == on_cpu, config

@@ -98,9 +98,9 @@ def shaped(logits: torch.Tensor, output: list[int], params: SamplingParams) -> t
     out = logits.clone()
     if params.logit_bias:
         ids, bias = zip(*params.logit_bias)
-        out[list(ids)] += torch.tensor(bias, dtype=out.dtype)
+        out[list(ids)] += torch.tensor(bias, dtype=out.dtype, device=out.device)
     if output and (params.presence_penalty or params.frequency_penalty):
-        ids_seen, counts = torch.tensor(output).unique(return_counts=True)
+        ids_seen, counts = torch.tensor(output, device=out.device).unique(return_counts=True)
         out[ids_seen] -= params.presence_penalty + params.frequency_penalty * counts.to(out.dtype)
     return out
 
@@ -128,10 +128,14 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> l
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from a ``[vocab]`` float32 row under ``params``."""
+    """One token id from a ``[vocab]`` float32 row under ``params``.
+
+    A sampled row is drawn on the CPU, with ``generator`` (a CPU one), wherever the logits are:
+    the same logits give the same token on every device.
+    """
     if params.greedy:
         return int(argmax_rows(logits[None])[0])
-    scores = logits / params.temperature
+    scores = logits.float().cpu() / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
