@@ -128,7 +128,10 @@ class TransferAgent:
         self._layout = pool.config.layout.describe()
         self._block_size = pool.config.block_size
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"mempool-agent-{self.name}", daemon=True)
+        device = pool.storage(Tier.DEVICE).device
+        self._thread = threading.Thread(
+            target=self._run, args=(device,), name=f"mempool-agent-{self.name}", daemon=True
+        )
         self._peers: dict[str, _Peer] = {}
         self._receipts: dict[str, tuple[Blocks, float]] = {}
         self._receipts_lock = threading.Lock()
@@ -138,7 +141,9 @@ class TransferAgent:
         # Block copies (gathers, scatters, pulls) run on one thread of their own: torch's OpenMP
         # keeps one worker team per calling thread, and teams of several threads take turns
         # spinning on 2 cores (a pull of 32 MiB copied ~15% faster on one thread than on many).
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mempool-copy-{self.name}")
+        self._copier = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"mempool-copy-{self.name}", initializer=_use_device, initargs=(device,)
+        )
         self._share: dict[str, Any] | None = None  # what peers need to map our tiers
         self._held: list[tuple[float, Blocks]] = []  # blocks a peer may still pull, until when
         self._backend: DataBackend | None = None
@@ -174,6 +179,10 @@ class TransferAgent:
         )
 
     # -- life cycle (any thread) ------------------------------------------------------------
+    def _run(self, device: torch.device) -> None:
+        _use_device(device)  # before the backend starts: UCX's CUDA transports use this thread's context
+        self._loop.run_forever()
+
     def start(self) -> tuple[str, int]:
         """Start listening; returns the control address ``(host, port)``."""
         self._thread.start()
@@ -937,6 +946,13 @@ def _is_run(ids: IdArray) -> bool:
     """Whether ``ids`` are consecutive (one contiguous region of KV storage)."""
     n = len(ids)
     return n > 0 and int(ids[-1]) - int(ids[0]) == n - 1 and (n == 1 or bool((np.diff(ids) == 1).all()))
+
+
+def _use_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current one (for CUDA, its context: UCX's CUDA transports
+    copy in the context current on the thread that drives them)."""
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        torch.cuda.set_device(device)
 
 
 def _copy_out(storage: KVStorage, ids: IdArray, rows: torch.Tensor) -> None:
