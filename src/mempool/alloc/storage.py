@@ -271,9 +271,11 @@ def _copy_runs(
             d0 = int(dst_ids[0])
             dst[d0 : d0 + n].copy_(staged, non_blocking=non_blocking)
         else:
-            # Into host memory the scatter below runs on this thread at once, so the copy must
-            # have landed first: a non-blocking one would return before its bytes do.
-            moved = staged.to(dst.device, non_blocking=non_blocking and dst.device.type != "cpu")
+            moved = staged.to(dst.device, non_blocking=non_blocking)
+            if non_blocking and dst.device.type == "cpu":  # pragma: no cover - needs a GPU
+                # The scatter below runs on the host at once: a non-blocking copy to the host
+                # returns before its bytes arrive, so wait for the stream that carries it.
+                torch.cuda.current_stream(src.device).synchronize()  # type: ignore[no-untyped-call]
             dst.index_copy_(0, _index(dst_ids, dst.device), moved)
         return
     sidx = _index(src_ids, src.device)
