@@ -2,7 +2,8 @@
 as one run, on each backend, next to the raw backend sending the same bytes as one message (the
 physical limit of that link) and memcpy, all in the same run. Goals: scattered >= 80% of the raw
 one-message rate, runs >= 95%. Also counts data messages per transfer against the 2 x layers x
-blocks calls a per-layer KV layout would need. Run with ``make bench``.
+blocks calls a per-layer KV layout would need. Where CUDA exists, also between device tiers in
+GPU memory over UCX. Run with ``make bench``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ CONFIGS = [
     ("ucx+pull", {"backend": "ucx", "ucx_shared_memory": True, "same_host_pull": True}),
     ("ucx-tcp", {"backend": "ucx", "ucx_shared_memory": False}),
     ("torch-gloo", {"backend": "torch"}),
+    # where CUDA exists: both device tiers in GPU memory (raw: one message of GPU memory)
+    *(
+        [("ucx-cuda", {"backend": "ucx", "ucx_shared_memory": True, "device": "cuda"})]
+        if torch.cuda.is_available()
+        else []
+    ),
 ]
 
 

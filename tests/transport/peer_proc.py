@@ -231,7 +231,7 @@ class Peer:
             agent = pool._agent
             assert agent is not None
             link = agent._peers[cmd["peer"]].link
-            buf = torch.ones(cmd["nbytes"] // 8, dtype=torch.int64)
+            buf = torch.ones(cmd["nbytes"] // 8, dtype=torch.int64, device=pool.storage().device)
             times = []
             for i in range(cmd["reps"]):
                 t0 = time.perf_counter()
@@ -244,7 +244,9 @@ class Peer:
             assert agent is not None
             link = agent._peers[cmd["peer"]].link
             count = cmd["count"]
-            pieces = torch.ones(count * cmd["nbytes"] // 8, dtype=torch.int64).view(count, -1)
+            pieces = torch.ones(count * cmd["nbytes"] // 8, dtype=torch.int64, device=pool.storage().device).view(
+                count, -1
+            )
             move = link.send if op == "raw_pieces_send" else link.recv
 
             async def everything() -> None:
