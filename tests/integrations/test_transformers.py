@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import random
 import time
@@ -18,6 +19,7 @@ from mempool.errors import InvalidArgumentError, OutOfBlocksError
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 from mempool.integrations.transformers import MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
 
+from ..conftest import needs_cuda  # noqa: E402
 from ..hf_models import SMALL_HF, tiny_hf  # noqa: E402
 
 VOCAB = SMALL_HF["vocab_size"]
@@ -259,3 +261,31 @@ def test_a_cache_dropped_without_close_gives_everything_back_but_never_from_insi
         time.sleep(0.01)
     assert pool.stats()["index"]["device_locked"] == 0
     assert_nothing_held(pool)
+
+
+@needs_cuda
+def test_on_cuda_the_pool_cache_gives_hf_default_caches_tokens(llama: Any) -> None:  # pragma: no cover
+    """The model and the device tier on a GPU (the host tier pinned): greedy turns equal HF's own
+    on the same GPU, the second over the cached prefix, the third after it went to the host and back."""
+    model = copy.deepcopy(llama).to("cuda")
+    pool = MemPool(pool_config_for(model, device_blocks=64, host_blocks=64, block_size=4))
+    assert pool.config.device.startswith("cuda") and pool.storage(Tier.HOST).pinned
+    gen = PoolGenerator(model, pool)
+
+    def both(tokens: list[int], n: int) -> list[int]:
+        ours = gen.generate(ids(tokens).cuda(), max_new_tokens=n, do_sample=False)[0].tolist()
+        theirs = model.generate(ids(tokens).cuda(), max_new_tokens=n, do_sample=False)[0].tolist()
+        assert ours == theirs
+        return list(ours)
+
+    out1 = both([random.Random(4).randrange(VOCAB) for _ in range(30)], 10)
+    out2 = both(out1 + [5, 6, 7], 6)
+    assert gen.stats["cached_tokens"] == len(out1) - 1
+    cached = pool.stats()["device"]["cached"]
+    assert pool.evict(cached, Tier.DEVICE) == cached
+    before = gen.stats["cached_tokens"]
+    both(out2 + [8, 9], 4)
+    assert gen.stats["cached_tokens"] - before >= (len(out2) - 1) // 4 * 4  # its whole blocks, from the host
+    assert pool.stats()["index"]["promoted"] >= (len(out2) - 1) // 4
+    assert_nothing_held(pool)
+    pool.close()
