@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from memserve.launch import Cluster
+from memserve.launch import Cluster, ready_info
 from memserve.stages import STAGES
 
 from .helpers import drained, get, hand_started, wait_for
@@ -426,3 +430,34 @@ def test_a_cluster_whose_instance_cannot_start_raises_and_leaves_no_process() ->
         with Cluster("pd-basic", faults={"decode-1": {"no_such_fault": 1}}, **SMALL):
             pass
     assert wait_for(lambda: set(_children()) <= before, 15), set(_children()) - before
+
+
+def _child(code: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_waiting_for_an_instances_ready_line_is_bounded_even_when_it_prints_nothing() -> None:
+    """A process that hangs silently during startup would block a plain read for good; the wait
+    ends at its timeout, kills it, and says so. Lines before READY are skipped; one that exits
+    first is named as such."""
+    quiet = _child("import time; time.sleep(60)")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"an instance did not start within 0.5 s \(killed\)"):
+        ready_info(quiet, 0.5)
+    assert time.monotonic() - start < 10
+    assert quiet.wait(5) == -signal.SIGKILL
+    talker = _child("import time\nwhile True: print('loading', flush=True); time.sleep(0.05)")
+    with pytest.raises(RuntimeError, match="did not start within"):
+        ready_info(talker, 0.5)
+    assert talker.wait(5) == -signal.SIGKILL
+    ready = _child(
+        "print('warming up'); print('READY ' + '{\"url\": \"http://x\"}', flush=True); import time; time.sleep(1)"
+    )
+    assert ready_info(ready, 30) == {"url": "http://x"}
+    assert ready.wait(10) == 0  # not killed: its timer was stopped
+    gone = _child("print('bye')")
+    with pytest.raises(RuntimeError, match=r"an instance exited during startup \(code 0\)"):
+        ready_info(gone, 30)
+    for p in (quiet, talker, ready, gone):
+        assert p.stdout is not None
+        p.stdout.close()

@@ -20,9 +20,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -36,6 +36,8 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+; annotations only, never imported at run time
+
+T = TypeVar("T")
 
 
 def instance_command(
@@ -76,18 +78,44 @@ def roles_for(stage: Stage, prefill: int, decode: int, colocated: int | None) ->
     return ["colocated"] * (colocated if colocated is not None else prefill + decode)
 
 
+def read_until(proc: subprocess.Popen[str], timeout: float, pick: Callable[[str], T | None], what: str) -> T:
+    """The first ``pick(line)`` that is not None over ``proc``'s output lines.
+
+    Raises:
+        RuntimeError: ``proc`` ended first, or gave no such line within ``timeout`` seconds; a
+            process that is still running then, printing or silent, is killed.
+    """
+    assert proc.stdout is not None
+    late = threading.Event()
+
+    def expire() -> None:
+        late.set()
+        proc.kill()  # a silent process would block the read below for good
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        for line in iter(proc.stdout.readline, ""):
+            got = pick(line)
+            if got is not None:
+                break
+        else:
+            got = None
+    finally:
+        timer.cancel()
+    if late.is_set():
+        raise RuntimeError(f"{what} did not start within {timeout:g} s (killed)")
+    if got is None:
+        raise RuntimeError(f"{what} exited during startup (code {proc.wait()})")
+    return got
+
+
 def ready_info(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The ``READY`` line an instance process prints once it serves (lines before it are skipped)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"an instance exited during startup (code {proc.wait()})")
-        if line.startswith("READY "):
-            info: dict[str, Any] = json.loads(line[6:])
-            return info
-    raise RuntimeError("an instance did not become ready in time")
+    return read_until(
+        proc, timeout, lambda line: json.loads(line[6:]) if line.startswith("READY ") else None, "an instance"
+    )
 
 
 class Managed(ABC):

@@ -30,7 +30,7 @@ from typing import Any
 
 from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
-from .launch import Managed, instance_command, ready_info, roles_for
+from .launch import Managed, instance_command, read_until, ready_info, roles_for
 from .stages import stage as stage_named
 
 _COUNT = itertools.count()
@@ -305,16 +305,11 @@ class Deployment(Managed):
             time.sleep(0.2)
 
     def _serving_url(self, proc: subprocess.Popen[str]) -> str:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the scheduler exited during startup (code {proc.wait()})")
+        def url(line: str) -> str | None:
             m = re.search(r"serving the OpenAI API at (http://\S+)/v1", line)
-            if m:
-                return m.group(1)
-        raise RuntimeError("the scheduler did not start in time")
+            return m.group(1) if m else None
+
+        return read_until(proc, self.startup_timeout, url, "the scheduler")
 
     def stats(self, check: bool = False) -> dict[str, Any]:
         """The scheduler's ``/admin/stats``."""
