@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -461,3 +462,40 @@ def test_waiting_for_an_instances_ready_line_is_bounded_even_when_it_prints_noth
     for p in (quiet, talker, ready, gone):
         assert p.stdout is not None
         p.stdout.close()
+
+
+def test_a_replay_against_a_server_that_stops_answering_ends_at_its_stall_bound() -> None:
+    """The replay behind the demo and the benchmarks bounds each response: one that starts and then
+    sends nothing fails the replay after ``stall_s``, instead of waiting for good."""
+    from aiohttp import web
+
+    from memserve.bench import replay_http
+    from memserve.workloads import Call, SessionSpec
+
+    async def main() -> float:
+        release = asyncio.Event()
+
+        async def stall(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)  # the headers go out; then nothing until the test ends
+            await release.wait()
+            return response
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", stall)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        sessions = [SessionSpec("s", (1, 2, 3), (Call((4,), 4),))]
+        start = time.monotonic()
+        try:
+            with pytest.raises(asyncio.TimeoutError):  # aiohttp's ServerTimeoutError is one
+                await replay_http(f"http://127.0.0.1:{port}", sessions, rate=100.0, stall_s=0.5)
+            return time.monotonic() - start
+        finally:
+            release.set()
+            await runner.cleanup()
+
+    assert asyncio.run(main()) < 10

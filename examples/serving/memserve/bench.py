@@ -72,11 +72,18 @@ async def _one(
 
 
 async def replay_http(
-    url: str, sessions: list[SessionSpec], *, rate: float = 1.0, seed: int = 0, progress: str | None = None
+    url: str,
+    sessions: list[SessionSpec],
+    *,
+    rate: float = 1.0,
+    seed: int = 0,
+    progress: str | None = None,
+    stall_s: float = 300.0,
 ) -> tuple[list[RequestResult], float]:
     """Replay ``sessions`` against the server at ``url``; they arrive as a Poisson process at ``rate``
     per second, in order, and each runs its calls one after another. Returns the results and the
-    makespan in seconds."""
+    makespan in seconds. A response that sends nothing for ``stall_s`` seconds (or a server that
+    does not accept the connection in 30 s) fails the replay with ``aiohttp``'s timeout error."""
     rng = random.Random(seed)
     results: list[RequestResult] = []
     total = sum(len(s.calls) for s in sessions)
@@ -103,7 +110,8 @@ async def replay_http(
         delays.append(t)
         t += rng.expovariate(rate)
     start = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
+    limits = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=stall_s)
+    async with aiohttp.ClientSession(timeout=limits) as http:
         await asyncio.gather(*(run(i, s, d, http) for i, (s, d) in enumerate(zip(sessions, delays))))
     makespan = time.perf_counter() - start
     if progress:
