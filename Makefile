@@ -19,8 +19,9 @@ pool-demo: $(STAMP)  ## a short tour of the MemPool API
 # Two workers, a whole test file each (a file's module fixtures, such as its cluster, start once):
 # most tests wait on other processes (instances, peers, deadlines) for part of their time, so on
 # a 2-core machine two files at a time take ~40% less wall time than one (docs/reliability.md).
+# A test still running after 300 s fails with its stack (the slowest takes ~80 s on 2 slow cores).
 test: $(STAMP)  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --timeout 300
 
 bench: $(STAMP)  ## API benchmarks against baselines, with ratio tables
 	$(BIN)/python -m pytest benchmarks --benchmark-enable -q -s
