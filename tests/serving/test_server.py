@@ -452,10 +452,10 @@ def test_waiting_for_an_instances_ready_line_is_bounded_even_when_it_prints_noth
         ready_info(talker, 0.5)
     assert talker.wait(5) == -signal.SIGKILL
     ready = _child(
-        "print('warming up'); print('READY ' + '{\"url\": \"http://x\"}', flush=True); import time; time.sleep(1)"
+        "print('warming up'); print('READY ' + '{\"url\": \"http://x\"}', flush=True); import time; time.sleep(4)"
     )
-    assert ready_info(ready, 30) == {"url": "http://x"}
-    assert ready.wait(10) == 0  # not killed: its timer was stopped
+    assert ready_info(ready, 3) == {"url": "http://x"}
+    assert ready.wait(10) == 0  # it outlived the 3 s: its timer was stopped once READY came
     gone = _child("print('bye')")
     with pytest.raises(RuntimeError, match=r"an instance exited during startup \(code 0\)"):
         ready_info(gone, 30)
