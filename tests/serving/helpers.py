@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from memserve.launch import instance_command
+from memserve.launch import instance_command, ready_info
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -109,8 +109,7 @@ def hand_started(scheduler: str, name: str, model: str = "tiny-llama3") -> Itera
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        assert any(line.startswith("READY ") for line in proc.stdout)  # after any UCX warnings
+        ready_info(proc, 120)  # its READY line, after any UCX warnings (or it fails, killed, at 120 s)
         yield proc
     finally:
         proc.terminate()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from memserve.bench import RequestResult, replay_http
-from memserve.launch import Cluster
+from memserve.launch import Cluster, read_until
 from memserve.netns import Deployment, Hosts, leftovers, sweep, unavailable
 from memserve.tokenizer import Tokenizer
 from memserve.workloads import sharegpt
@@ -142,7 +142,7 @@ def test_sweep_removes_what_a_killed_process_left() -> None:
     code += "; time.sleep(600)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    tag = proc.stdout.readline().strip()
+    tag = read_until(proc, 60, lambda line: line.strip() or None, "the namespaces' owner")
     os.kill(proc.pid, signal.SIGKILL)  # no close(): its namespace and links stay behind ...
     proc.wait(timeout=30)
     proc.stdout.close()
