@@ -842,7 +842,7 @@ class TransferAgent:
         if first is not None:  # blocks first .. first + n - 1
             if first + n > rows.shape[0]:
                 raise ValueError(f"a pull offer of blocks {first}..{first + n - 1} of {peer.name}'s {rows.shape[0]}")
-            src = np.arange(first, first + n, dtype=np.int64)
+            src: IdArray = np.arange(first, first + n, dtype=np.int64)
         else:
             raw = unpack_bytes(pull["ids"])
             if len(raw) != 8 * n:
