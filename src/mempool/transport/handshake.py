@@ -81,9 +81,9 @@ async def serve_handshake(
     """The accepting side; returns the client, or ``None`` when it was refused."""
     hello = await asyncio.wait_for(channel.recv(), timeout)
     reason = _refuse_reason(me, hello)
-    if reason is not None:
-        await channel.send({"type": "refuse", "code": reason[0], "reason": reason[1]})
+    if reason is not None:  # recorded first: once the client hears of it, our record shows it
         refused(channel.peer_address, reason[1])
+        await channel.send({"type": "refuse", "code": reason[0], "reason": reason[1]})
         return None
     client, client_nonce = hello["name"], hello["nonce"]
     nonce, conn_id = auth.new_nonce(), secrets.token_hex(16)
@@ -102,12 +102,12 @@ async def serve_handshake(
     if answer.get("type") != "auth" or not auth.verify(
         me.secret, answer.get("proof"), "client", client_nonce, nonce, client, me.name
     ):
+        who = f"{client}@{channel.peer_address}"
         if answer.get("type") == "refuse":  # the client did not accept our proof
-            why = str(answer.get("reason", "client refused"))
-        else:
-            why = "wrong shared secret"
+            refused(who, str(answer.get("reason", "client refused")))
+        else:  # recorded first, as above
+            refused(who, "wrong shared secret")
             await channel.send({"type": "refuse", "code": "auth", "reason": "authentication failed"})
-        refused(f"{client}@{channel.peer_address}", why)
         return None
     accepting = asyncio.ensure_future(backend.accept(conn_id, timeout))  # listen before the client dials
     await channel.send({"type": "welcome", "share": me.share})
