@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import weakref
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import torch
 
 from mempool import Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
-from memserve import Engine, EngineConfig, SamplingParams
+from memserve import Engine, EngineConfig, LlamaModel, SamplingParams
 from memserve.sampling import argmax_rows
 from tests.conftest import needs_cuda
 
@@ -108,6 +107,15 @@ def test_preemption_under_memory_pressure_keeps_tokens(
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = make_engine(caching=False).generate(prompts, params)
     engine = make_engine(caching=caching, preemption=preemption, device_blocks=40, host_blocks=64)
+    got, preempted = _with_preemptions(engine, prompts, params)
+    assert preempted > 0  # the pool really ran out
+    assert got == want
+    assert_no_leaks(engine)
+
+
+def _with_preemptions(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], int]:
+    """Each prompt's output tokens, run together, and how many preemptions the requests met
+    (the pool's invariants checked after every step)."""
     ids = [engine.add_request(p, params) for p in prompts]
     got: dict[str, list[int]] = {i: [] for i in ids}
     preempted = 0
@@ -117,9 +125,7 @@ def test_preemption_under_memory_pressure_keeps_tokens(
             if out.finished:
                 preempted += out.metrics.preemptions
         engine.pool.check_invariants()
-    assert preempted > 0  # the pool really ran out
-    assert [got[i] for i in ids] == want
-    assert_no_leaks(engine)
+    return [got[i] for i in ids], preempted
 
 
 def test_a_swapped_request_that_cannot_come_back_is_recomputed(
@@ -523,7 +529,8 @@ def test_the_engine_on_cuda_gives_the_cpu_engines_tokens_in_every_mode(tiny_mode
     """The same weights on a GPU: greedy with cached prefixes, preemption by swap through the
     pinned host tier, and seeded sampling with a penalty, a bias and log-probabilities all give
     the CPU engine's tokens (sampled rows are drawn on the CPU, from the GPU's logits)."""
-    gpu_model = copy.deepcopy(tiny_model).to("cuda")
+    gpu_model = LlamaModel(tiny_model.config, device="cuda")  # (a deepcopy fails once an engine packed it)
+    gpu_model.load_state_dict(tiny_model.state_dict())
     prompts = make_prompts([20, 28, 36, 24, 30], seed=6, shared=8)
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
     sampled = SamplingParams(
@@ -531,19 +538,12 @@ def test_the_engine_on_cuda_gives_the_cpu_engines_tokens_in_every_mode(tiny_mode
     )
 
     def served(engine: Engine) -> tuple[list[list[int]], ...]:
-        ids = [engine.add_request(p, greedy) for p in prompts]
-        first: dict[str, list[int]] = {i: [] for i in ids}
-        preempted = 0
-        while engine.has_work():
-            for out in engine.step():
-                first[out.request_id] += out.new_token_ids
-                preempted += out.metrics.preemptions if out.finished else 0
+        first, preempted = _with_preemptions(engine, prompts, greedy)
         assert preempted > 0 or engine.config.device_blocks > 40
-        turns = [p + first[i] for p, i in zip(prompts, ids)]
-        again = engine.generate(turns, greedy)  # over cached prefixes
+        again = engine.generate([p + out for p, out in zip(prompts, first)], greedy)  # over cached prefixes
         drawn, _ = run(engine, prompts[:2], [sampled, replace(sampled, logprobs=3)])
         assert_no_leaks(engine)
-        return [first[i] for i in ids], again, drawn
+        return first, again, drawn
 
     for config in (
         EngineConfig(block_size=4, device_blocks=256, host_blocks=256),
