@@ -41,6 +41,24 @@ def report() -> Iterator[Report]:
     yield _REPORT
 
 
+def render(name: str, rows: list[dict[str, Any]], draw: Any) -> None:
+    """Draw a table as ``results/<name>.png`` (nothing where matplotlib is not installed); also
+    usable on a saved table: ``render(name, json.load(f)["rows"], module.draw_...)``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    draw(rows, ax)
+    ax.set_title(name)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -73,17 +91,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             json.dumps({"machine": machine, "note": _REPORT.notes.get(name), "rows": rows}, indent=2)
         )
         if name in _REPORT.plots:
-            try:
-                import matplotlib
-
-                matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
-            except ImportError:
-                continue
-            fig, ax = plt.subplots(figsize=(7, 4))
-            _REPORT.plots[name](rows, ax)
-            ax.set_title(name)
-            fig.tight_layout()
-            fig.savefig(RESULTS / f"{name}.png", dpi=110)
-            plt.close(fig)
+            render(name, rows, _REPORT.plots[name])
     w(f"\nresults saved under {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS}")

@@ -137,8 +137,29 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
             gather_sdpa_x_batch1=med["ours_sdpa", b] / med["ours_sdpa", 1],
             hf_x_batch1=med["hf", b] / med["hf", 1],
         )
+    report.plot("engine_decode", draw_decode)
     for engine in engines:
         engine.close()
+
+
+def draw_decode(rows: list[dict[str, Any]], ax: Any) -> None:
+    """Step time of each system at batch 1 and 16, bars labelled with batch 16 / batch 1."""
+    systems = (
+        ("memserve", "memserve_x_batch1", "memserve"),
+        ("memserve_no_screen", "no_screen_x_batch1", "no greedy screen"),
+        ("memserve_gather_sdpa", "gather_sdpa_x_batch1", "gather + SDPA"),
+        ("hf_eager", "hf_x_batch1", "HF eager"),
+    )
+    width = 0.8 / len(rows)
+    for j, row in enumerate(rows):
+        xs = [i + (j - (len(rows) - 1) / 2) * width for i in range(len(systems))]
+        label = f"batch {row['batch']}" + (" (on the bar: / batch 1; goal < 2x)" if j else "")
+        bars = ax.bar(xs, [row[key] * 1e3 for key, _, _ in systems], width, label=label)
+        if j:
+            ax.bar_label(bars, [f"{row[ratio]:.2f}x" for _, ratio, _ in systems], fontsize=8)
+    ax.set_xticks(range(len(systems)), [label for _, _, label in systems])
+    ax.set(ylabel="ms per decode step")
+    ax.legend()
 
 
 def _decoded(outputs: list[Any], batch: int) -> None:

@@ -132,7 +132,23 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
             "message on the same link; memcpy measured in the benchmark process before the peers start; goals: scattered >= 0.8 raw, "
             "runs >= 0.95 raw; vs_raw = median rate / median raw rate; paired_vs_raw = median over rounds of (that round's raw time / this transfer's time), paired_min its lowest; data phase = from the receiver's ready to the last data message (no control round trips); control_ms = median over rounds of (transfer time - its data phase)",
         )
+        report.plot("transfer_32MiB", draw_transfer)
         assert b.ok("state")["device_used"] == 0
     finally:
         a.stop()
         b.stop()
+
+
+def draw_transfer(rows: list[dict[str, Any]], ax: Any) -> None:
+    """Each path's run and scattered transfer against its own raw message (paired by round), with
+    the goals."""
+    paths = list(dict.fromkeys(r["backend"] for r in rows))
+    for j, (layout, goal) in enumerate((("run", 0.95), ("scattered", 0.8))):
+        got = {r["backend"]: r["paired_vs_raw"] for r in rows if r["what"] == f"{BLOCKS} blocks, {layout}"}
+        xs = [i + (j - 0.5) * 0.4 for i in range(len(paths))]
+        bars = ax.bar(xs, [got.get(p, 0.0) for p in paths], 0.4, label=f"{layout} (goal {goal:.2f})")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.axhline(goal, color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+    ax.set_xticks(range(len(paths)), paths)
+    ax.set(ylabel="rate / raw one-message rate (paired)")
+    ax.legend(fontsize=8)
