@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ class Script:
     calls: list[tuple[list[int], dict[str, Any] | int | str | None]]
     bodies: list[dict[str, Any]] = field(default_factory=list)
     connects: list[dict[str, Any]] = field(default_factory=list)  # the /connect calls it got
+    pushes: list[dict[str, Any]] = field(default_factory=list)  # the /push calls it got
+    # set: the instance has stopped (SIGSTOP, a hung host): /connect, /push and /health never answer
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def _instance(script: Script) -> tuple[web.AppRunner, str]:
@@ -55,17 +59,27 @@ async def _instance(script: Script) -> tuple[web.AppRunner, str]:
         await response.write_eof()
         return response
 
-    async def ok(_: web.Request) -> web.Response:
+    async def answer(calls: list[dict[str, Any]] | None, request: web.Request) -> web.Response:
+        if calls is not None:
+            calls.append(await request.json())
+        while script.stalled.is_set():  # no answer until the test ends (the caller's bound ends the call)
+            await asyncio.sleep(0.05)
         return web.json_response({"ok": True})
 
     async def connect(request: web.Request) -> web.Response:
-        script.connects.append(await request.json())
-        return web.json_response({"ok": True})
+        return await answer(script.connects, request)
+
+    async def push(request: web.Request) -> web.Response:
+        return await answer(script.pushes, request)
+
+    async def health(request: web.Request) -> web.Response:
+        return await answer(None, request)
 
     app = web.Application()
     app.router.add_post("/generate", generate)
     app.router.add_post("/connect", connect)
-    app.router.add_get("/health", ok)
+    app.router.add_post("/push", push)
+    app.router.add_get("/health", health)
     return await _start(app)
 
 
@@ -81,7 +95,7 @@ async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
 async def _deployment(stage: str, detokenize: Any = None, **scripts: Script) -> AsyncIterator[Scheduler]:
     """A scheduler for ``stage`` with one scripted instance per ``name=Script`` (role: the name's
     first part)."""
-    scheduler = Scheduler(STAGES[stage], attempts=2, stall_timeout_s=5.0, detokenize=detokenize)
+    scheduler = Scheduler(STAGES[stage], attempts=2, stall_timeout_s=5.0, control_timeout_s=1.0, detokenize=detokenize)
     runners = []
     try:
         for i, (name, script) in enumerate(scripts.items()):
@@ -93,6 +107,8 @@ async def _deployment(stage: str, detokenize: Any = None, **scripts: Script) -> 
         yield scheduler
     finally:
         await scheduler.close()
+        for script in scripts.values():
+            script.stalled.clear()  # (a runner's cleanup waits for the calls it is still answering)
         for runner in runners:
             await runner.cleanup()
 
@@ -301,5 +317,50 @@ def test_an_instance_that_sends_a_garbled_line_is_a_failed_attempt(line: str) ->
             out, done = await _run(s, [1, 2, 3], max_tokens=3)
             assert out == [7, 8, 9] and done["finish_reason"] == "length" and s.counters.resumes == 1
             assert b.bodies[0]["tokens"] == [1, 2, 3, 7]
+
+    asyncio.run(go())
+
+
+def test_an_instance_that_stops_answering_does_not_block_the_next_registration() -> None:
+    """A newcomer is linked with every live instance one at a time (under a lock); one that has
+    stopped answering (its /connect and /health hang) is marked down after the control call's
+    bound, and the newcomer joins. Unbounded, the registration, and every one after it, waited
+    for good."""
+    a, newcomer = Script([]), Script([])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a) as s:
+            runner, url = await _instance(newcomer)
+            try:
+                a.stalled.set()
+                info = {"name": "colocated_b", "role": "colocated", "url": url, "transport": ["127.0.0.1", 1500]}
+                await asyncio.wait_for(s.register(info), 30)  # the bound: 1 s, the health probe 2 s
+                assert list(s.instances) == ["colocated_a", "colocated_b"]
+                assert not s.instances["colocated_a"].alive and s.instances["colocated_b"].alive
+                assert [c["name"] for c in newcomer.connects] == ["colocated_a"]
+                assert [c["name"] for c in a.connects] == ["colocated_b"]  # it got the call, never answered
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(go())
+
+
+def test_a_push_from_a_holder_that_stops_answering_falls_back_to_recompute() -> None:
+    """The prompt tree says ``a`` holds the prompt but ``a`` is busy, so ``b`` runs it and ``a`` is
+    asked to push its prefix to ``b`` first. ``a`` has stopped answering: after the control call's
+    bound, ``b`` computes the prompt itself (no push counted, ``b``'s cache not believed)."""
+    a, b = Script([]), Script([([5, 6], {**SUMMARY, "metrics": {"cached_tokens": 0}})])
+    prompt = list(range(1, 129))
+
+    async def go() -> None:
+        async with _deployment("colocated-caching", colocated_a=a, colocated_b=b) as s:
+            s.trees["colocated"].insert("colocated_a", prompt, time.monotonic())
+            s.instances["colocated_a"].queued_seconds = 1e6  # busy: b is picked
+            a.stalled.set()
+            out, done = await asyncio.wait_for(_run(s, prompt, max_tokens=2), 30)
+            assert out == [5, 6] and done["instance"] == "colocated_b"
+            assert [p["peer"] for p in a.pushes] == ["colocated_b"]  # it was asked, and never answered
+            assert s.counters.pushes == 0 and b.bodies[0]["tokens"] == prompt
+            assert s.decisions[-1]["kind"] == "push" and s.decisions[-1]["transfer"]
 
     asyncio.run(go())

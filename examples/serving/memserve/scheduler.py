@@ -28,7 +28,10 @@ Faults: a request whose instance dies, stalls (no byte, not even a keep-alive, f
 most ``attempts`` times in all. Before its first token it simply starts over; after, it *resumes*:
 the new instance gets prompt + the tokens already streamed (``prompt_len`` marks the prompt) and
 continues, so the client sees one uninterrupted answer, the same tokens a fault-free run gives
-(greedy, or seeded: each output position samples from its own stream).
+(greedy, or seeded: each output position samples from its own stream). A control call to an
+instance (``/connect`` while another registers, ``/push``) that gets no answer within
+``control_timeout_s`` fails as an unreachable instance's does: a push is skipped (the prefix is
+recomputed), a link is given up once the instance's ``/health`` does not answer either.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class Scheduler:
         block_bytes: int = 8 * 2 * 16 * 4 * 64 * 4,
         bandwidth: float = 2e9,
         stall_timeout_s: float = 15.0,
+        control_timeout_s: float = 30.0,
         attempts: int = 3,
         link_aware: bool = True,
         link_ttl_s: float = 60.0,
@@ -188,7 +192,10 @@ class Scheduler:
     ) -> None:
         """``bandwidth``: bytes per second assumed of a link until it is measured; ``link_aware``:
         skip a handoff whose transfer is predicted slower than decode recomputing the prompt
-        (off: always hand off, as a link-blind deployment does); ``token``: the instances' control
+        (off: always hand off, as a link-blind deployment does); ``control_timeout_s``: the longest
+        a control call to an instance (``/connect``, ``/push``) may take before the instance is
+        treated as unreachable for it (a healthy one answers well within a transfer's deadline);
+        ``token``: the instances' control
         token, sent with every call to them; ``detokenize``: token ids to UTF-8 bytes, the
         instances' tokenizer's (requests with ``stop`` strings are refused without it)."""
         if policy not in POLICIES:
@@ -207,6 +214,7 @@ class Scheduler:
         self._link_samples: dict[tuple[str, str], deque[tuple[float, float, float]]] = {}  # (when, rate, latency)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # transfer-or-recompute, newest last
         self.stall_timeout_s, self.attempts = stall_timeout_s, attempts
+        self.control_timeout_s = control_timeout_s
         self.stop_ids: set[int] = set()  # every instance's tokenizer stop ids
         self.detokenize = detokenize
         self.counters = Counters()
@@ -269,12 +277,23 @@ class Scheduler:
         return handle
 
     async def _post(self, inst: InstanceHandle, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``inst``'s answer to a control call.
+
+        Raises:
+            SchedulerError: an error answer, or none within ``control_timeout_s``.
+            aiohttp.ClientError: ``inst`` could not be reached.
+        """
         s = await self.session()
-        async with s.post(inst.url + path, json=body) as r:
-            data: dict[str, Any] = await r.json()
-            if r.status != 200:
-                raise SchedulerError(f"{inst.name}{path}: {data.get('error', r.status)}")
-            return data
+        try:
+            async with s.post(
+                inst.url + path, json=body, timeout=aiohttp.ClientTimeout(total=self.control_timeout_s)
+            ) as r:
+                data: dict[str, Any] = await r.json()
+                if r.status != 200:
+                    raise SchedulerError(f"{inst.name}{path}: {data.get('error', r.status)}")
+                return data
+        except asyncio.TimeoutError:
+            raise SchedulerError(f"{inst.name}{path}: no answer within {self.control_timeout_s:g} s") from None
 
     async def instance_stats(self, check: bool = False, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         """The ``/stats`` of every live instance that answers within ``timeout`` seconds (``check``:
