@@ -29,6 +29,9 @@ os.environ.setdefault("MEMSERVE_WARM_UP_TOKENS", "0")
 BLOCK_SIZE = 4
 # The CUDA paths' tests: they run where a GPU is (no machine of this project's CI has one)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# A test of a device path, once on the CPU (so that CI runs its logic) and once on a GPU where one
+# is; ``pytest -k cuda`` selects the GPU cases
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def make_config(**overrides: object) -> PoolConfig:

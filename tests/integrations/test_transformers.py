@@ -19,7 +19,7 @@ from mempool.errors import InvalidArgumentError, OutOfBlocksError
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 from mempool.integrations.transformers import MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
 
-from ..conftest import needs_cuda  # noqa: E402
+from ..conftest import DEVICES  # noqa: E402
 from ..hf_models import SMALL_HF, tiny_hf  # noqa: E402
 
 VOCAB = SMALL_HF["vocab_size"]
@@ -263,18 +263,19 @@ def test_a_cache_dropped_without_close_gives_everything_back_but_never_from_insi
     assert_nothing_held(pool)
 
 
-@needs_cuda
-def test_on_cuda_the_pool_cache_gives_hf_default_caches_tokens(llama: Any) -> None:  # pragma: no cover
-    """The model and the device tier on a GPU (the host tier pinned): greedy turns equal HF's own
-    on the same GPU, the second over the cached prefix, the third after it went to the host and back."""
-    model = copy.deepcopy(llama).to("cuda")
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_each_device_the_pool_cache_gives_hf_default_caches_tokens(llama: Any, device: str) -> None:
+    """The model and the device tier on the case's device (the host tier pinned on a GPU's): greedy
+    turns equal HF's own on that device, the second over the cached prefix, the third after it
+    went to the host and back."""
+    model = copy.deepcopy(llama).to(device)
     pool = MemPool(pool_config_for(model, device_blocks=64, host_blocks=64, block_size=4))
-    assert pool.config.device.startswith("cuda") and pool.storage(Tier.HOST).pinned
+    assert pool.config.device.startswith(device) and pool.storage(Tier.HOST).pinned == (device == "cuda")
     gen = PoolGenerator(model, pool)
 
     def both(tokens: list[int], n: int) -> list[int]:
-        ours = gen.generate(ids(tokens).cuda(), max_new_tokens=n, do_sample=False)[0].tolist()
-        theirs = model.generate(ids(tokens).cuda(), max_new_tokens=n, do_sample=False)[0].tolist()
+        ours = gen.generate(ids(tokens).to(device), max_new_tokens=n, do_sample=False)[0].tolist()
+        theirs = model.generate(ids(tokens).to(device), max_new_tokens=n, do_sample=False)[0].tolist()
         assert ours == theirs
         return list(ours)
 

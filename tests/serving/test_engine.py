@@ -15,7 +15,7 @@ from mempool import Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams
 from memserve.sampling import argmax_rows
-from tests.conftest import needs_cuda
+from tests.conftest import DEVICES
 
 from .conftest import assert_no_leaks, make_prompts, reference, run
 
@@ -524,12 +524,13 @@ def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Eng
     assert engine.pool.stats() == before
 
 
-@needs_cuda
-def test_the_engine_on_cuda_gives_the_cpu_engines_tokens_in_every_mode(tiny_model) -> None:  # pragma: no cover
-    """The same weights on a GPU: greedy with cached prefixes, preemption by swap through the
-    pinned host tier, and seeded sampling with a penalty, a bias and log-probabilities all give
-    the CPU engine's tokens (sampled rows are drawn on the CPU, from the GPU's logits)."""
-    gpu_model = LlamaModel(tiny_model.config, device="cuda")  # (a deepcopy fails once an engine packed it)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_second_model_on_each_device_gives_the_cpu_engines_tokens_in_every_mode(tiny_model, device: str) -> None:
+    """The same weights in a second model (on a GPU where the case says cuda): greedy with cached
+    prefixes, preemption by swap through the host tier (pinned on CUDA machines), and seeded
+    sampling with a penalty, a bias and log-probabilities all give the CPU engine's tokens
+    (sampled rows are drawn on the CPU, from the GPU's logits)."""
+    gpu_model = LlamaModel(tiny_model.config, device=device)  # (a deepcopy fails once an engine packed it)
     gpu_model.load_state_dict(tiny_model.state_dict())
     prompts = make_prompts([20, 28, 36, 24, 30], seed=6, shared=8)
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)

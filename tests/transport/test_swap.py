@@ -20,7 +20,7 @@ from mempool.errors import (
     TierUnavailableError,
     WrongTierError,
 )
-from tests.conftest import fill_random, make_pool, needs_cuda
+from tests.conftest import DEVICES, fill_random, make_pool
 
 
 def read(pool: MemPool, blocks: Blocks) -> torch.Tensor:
@@ -212,10 +212,11 @@ def test_swap_without_host_tier_raises() -> None:
         pool.swap_out(blocks)
 
 
-@needs_cuda
-def test_cuda_round_trip_through_pinned_host() -> None:  # pragma: no cover - needs a GPU
-    pool = make_pool(device="cuda", device_blocks=64, host_blocks=64, dtype="bfloat16")
-    assert pool.storage(Tier.HOST).pinned
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_tier_round_trips_through_the_host_tier(device: str) -> None:
+    """bfloat16 blocks to the host tier (pinned where the device tier is on a GPU) and back."""
+    pool = make_pool(device=device, device_blocks=64, host_blocks=64, dtype="bfloat16")
+    assert pool.storage(Tier.HOST).pinned == (device == "cuda")
     blocks = scattered(pool, 20)
     written = fill_random(pool, blocks, seed=3)
     host = pool.swap_out(blocks)
@@ -224,12 +225,13 @@ def test_cuda_round_trip_through_pinned_host() -> None:  # pragma: no cover - ne
     assert torch.equal(read(pool, back), written)
 
 
-@needs_cuda
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("wait", [True, False])
-def test_cuda_swap_out_into_host_blocks_in_many_runs_is_bit_exact(wait: bool) -> None:  # pragma: no cover - needs a GPU
+def test_swap_out_into_host_blocks_in_many_runs_is_bit_exact(device: str, wait: bool) -> None:
     """Host blocks in many runs are written by a scatter on the host, after the device's copy into
-    host memory: that copy must have landed by then (a non-blocking one returns before its bytes)."""
-    pool = make_pool(device="cuda", device_blocks=64, host_blocks=64, dtype="bfloat16")
+    host memory: on a GPU that copy must have landed by then (a non-blocking one returns before
+    its bytes)."""
+    pool = make_pool(device=device, device_blocks=64, host_blocks=64, dtype="bfloat16")
     holes = pool.alloc(64, Tier.HOST)
     assert holes is not None
     pool.free(holes[::2])  # the host tier's free blocks: 32, none adjacent

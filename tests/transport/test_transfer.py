@@ -115,23 +115,22 @@ def test_transfer_with_insert_keeps_a_partly_filled_last_block_as_a_tail(spawn, 
 @pytest.mark.parametrize(
     ("backend", "devices"),
     [
-        pytest.param("ucx", ("cuda", "cuda"), marks=BACKENDS[0].marks, id="ucx"),
+        pytest.param("ucx", ("cpu", "cpu"), marks=BACKENDS[0].marks, id="ucx-cpu"),
+        pytest.param("torch", ("cpu", "cpu"), id="gloo-cpu"),
+        pytest.param("ucx", ("cuda", "cuda"), marks=[*BACKENDS[0].marks, needs_cuda], id="ucx-cuda"),
         pytest.param(
             "torch",
             ("cuda:0", "cuda:1"),  # NCCL: one rank per GPU
-            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two GPUs"),
-            id="nccl",
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL between two GPUs (cuda)"),
+            id="nccl-cuda",
         ),
     ],
 )
 @pytest.mark.parametrize("layout", ["run", "scattered"])
-@needs_cuda
-def test_cuda_blocks_round_trip_bit_exact(
-    spawn, backend: str, devices: tuple[str, str], layout: str
-) -> None:  # pragma: no cover - needs a GPU
-    """Device tiers in GPU memory: runs go straight from and into KV storage, scattered blocks
-    through staging on the GPU, gathered and scattered there (their ids on the GPU too) and
-    landed before a link reads them or the receiver confirms."""
+def test_device_tier_blocks_round_trip_bit_exact(spawn, backend: str, devices: tuple[str, str], layout: str) -> None:
+    """Device tiers in CPU or GPU memory, over the data link: runs go straight from and into KV
+    storage, scattered blocks through staging on the tier's device, gathered and scattered there
+    (on a GPU, their ids there too, and landed before a link reads them or the receiver confirms)."""
     a = spawn("a", backend=backend, device=devices[0], chunk_bytes=16 * 1024)
     b = spawn("b", backend=backend, device=devices[1])
     a.connect_to(b)
