@@ -58,7 +58,12 @@ def test_a_receive_posted_before_abort_writes_nothing_after_it(backend: str) -> 
         late = await ended(b.send(torch.ones(4096), 5), 5.0)  # the peer sends anyway
         await asyncio.sleep(0.3)
         assert int(torch.count_nonzero(buf)) == 0, "a late message landed after abort()"
-        assert isinstance(late, PeerLostError), late  # and its sender is told the link is gone
+        # and its sender is told the link is gone: at once on UCX. On gloo too as a rule, but in
+        # one CI run (2 busy cores) the send was still waiting after 5 s, gloo not having told that
+        # end yet; it never completes into the aborted receive, and its own deadline ends it (the
+        # agent learns of the drop from the control channel first)
+        told = (PeerLostError,) if backend == "ucx" else (PeerLostError, asyncio.TimeoutError)
+        assert isinstance(late, told), late
         assert isinstance(await ended(rx), PeerLostError)
 
     linked(backend, body)
