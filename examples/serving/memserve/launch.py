@@ -165,6 +165,7 @@ class Cluster(Managed):
         max_inflight: int = 256,
         max_waiting: int = 256,
         stall_timeout_s: float = 15.0,
+        control_timeout_s: float = 30.0,
         link_aware: bool = True,
         faults: dict[str, dict[str, Any]] | None = None,
         warm_up_tokens: int | None = None,
@@ -182,6 +183,7 @@ class Cluster(Managed):
         self.api_key = api_key
         self.heartbeat_s = heartbeat_s
         self.max_inflight, self.max_waiting, self.stall_timeout_s = max_inflight, max_waiting, stall_timeout_s
+        self.control_timeout_s = control_timeout_s
         self.link_aware = link_aware
         self.faults = faults or {}
         self.warm_up_tokens = warm_up_tokens
@@ -244,6 +246,7 @@ class Cluster(Managed):
                 self.stage,
                 policy=self.policy,
                 stall_timeout_s=self.stall_timeout_s,
+                control_timeout_s=self.control_timeout_s,
                 link_aware=self.link_aware,
                 token=token,
                 detokenize=tokenizer.decode_bytes,
@@ -320,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     ap.add_argument("--heartbeat", type=float, default=1.0, help="seconds between health probes of instances")
     ap.add_argument("--stall-timeout", type=float, default=15.0, help="seconds of silence that mean a stall")
+    ap.add_argument(
+        "--control-timeout", type=float, default=30.0, help="seconds an instance has to answer /connect or /push"
+    )
     ap.add_argument("--link-aware", choices=("on", "off"), default="on", help="skip handoffs slower than recompute")
     args = ap.parse_args(argv)
     api_key = os.environ.get("MEMSERVE_API_KEY")  # optional: then /v1 needs "Authorization: Bearer <key>"
@@ -335,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=api_key,
         heartbeat_s=args.heartbeat,
         stall_timeout_s=args.stall_timeout,
+        control_timeout_s=args.control_timeout,
         link_aware=args.link_aware == "on",
     ) as cluster:
         print(
