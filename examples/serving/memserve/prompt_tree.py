@@ -38,7 +38,8 @@ def chain_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
 
 
 class PromptTree:
-    """Prefix -> {instance: expiry}; ``insert``, ``match``, ``trim`` and ``forget`` are O(blocks)."""
+    """Prefix -> {instance: expiry}; ``insert``, ``match`` and ``trim`` take O(the prompt's blocks),
+    ``forget`` and ``expire`` walk every entry."""
 
     def __init__(self, block_size: int, ttl: float) -> None:
         self.block_size = block_size
