@@ -530,8 +530,8 @@ def test_a_second_model_on_each_device_gives_the_cpu_engines_tokens_in_every_mod
     prefixes, preemption by swap through the host tier (pinned on CUDA machines), and seeded
     sampling with a penalty, a bias and log-probabilities all give the CPU engine's tokens
     (sampled rows are drawn on the CPU, from the GPU's logits)."""
-    gpu_model = LlamaModel(tiny_model.config, device=device)  # (a deepcopy fails once an engine packed it)
-    gpu_model.load_state_dict(tiny_model.state_dict())
+    second = LlamaModel(tiny_model.config, device=device)  # (a deepcopy fails once an engine packed it)
+    second.load_state_dict(tiny_model.state_dict())
     prompts = make_prompts([20, 28, 36, 24, 30], seed=6, shared=8)
     greedy = SamplingParams(max_tokens=24, ignore_eos=True)
     sampled = SamplingParams(
@@ -550,10 +550,10 @@ def test_a_second_model_on_each_device_gives_the_cpu_engines_tokens_in_every_mod
         EngineConfig(block_size=4, device_blocks=256, host_blocks=256),
         EngineConfig(block_size=4, device_blocks=40, host_blocks=64, preemption="swap"),
     ):
-        engines = [Engine(tiny_model, config), Engine(gpu_model, config)]
+        engines = [Engine(tiny_model, config), Engine(second, config)]
         try:
-            on_cpu, on_gpu = (served(e) for e in engines)
+            on_cpu, on_device = (served(e) for e in engines)
         finally:
             for e in engines:
                 e.close()
-        assert on_gpu == on_cpu, config
+        assert on_device == on_cpu, config
