@@ -311,6 +311,36 @@ def test_a_busy_holder_pushes_its_prefix_instead_of_recompute() -> None:
         assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 64  # the pushed prefix, not recomputed
 
 
+def test_a_push_asked_of_a_stopped_holder_gives_way_to_recompute_within_the_control_bound() -> None:
+    """As above, but the holder is stopped (SIGSTOP) before it is asked to push: after
+    ``control_timeout_s`` the other instance computes the prompt itself, and the answer is the one
+    a holder that pushes gives. (Unbounded, the request waited on the stopped holder for good.)"""
+    with Cluster(
+        "colocated-caching", colocated=2, policy="prompt-tree", heartbeat_s=3600, control_timeout_s=2.0, **SMALL
+    ) as c:
+        prompt = list(range(8000, 8064))
+        body = {"prompt": prompt + [9, 9, 9], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        post(f"{c.url}/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        holder = next(iter(get(f"{c.url}/admin/stats")["counters"]["by_instance"]))
+        expected = post(f"{c.url}/v1/completions", body)["choices"][0]["token_ids"]  # on the holder, cached
+        assert c.scheduler is not None
+        c.scheduler.instances[holder].queued_seconds += 100.0  # the holder looks busy: route elsewhere
+        proc = c.process(holder)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            r = post(f"{c.url}/v1/completions", body)
+            took = time.monotonic() - started
+        finally:
+            proc.send_signal(signal.SIGCONT)
+            c.scheduler.instances[holder].queued_seconds -= 100.0
+        counters = get(f"{c.url}/admin/stats")["counters"]
+        assert r["choices"][0]["token_ids"] == expected
+        assert counters["pushes"] == 0 and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert set(counters["by_instance"]) == {"colocated-0", "colocated-1"}
+        assert took < 60  # the control bound (2 s), not the client's 120 s
+
+
 def test_eviction_reports_update_the_prompt_tree() -> None:
     import time
 
