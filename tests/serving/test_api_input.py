@@ -582,6 +582,30 @@ def test_client_disconnect_mid_stream_leaks_nothing(cluster: Cluster, n: int) ->
     assert produced() - before < 100 * n  # not the 200 each choice asked for
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_client_that_leaves_before_its_whole_answer_stops_it(cluster: Cluster, n: int) -> None:
+    """A request that is not streamed writes nothing until every answer is done, so only a check
+    of the connection notices a client gone meanwhile: every choice is aborted then (far fewer
+    tokens than asked for are generated; before, each ran to its max_tokens for nobody) and
+    nothing is left behind."""
+
+    def produced() -> int:
+        return sum(int(i["counters"]["output_tokens"]) for i in get(f"{cluster.url}/admin/stats")["instances"].values())
+
+    before = produced()
+    u = urlparse(cluster.url)
+    body = json.dumps({"prompt": list(range(600 + n, 660)), "max_tokens": 400, "ignore_eos": True, "n": n})
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    assert wait_for(lambda: produced() - before >= 5, 60)  # it is being answered
+    sock.close()  # gone before any byte of the answer
+    drained(cluster.url)
+    assert produced() - before < 200 * n  # not the 400 each choice asked for
+
+
 def test_an_instance_whose_caller_left_before_its_answer_began_stops_the_request(cluster: Cluster) -> None:
     """The scheduler may drop a ``/generate`` call as the instance takes it (a choice of ``n``
     cancelled as it began): writing the answer's headers then fails, and the request must be

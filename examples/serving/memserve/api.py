@@ -15,7 +15,9 @@ log-probability per token. ``echo`` (completions)
 puts the prompt before the answer, with its tokens' log-probabilities when ``logprobs`` is set
 (a prompt so scored is computed whole, not read from the cache). OpenAI options not implemented
 here (``suffix``, tools, ...) are a 400 unless sent at the value that asks for
-nothing. Also ``/v1/models``, ``/health``,
+nothing. A client that closes its connection before its answer is done has its answers stopped
+on their instances (a stream at its next write; otherwise within ``DISCONNECT_POLL_S``). Also
+``/v1/models``, ``/health``,
 ``/metrics`` (Prometheus text) and ``/admin/register``, ``/admin/stats``.
 """
 
@@ -27,7 +29,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -96,6 +98,31 @@ _INERT: dict[str, tuple[Any, ...]] = {
 
 class BadRequest(ValueError):
     pass
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+DISCONNECT_POLL_S = 0.5  # how often a request that has sent nothing yet checks that its client is there
+
+
+async def _while_connected(request: web.Request, work: Awaitable[T]) -> T:
+    """``work``'s result; if the client closes its connection first, ``work`` is cancelled (ending
+    every answer it was waiting for) and :class:`ClientGone` raised. (aiohttp does not cancel a
+    handler whose client left; one that writes nothing until the end would run on for nobody.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if request.transport is None or request.transport.is_closing():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class Metrics:
@@ -429,12 +456,18 @@ def make_app(
             metrics.finished(done, c.first, time.perf_counter() - start)
 
         if not body.get("stream"):
-            try:
+
+            async def collect() -> None:
                 async for i, e in events:
                     if "token" in e:
                         choices[i].add(e, time.perf_counter() - start)
                     else:
                         finished(choices[i], e)
+
+            try:
+                await _while_connected(request, collect())
+            except ClientGone:  # its answers were stopped on their instances; nobody reads this
+                return _error(499, "the client closed the connection")
             except RequestRefused as exc:
                 return _error(400, str(exc))
             except SchedulerError as exc:
@@ -455,7 +488,9 @@ def make_app(
                 }
             )
         try:  # the first event before the headers: a refused or failed request still gets a status
-            head = await events.__anext__()
+            head = await _while_connected(request, events.__anext__())
+        except ClientGone:
+            return _error(499, "the client closed the connection")
         except RequestRefused as exc:
             return _error(400, str(exc))
         except SchedulerError as exc:
