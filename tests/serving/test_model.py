@@ -39,15 +39,15 @@ CASES = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "llama3-rope": (
         "llama",
-        {
-            "rope_parameters": {
+        {  # transformers 4's keys: 5 takes them too (and saves them as its rope_parameters)
+            "rope_scaling": {
                 "rope_type": "llama3",
-                "rope_theta": 500000.0,
                 "factor": 8.0,
                 "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64,
             },
+            "rope_theta": 500000.0,
             "max_position_embeddings": 1024,
         },
     ),

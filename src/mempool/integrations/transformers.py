@@ -170,8 +170,10 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         super().__init__()  # type: ignore[no-untyped-call]
         self.table, self.layer, self.length = table, layer, length
         self.keys = self.values = None
+        self.is_initialized = False  # transformers 4.56's mixin does not set it
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        # value_states: transformers 5 passes it, 4.x does not
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -201,14 +203,18 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         v = gather_view(values, used).flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
         return k, v
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # query: the new tokens' count (transformers 5.10 on), or their cache positions (before)
+        n = query if isinstance(query, int) else int(query.shape[0])
+        return self.length + n, 0
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_max_length(self) -> int:
-        return -1
+        return -1  # no maximum: the pool's blocks are the limit
+
+    get_max_cache_shape = get_max_length  # its name until transformers 5.15
 
     def offload(self) -> None:  # the blocks live in the pool: nothing to move
         pass
