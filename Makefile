@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo pool-demo test bench lint typecheck clean
 
-$(STAMP): pyproject.toml scripts/bootstrap.sh scripts/constraints.txt
+$(STAMP): pyproject.toml scripts/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/bootstrap.sh
 	touch $@
 

@@ -3,7 +3,7 @@
 # On a machine without CUDA, torch comes from torch==2.13.0 (a CPU wheel; any other spec pulls
 # several GB of CUDA packages). Where the system Python already has a CUDA torch, the venv sees
 # it (--system-site-packages) and keeps it. The ucx extra is installed too, so both transport
-# backends are tested. scripts/constraints.txt pins the checkers the suite runs.
+# backends are tested.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -23,4 +23,4 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 fi
 echo "bootstrap: installing mempool[$EXTRAS]"
-"$VENV/bin/python" -m pip install --quiet -c scripts/constraints.txt -e ".[$EXTRAS]"
+"$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"
