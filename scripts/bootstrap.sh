@@ -22,5 +22,12 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   echo "bootstrap: installing torch==2.13.0 (CPU)"
   "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 fi
+# ucxx is built per CUDA major: beside a torch built for CUDA 13 (torch==2.13.0 from PyPI, which
+# Pythons other than this machine's CPU wheel's get), take the ucx-cu13 extra, or pip resolves
+# ucxx-cu12 by replacing that torch with an older CUDA 12 build
+if [[ ",$EXTRAS," == *,ucx,* ]] &&
+  "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if (torch.version.cuda or "").startswith("13.") else 1)'; then
+  EXTRAS=$(echo ",$EXTRAS," | sed 's/,ucx,/,ucx-cu13,/; s/^,//; s/,$//')
+fi
 echo "bootstrap: installing mempool[$EXTRAS]"
 "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]"

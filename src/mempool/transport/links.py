@@ -90,7 +90,9 @@ def _import_ucxx() -> Any:
     try:
         import ucxx  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise BackendUnavailableError("the ucx backend needs ucxx: pip install 'mempool[ucx]' (ucxx-cu12)") from exc
+        raise BackendUnavailableError(
+            "the ucx backend needs ucxx: pip install 'mempool[ucx]' (ucxx-cu12), or 'mempool[ucx-cu13]' beside a CUDA 13 torch"
+        ) from exc
     return ucxx
 
 
