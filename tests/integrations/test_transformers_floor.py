@@ -45,7 +45,7 @@ def test_the_oldest_accepted_transformers_passes_the_hf_tests() -> None:
             timeout=240,
         )
         (target / ".complete").touch()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
     child = subprocess.run(
         [sys.executable, "-c", "import transformers; print(transformers.__version__)"],
         env=env,
@@ -53,7 +53,8 @@ def test_the_oldest_accepted_transformers_passes_the_hf_tests() -> None:
         text=True,
         check=True,
     )
-    assert child.stdout.strip().startswith(version + "."), child.stdout  # the floor, not the venv's own
+    got = child.stdout.strip()
+    assert got.split(".")[:2] == version.split(".")[:2], got  # the floor's series, not the venv's own
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
         cwd=ROOT,
