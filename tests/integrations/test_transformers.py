@@ -17,7 +17,7 @@ from mempool import MemPool, Tier
 from mempool.errors import InvalidArgumentError, OutOfBlocksError
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-from mempool.integrations.transformers import MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
+from mempool.integrations.transformers import CACHE_ARG, MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
 
 from ..conftest import DEVICES  # noqa: E402
 from ..hf_models import SMALL_HF, tiny_hf  # noqa: E402
@@ -169,6 +169,7 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
         ((ids([1, 2, 3]),), {"num_return_sequences": 2, "do_sample": True}),
         ((ids([1, 2, 3]),), {"attention_mask": torch.tensor([[0, 1, 1]])}),
         ((ids([1, 2, 3]),), {"past_key_values": None}),
+        ((ids([1, 2, 3]),), {CACHE_ARG: None}),
     ]:
         with pytest.raises(InvalidArgumentError):
             gen.generate(*args, max_new_tokens=2, **kwargs)
@@ -191,7 +192,7 @@ def test_a_sequence_larger_than_the_pool_raises_and_holds_nothing(llama: Any) ->
 def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
     wrong = MemPool(pool_config_for(llama, device_blocks=8, block_size=4, dtype=torch.float16))
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match="do not fit"):
-        llama(ids([1, 2, 3]), past_key_values=cache)
+        llama(ids([1, 2, 3]), **{CACHE_ARG: cache})
     assert_nothing_held(wrong)
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
         cache.commit([9, 9, 9])  # not the cache's sequence
@@ -224,7 +225,7 @@ def test_a_cache_with_no_block_for_the_tail_starts_at_the_whole_blocks(llama: An
 def test_a_closed_or_misused_cache_refuses(llama: Any, pool: MemPool) -> None:
     cache = MemPoolCache(pool, [1, 2, 3])
     with pytest.raises(InvalidArgumentError, match="one sequence"):
-        llama(torch.tensor([[1, 2, 3], [4, 5, 6]]), past_key_values=cache)  # a batch of 2
+        llama(torch.tensor([[1, 2, 3], [4, 5, 6]]), **{CACHE_ARG: cache})  # a batch of 2
     cache.close()
     with pytest.raises(InvalidArgumentError, match="closed"):
         cache.commit([1, 2, 3])
@@ -244,7 +245,7 @@ def test_a_cache_dropped_without_close_gives_everything_back_but_never_from_insi
     given back from there, but once the pool is free again."""
     prompt = [random.Random(5).randrange(VOCAB) for _ in range(14)]
     with torch.no_grad(), MemPoolCache(pool, prompt) as first:  # cache the prompt's whole blocks, and a tail
-        llama(ids(prompt), past_key_values=first)
+        llama(ids(prompt), **{CACHE_ARG: first})
         first.commit(prompt)
     baseline = pool.stats()["device"]
     cache = MemPoolCache(pool, prompt + [3, 4, 5])  # locks the cached prefix, takes blocks of its own

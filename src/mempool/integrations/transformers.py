@@ -34,12 +34,17 @@ from mempool.types import Blocks, Tier
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.generation.utils import ALL_CACHE_NAMES
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise BackendUnavailableError(
         "mempool.integrations.transformers needs transformers: pip install 'mempool[hf]'"
     ) from exc
 
-__all__ = ["MemPoolCache", "MemPoolLayer", "PoolGenerator", "pool_config_for"]
+__all__ = ["CACHE_ARG", "MemPoolCache", "MemPoolLayer", "PoolGenerator", "pool_config_for"]
+
+#: The keyword HF models' ``generate`` and ``forward`` take a cache under: ``cache`` from
+#: transformers 5.24 (which deprecates the old name), ``past_key_values`` before.
+CACHE_ARG = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 
 def pool_config_for(
@@ -325,7 +330,7 @@ class PoolGenerator:
 
         Raises:
             InvalidArgumentError: a batch, padding, beam search, more than one return sequence, or
-                a ``past_key_values`` of the caller's.
+                a cache of the caller's (``cache`` or ``past_key_values``).
             OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
@@ -333,8 +338,9 @@ class PoolGenerator:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
-        if "past_key_values" in kwargs:
-            raise InvalidArgumentError("PoolGenerator brings its own cache; do not pass past_key_values")
+        for name in {"past_key_values", CACHE_ARG}:
+            if name in kwargs:
+                raise InvalidArgumentError(f"PoolGenerator brings its own cache; do not pass {name}")
         for name in ("num_beams", "num_return_sequences"):
             if int(kwargs.get(name) or 1) != 1:
                 raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache)")
@@ -343,7 +349,7 @@ class PoolGenerator:
             raise InvalidArgumentError("padding is not supported: pass one unpadded prompt")
         prompt = ids[0].tolist()
         with MemPoolCache(self.pool, prompt, namespace=self.namespace) as cache:
-            out = self.model.generate(ids, past_key_values=cache, **kwargs)
+            out = self.model.generate(ids, **{CACHE_ARG: cache}, **kwargs)
             sequence = out if isinstance(out, torch.Tensor) else out.sequences
             cache.commit(sequence[0].tolist())
         with self._lock:
