@@ -22,6 +22,7 @@ from benchmarks.timing import best, settle
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, Tokenizer, load_pretrained, preset
 
 transformers = pytest.importorskip("transformers")
+from mempool.integrations.transformers import CACHE_ARG  # noqa: E402 (after the skip)
 
 PREFILL = [128, 512, 1000, 2000]
 DECODE_CONTEXT = 256
@@ -107,7 +108,7 @@ def test_decode_step_vs_transformers(report: Any, models: tuple[LlamaModel, Any]
             steps[who, batch] = lambda e=engine, b=batch: _decoded(e.step(), b)
         with torch.inference_mode():
             out = hf(prompts, use_cache=True, logits_to_keep=1)
-        steps["hf", batch] = _hf_decoder(hf, out.past_key_values, out.logits[:, -1:].argmax(-1))
+        steps["hf", batch] = _hf_decoder(hf, getattr(out, CACHE_ARG), out.logits[:, -1:].argmax(-1))
     times: dict[tuple[str, int], list[float]] = {key: [] for key in steps}
     for _ in range(6):
         for key, fn in steps.items():
@@ -169,7 +170,7 @@ def _decoded(outputs: list[Any], batch: int) -> None:
 def _hf_decoder(hf: Any, cache: Any, nxt: torch.Tensor) -> Any:
     @torch.inference_mode()
     def step() -> None:
-        hf(nxt, past_key_values=cache, use_cache=True).logits.argmax(-1)
+        hf(nxt, **{CACHE_ARG: cache}, use_cache=True).logits.argmax(-1)
 
     return step
 

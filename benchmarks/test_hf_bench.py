@@ -28,7 +28,7 @@ from mempool import MemPool
 from memserve import Tokenizer, preset
 
 pytest.importorskip("transformers")
-from mempool.integrations.transformers import PoolGenerator, pool_config_for
+from mempool.integrations.transformers import CACHE_ARG, PoolGenerator, pool_config_for
 
 CONVERSATIONS, TURNS, MAX_REPLY, MAX_PROMPT = 8, 4, 256, 2048
 
@@ -70,7 +70,7 @@ def holding(model: Any, prefix: list[int]) -> Any:
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(torch.tensor([prefix]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(torch.tensor([prefix]), **{CACHE_ARG: cache}, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -89,7 +89,7 @@ def test_generate_ttft_mempool_vs_default_cache(report: Any) -> None:
         _, first = ttft(gen.generate, list(range(1000, 1064)), 2)
         again = first + list(range(2000, 2030))
         ttft(gen.generate, again, 2)  # a hit: match, tail copy, gathers
-        ttft(model.generate, again, 2, past_key_values=holding(model, first[:-1]))
+        ttft(model.generate, again, 2, **{CACHE_ARG: holding(model, first[:-1])})
         for c, conv in enumerate(load_conversations(40, min_rounds=TURNS)[:CONVERSATIONS]):
             history, with_kv = tok.bos(), 0  # with_kv: tokens of the last turn that have K/V
             for turn, (user, reply) in enumerate(conv.rounds[:TURNS]):
@@ -103,7 +103,7 @@ def test_generate_ttft_mempool_vs_default_cache(report: Any) -> None:
                 sides: list[tuple[str, Any, dict[str, Any]]] = [("mp", gen.generate, {})]
                 if ideal is not None:  # cold, the ideal cache is HF's default itself: t_hf
                     stop = stop_after_first_token()
-                    sides.append(("ideal", model.generate, {"past_key_values": ideal, "stopping_criteria": stop}))
+                    sides.append(("ideal", model.generate, {CACHE_ARG: ideal, "stopping_criteria": stop}))
                 got = {who: ttft(run, prompt, n, **kw) for who, run, kw in (sides if turn % 2 else sides[::-1])}
                 (t_mp, out_mp), (t_ideal, out_ideal) = got["mp"], got.get("ideal", (t_hf, out_hf))
                 cached = gen.stats["cached_tokens"] - cached_before
