@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 from mempool.integrations.transformers import CACHE_ARG, MemPoolCache, PoolGenerator, pool_config_for  # noqa: E402
 
 from ..conftest import DEVICES  # noqa: E402
-from ..hf_models import SMALL_HF, tiny_hf  # noqa: E402
+from ..hf_models import OTHER_HF, SMALL_HF, tiny_hf  # noqa: E402
 
 VOCAB = SMALL_HF["vocab_size"]
 
@@ -83,6 +83,34 @@ def test_greedy_tokens_equal_hf_default_cache(kind: str) -> None:
         assert gen.generate(ids(prompt), max_new_tokens=12, do_sample=False)[0].tolist() == hf(model, prompt, 12)
     assert_nothing_held(pool)
     pool.close()
+
+
+@pytest.mark.parametrize("kind", list(OTHER_HF))
+def test_other_architectures_give_hf_default_caches_tokens_turn_after_turn(kind: str) -> None:
+    """Three turns of one conversation, each after the last one's output: HF's tokens every turn,
+    and each later turn finds everything before it cached."""
+    model = tiny_hf(kind)
+    pool = MemPool(pool_config_for(model, device_blocks=128, block_size=4))
+    gen = PoolGenerator(model, pool)
+    rng = random.Random(1)
+    history: list[int] = []
+    for turn in range(3):
+        prompt = history + [rng.randrange(VOCAB) for _ in range(13)]
+        cached_before = gen.stats["cached_tokens"]
+        out = gen.generate(ids(prompt), max_new_tokens=10, do_sample=False)[0].tolist()
+        assert out == hf(model, prompt, 10), turn
+        assert gen.stats["cached_tokens"] - cached_before == max(0, len(history) - 1), turn
+        history = out
+    assert_nothing_held(pool)
+    pool.close()
+    if "sliding_window" in OTHER_HF[kind][2]:  # the window changes these tokens: it was applied
+        assert hf(tiny_hf(kind, sliding_window=4096), prompt, 10) != out
+
+
+def test_a_model_with_latent_attention_is_refused_before_anything_runs() -> None:
+    config = transformers.DeepseekV3Config(**SMALL_HF, kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12)
+    with pytest.raises(InvalidArgumentError, match="latent attention"):
+        pool_config_for(config, device_blocks=8)
 
 
 def test_second_turn_computes_only_the_new_suffix(llama: Any, pool: MemPool) -> None:
@@ -197,6 +225,18 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
         cache.commit([9, 9, 9])  # not the cache's sequence
     wrong.close()
+    right = MemPool(pool_config_for(llama, device_blocks=8, block_size=4))
+    k = torch.ones(1, right.config.num_kv_heads, 3, right.config.head_dim)
+    storage = right.storage(Tier.DEVICE)
+    with MemPoolCache(right, [1, 2, 3]) as cache:
+        before, used = storage.keys(0).clone(), right.stats()["device"]["used"]
+        for v in (k[..., :-1], k[:, :1], k.double()):  # keys fit, values do not: nothing is written
+            with pytest.raises(InvalidArgumentError, match="do not fit"):
+                cache.update(k, v, 0)
+        assert cache.get_seq_length() == 0 and right.stats()["device"]["used"] == used
+        assert torch.equal(storage.keys(0), before)
+    assert_nothing_held(right)
+    right.close()
 
 
 def test_a_cache_with_no_block_for_the_tail_starts_at_the_whole_blocks(llama: Any) -> None:

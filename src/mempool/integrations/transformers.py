@@ -10,9 +10,12 @@ Per request, :class:`PoolGenerator` matches the prompt in the pool, hands HF a
 prompt through the model), and inserts prompt + output into the pool when generation ends. Many
 conversations (threads) may share one pool; eviction and host-tier demotion are the pool's own.
 
-Scope: decoder-only models with full attention (Llama, Qwen2, Mistral without sliding window,
-...), one sequence per cache (batch size 1), greedy or sampled decoding, no beam search. Needs the
-``hf`` extra (``transformers``).
+Scope: decoder-only models whose layers cache K and V of one head size (Llama, Qwen2/3, Mistral,
+Mixtral, Gemma 1-3, Phi-3, OLMo 2, Falcon, GPT-2, GPT-NeoX, ...: each named one is tested),
+one sequence per cache (batch size 1), greedy or sampled decoding, no beam search. Sliding-window
+layers keep their whole K/V in the pool (a later turn may need any of it) and HF's mask applies the
+window. Models with multi-head latent attention (DeepSeek-V2/V3) are refused. Needs the ``hf``
+extra (``transformers``).
 """
 
 from __future__ import annotations
@@ -57,9 +60,19 @@ def pool_config_for(
     device: torch.device | str | None = None,
 ) -> PoolConfig:
     """A :class:`PoolConfig` whose block layout fits ``model`` (a ``PreTrainedModel`` or its config):
-    its layers, KV heads, head size, and (for a model) its dtype and device."""
+    its layers, KV heads, head size, and (for a model) its dtype and device.
+
+    Raises:
+        InvalidArgumentError: the model caches K and V of different sizes (multi-head latent
+            attention), which no block layout of the pool holds.
+    """
     config = getattr(model, "config", model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):
+        raise InvalidArgumentError(
+            f"{type(text).__name__} uses multi-head latent attention, whose cached K and V differ in size; "
+            "a MemPool block holds K and V of one head size"
+        )
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -191,11 +204,12 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         keys, values = t.storage.keys(self.layer), t.storage.values(self.layer)  # [blocks, bs, heads, dim]
         if key_states.shape[0] != 1:
             raise InvalidArgumentError(f"a MemPoolCache holds one sequence, got a batch of {key_states.shape[0]}")
-        if tuple(key_states.shape[1::2]) != (keys.shape[2], keys.shape[3]) or key_states.dtype != keys.dtype:
-            raise InvalidArgumentError(
-                f"K/V of {tuple(key_states.shape)} {key_states.dtype} do not fit the pool's blocks "
-                f"({keys.shape[2]} heads x {keys.shape[3]}, {keys.dtype}): see pool_config_for"
-            )
+        for states in (key_states, value_states):
+            if tuple(states.shape[1::2]) != (keys.shape[2], keys.shape[3]) or states.dtype != keys.dtype:
+                raise InvalidArgumentError(
+                    f"K/V of {tuple(key_states.shape)} / {tuple(value_states.shape)} {states.dtype} do not fit "
+                    f"the pool's blocks ({keys.shape[2]} heads x {keys.shape[3]}, {keys.dtype}): see pool_config_for"
+                )
         start, end = self.length, self.length + key_states.shape[-2]
         t.reserve(end)
         block, offset, used = t.slots(start, end)
