@@ -173,6 +173,9 @@ def test_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
         ({"model_type": "gpt2"}, "not a Llama"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "not supported"),
         ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding"),
     ],
 )
 def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any], message: str) -> None:

@@ -126,6 +126,14 @@ class ModelConfig:
         }
         if raw.get("mlp_bias"):
             raise ModelConfigError("mlp_bias=True is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ModelConfigError(f"hidden_act={raw['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
+        layers = int(raw["num_hidden_layers"])
+        windowed = [kind for kind in raw.get("layer_types") or () if kind != "full_attention"]
+        if raw.get("use_sliding_window") and int(raw.get("max_window_layers", layers)) < layers:
+            windowed.append("sliding_attention")  # Qwen2: the layers from max_window_layers on
+        if windowed:
+            raise ModelConfigError(f"layers of {sorted(set(windowed))} are not supported: attention here is full")
         values.update(overrides)
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
