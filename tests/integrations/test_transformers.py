@@ -198,10 +198,29 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
         ((ids([1, 2, 3]),), {"attention_mask": torch.tensor([[0, 1, 1]])}),
         ((ids([1, 2, 3]),), {"past_key_values": None}),
         ((ids([1, 2, 3]),), {CACHE_ARG: None}),
+        ((ids([1, 2, 3]),), {"use_cache": False}),
+        ((ids([1, 2, 3]),), {"prompt_lookup_num_tokens": 3}),  # assisted decoding
+        ((ids([1, 2, 3]),), {"assistant_model": llama}),
+        ((ids([1, 2, 3]),), {"generation_config": transformers.GenerationConfig(prompt_lookup_num_tokens=3)}),
     ]:
         with pytest.raises(InvalidArgumentError):
             gen.generate(*args, max_new_tokens=2, **kwargs)
     assert pool.stats() == before
+
+
+def test_assisted_decoding_through_a_cache_of_ones_own_is_refused_and_changes_nothing(
+    llama: Any, pool: MemPool
+) -> None:
+    """Assisted decoding crops the cache, and transformers 5.15 on runs the whole prompt again over
+    a cache that holds a prefix: refused (by HF, or by the cache's ``crop``), nothing cached."""
+    prompt = list(range(10, 30)) * 2
+    PoolGenerator(llama, pool).generate(ids(prompt[:20]), max_new_tokens=3, do_sample=False)
+    before = pool.stats()
+    with MemPoolCache(pool, prompt) as cache, pytest.raises(ValueError):
+        assert cache.cached_tokens > 0
+        llama.generate(ids(prompt), max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3, **{CACHE_ARG: cache})
+    assert pool.stats() == before
+    assert_nothing_held(pool)
 
 
 def test_a_sequence_larger_than_the_pool_raises_and_holds_nothing(llama: Any) -> None:

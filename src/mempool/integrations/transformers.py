@@ -12,10 +12,10 @@ conversations (threads) may share one pool; eviction and host-tier demotion are 
 
 Scope: decoder-only models whose layers cache K and V of one head size (Llama, Qwen2/3, Mistral,
 Mixtral, Gemma 1-3, Phi-3, OLMo 2, Falcon, GPT-2, GPT-NeoX, ...: each named one is tested),
-one sequence per cache (batch size 1), greedy or sampled decoding, no beam search. Sliding-window
-layers keep their whole K/V in the pool (a later turn may need any of it) and HF's mask applies the
-window. Models with multi-head latent attention (DeepSeek-V2/V3) are refused. Needs the ``hf``
-extra (``transformers``).
+one sequence per cache (batch size 1), greedy or sampled decoding; no beam search, no assisted
+decoding. Sliding-window layers keep their whole K/V in the pool (a later turn may need any of it)
+and HF's mask applies the window. Models with multi-head latent attention (DeepSeek-V2/V3) are
+refused. Needs the ``hf`` extra (``transformers``).
 """
 
 from __future__ import annotations
@@ -172,6 +172,12 @@ class _Reaper:
 
 _REAPER = _Reaper()
 
+#: Assisted decoding forgets rejected draft tokens by cropping the cache, and transformers 5.15 on
+#: runs the whole prompt again on its first step when the cache already holds a prefix (its own
+#: ``DynamicCache`` included: other tokens than without the prefix); so it is refused.
+_NO_ASSISTED = "assisted decoding (assistant_model, prompt_lookup_num_tokens, ...) is not supported with a MemPoolCache"
+_ASSISTED_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
 
 class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One decoder layer's K/V, stored in the pool blocks of a :class:`MemPoolCache`.
@@ -234,6 +240,9 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         return -1  # no maximum: the pool's blocks are the limit
 
     get_max_cache_shape = get_max_length  # its name until transformers 5.15
+
+    def crop(self, tokens: int) -> None:
+        raise InvalidArgumentError(_NO_ASSISTED)
 
     def offload(self) -> None:  # the blocks live in the pool: nothing to move
         pass
@@ -343,8 +352,9 @@ class PoolGenerator:
         pool's cache; returns what ``model.generate`` returns.
 
         Raises:
-            InvalidArgumentError: a batch, padding, beam search, more than one return sequence, or
-                a cache of the caller's (``cache`` or ``past_key_values``).
+            InvalidArgumentError: a batch, padding, beam search, assisted decoding, more than one
+                return sequence, ``use_cache=False``, or a cache of the caller's (``cache`` or
+                ``past_key_values``).
             OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
@@ -355,6 +365,11 @@ class PoolGenerator:
         for name in {"past_key_values", CACHE_ARG}:
             if name in kwargs:
                 raise InvalidArgumentError(f"PoolGenerator brings its own cache; do not pass {name}")
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        if any(kwargs.get(name) is not None or getattr(config, name, None) is not None for name in _ASSISTED_ARGS):
+            raise InvalidArgumentError(_NO_ASSISTED)
+        if kwargs.get("use_cache") is False:
+            raise InvalidArgumentError("use_cache=False runs without a cache: call model.generate itself for that")
         for name in ("num_beams", "num_return_sequences"):
             if int(kwargs.get(name) or 1) != 1:
                 raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache)")
