@@ -88,7 +88,7 @@ def main() -> None:
     # Preemption: a running request's own blocks go to the host and come back bit for bit.
     own = pool.alloc(8)
     assert own is not None
-    pool.kv()[torch.from_numpy(own.ids.copy())] = torch.randn(8, *cfg.layout.block_shape).half()
+    pool.storage().scatter(own.ids, torch.randn(8, *cfg.layout.block_shape).half())
     before = pool.storage().gather(own.ids)
     host = pool.swap_out(own)
     assert host is not None

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mempool.alloc import storage as storage_mod
 from mempool.alloc.storage import KVStorage, copy_blocks, gather_view
 from mempool.config import KVLayout
-from mempool.errors import InvalidArgumentError, LayoutMismatchError
+from mempool.errors import InvalidArgumentError, InvalidBlockError, LayoutMismatchError
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32")
 
@@ -140,15 +140,50 @@ def test_copy_blocks_matches_indexing_on_every_path(case: tuple[list[int], list[
 
 def test_copy_blocks_rejects_mismatch() -> None:
     a = make()
-    with pytest.raises(ValueError, match="source blocks"):
+    with pytest.raises(InvalidArgumentError, match="source blocks"):
         copy_blocks(a, np.array([1, 2]), a, np.array([3]))
     other = KVStorage(
         KVLayout(num_layers=1, num_kv_heads=2, head_dim=4, block_size=2, dtype="float32"), 4, torch.device("cpu")
     )
     with pytest.raises(LayoutMismatchError, match="layouts differ"):
         copy_blocks(a, np.array([1]), other, np.array([0]))
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(LayoutMismatchError, match="expected"):
         a.scatter(np.array([1]), torch.zeros(2, *LAYOUT.block_shape))
+
+
+@pytest.mark.parametrize("ids", [[-1], [16], [3, -1], [2, 16, 4], [1.5], [[1]], [True]])
+def test_ids_that_name_no_block_are_refused_and_nothing_is_written(ids: list[object]) -> None:
+    """Before 2026-11-24 a negative or too-large id was silently skipped by scatter and copy_blocks
+    (slicing past the end copies nothing) and a float id was truncated."""
+    a, small = make(), KVStorage(LAYOUT, 4, torch.device("cpu"))
+    before, small_before = a.tensor.clone(), small.tensor.clone()
+    bad = np.array(ids)
+    n = bad.shape[0]
+    rows = torch.ones(n, *LAYOUT.block_shape)
+    calls = [
+        lambda: a.gather(bad),
+        lambda: a.scatter(bad, rows),
+        lambda: a.read_rows(bad, torch.empty(n, a.flat.shape[1], dtype=a.flat.dtype)),
+        lambda: copy_blocks(a, bad, small, np.arange(n) % 4),
+        lambda: copy_blocks(small, np.arange(n) % 4, a, bad),
+        lambda: storage_mod.copy_rows(a.flat, bad, small, np.arange(n) % 4),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidBlockError):
+            call()
+    with pytest.raises(InvalidBlockError, match=r"\[0, 4\)"):  # in range for a, not for small
+        copy_blocks(a, np.array([7]), small, np.array([4]))
+    assert torch.equal(a.tensor, before) and torch.equal(small.tensor, small_before)
+
+
+def test_no_ids_copy_nothing() -> None:
+    a = make()
+    before, none = a.tensor.clone(), np.array([], dtype=np.int64)
+    assert tuple(a.gather(none).shape) == (0, *LAYOUT.block_shape)
+    a.scatter(none, torch.zeros(0, *LAYOUT.block_shape))
+    a.read_rows(none, torch.empty(0, a.flat.shape[1], dtype=a.flat.dtype))
+    copy_blocks(a, none, a, none)
+    assert torch.equal(a.tensor, before)
 
 
 @pytest.mark.parametrize("ids", [[3, 4, 5], [9, 2, 3, 4, 11], [1, 3, 5, 7, 9, 11, 13, 15, 0, 2]])

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from mempool.config import KVLayout
-from mempool.errors import InvalidArgumentError, LayoutMismatchError
-from mempool.types import IdArray
+from mempool.errors import InvalidArgumentError, InvalidBlockError, LayoutMismatchError
+from mempool.types import IdArray, as_block_ids
 
 __all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks", "copy_rows", "gather_view"]
 
@@ -106,24 +106,37 @@ class KVStorage:
             self._staging = torch.empty((rows, self.flat.shape[1]), dtype=self.flat.dtype, device=self.device)
         return self._staging_lock, self._staging
 
+    def _ids(self, ids: IdArray) -> IdArray:
+        """``ids`` as int64 ids of this tier's blocks.
+
+        Raises:
+            InvalidBlockError: not a 1-D sequence of ints, or an id outside ``[0, num_blocks)``.
+        """
+        return _ids_below(ids, self.num_blocks)
+
     def gather(self, ids: IdArray) -> torch.Tensor:
         """Copy of the blocks ``ids`` in order, ``[len(ids), *block_shape]``, contiguous."""
+        ids = self._ids(ids)
         out = torch.empty((len(ids), *self.layout.block_shape), dtype=self.tensor.dtype, device=self.device)
-        _copy_runs(self.flat, ids, flat_view(out), np.arange(len(ids), dtype=np.int64))
+        if len(ids):
+            _copy_runs(self.flat, ids, flat_view(out), np.arange(len(ids), dtype=np.int64))
         return out
 
     def scatter(self, ids: IdArray, src: torch.Tensor) -> None:
         """Write ``src[i]`` into block ``ids[i]``; ``src`` is ``[len(ids), *block_shape]``."""
+        ids = self._ids(ids)
         if tuple(src.shape) != (len(ids), *self.layout.block_shape) or src.dtype != self.tensor.dtype:
-            raise ValueError(
+            raise LayoutMismatchError(
                 f"src is {tuple(src.shape)} {src.dtype}, expected {(len(ids), *self.layout.block_shape)} "
                 f"{self.tensor.dtype}"
             )
-        _copy_runs(flat_view(src.contiguous()), np.arange(len(ids), dtype=np.int64), self.flat, ids)
+        if len(ids):
+            _copy_runs(flat_view(src.contiguous()), np.arange(len(ids), dtype=np.int64), self.flat, ids)
 
     def read_rows(self, ids: IdArray, out: torch.Tensor) -> None:
         """Copy blocks ``ids``, in order, into the first ``len(ids)`` rows of ``out``, a buffer
         shaped like :attr:`flat` (``[rows, words]``, same dtype) on this tier's device."""
+        ids = self._ids(ids)
         if (
             out.dim() != 2
             or out.shape[0] < len(ids)
@@ -195,6 +208,15 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def _ids_below(ids: IdArray, n: int) -> IdArray:
+    """``ids`` as int64, each in ``[0, n)``; :class:`InvalidBlockError` otherwise."""
+    ok = isinstance(ids, np.ndarray) and ids.ndim == 1 and ids.dtype == np.int64
+    arr = ids if ok else as_block_ids(ids)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= n):
+        raise InvalidBlockError(f"block ids must lie in [0, {n}), got {int(arr.min())}..{int(arr.max())}")
+    return arr
+
+
 def copy_blocks(
     src: KVStorage, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray, *, non_blocking: bool = False
 ) -> None:
@@ -204,8 +226,9 @@ def copy_blocks(
     gathered straight into each run of the destination (the allocator keeps those few), and
     only a destination in many small runs takes a gather plus a scatter. Never per layer.
     """
+    src_ids, dst_ids = src._ids(src_ids), dst._ids(dst_ids)
     if len(src_ids) != len(dst_ids):
-        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+        raise InvalidArgumentError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
     if src.layout != dst.layout:
         raise LayoutMismatchError(f"layouts differ: {src.layout.describe()} vs {dst.layout.describe()}")
     _copy_runs(src.flat, src_ids, dst.flat, dst_ids, non_blocking=non_blocking, staging=dst)
@@ -214,8 +237,9 @@ def copy_blocks(
 def copy_rows(src: torch.Tensor, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray) -> None:
     """Copy rows ``src_ids`` of a flat ``[blocks, words]`` tensor of ``dst``'s layout (such as a
     peer's mapped tier) into blocks ``dst_ids`` of ``dst``, pairwise, as :func:`copy_blocks` does."""
+    src_ids, dst_ids = _ids_below(src_ids, src.shape[0]), dst._ids(dst_ids)
     if len(src_ids) != len(dst_ids):
-        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
+        raise InvalidArgumentError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
     if src.dim() != 2 or src.shape[1] != dst.flat.shape[1] or src.dtype != dst.flat.dtype:
         raise LayoutMismatchError(f"rows {tuple(src.shape)} {src.dtype} do not match {tuple(dst.flat.shape)}")
     _copy_runs(src, src_ids, dst.flat, dst_ids, staging=dst)
