@@ -113,6 +113,25 @@ def test_a_model_with_latent_attention_is_refused_before_anything_runs() -> None
         pool_config_for(config, device_blocks=8)
 
 
+def test_models_sharing_a_pool_never_see_each_others_kv(llama: Any, pool: MemPool) -> None:
+    """Two models of the same shapes, other weights, one pool: by default each generator caches
+    in its model's own namespace (before 2026-11-24 both used the pool's default one, and the
+    second model was handed the first one's K/V: other tokens than HF's)."""
+    other = tiny_hf("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    prompt = [random.Random(7).randrange(VOCAB) for _ in range(30)]
+    first, second, again = PoolGenerator(llama, pool), PoolGenerator(other, pool), PoolGenerator(llama, pool)
+    assert first.namespace == again.namespace != second.namespace
+    assert first.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(llama, prompt, 6)
+    assert second.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(other, prompt, 6)
+    assert second.stats["cached_tokens"] == 0  # nothing of the first model's
+    assert again.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(llama, prompt, 6)
+    assert again.stats["cached_tokens"] > 0  # the same model object: its cache is shared
+    assert_nothing_held(pool)
+
+
 def test_second_turn_computes_only_the_new_suffix(llama: Any, pool: MemPool) -> None:
     gen = PoolGenerator(llama, pool)
     turn1 = [random.Random(2).randrange(VOCAB) for _ in range(30)]
@@ -214,9 +233,10 @@ def test_assisted_decoding_through_a_cache_of_ones_own_is_refused_and_changes_no
     """Assisted decoding crops the cache, and transformers 5.15 on runs the whole prompt again over
     a cache that holds a prefix: refused (by HF, or by the cache's ``crop``), nothing cached."""
     prompt = list(range(10, 30)) * 2
-    PoolGenerator(llama, pool).generate(ids(prompt[:20]), max_new_tokens=3, do_sample=False)
+    gen = PoolGenerator(llama, pool)
+    gen.generate(ids(prompt[:20]), max_new_tokens=3, do_sample=False)
     before = pool.stats()
-    with MemPoolCache(pool, prompt) as cache, pytest.raises(ValueError):
+    with MemPoolCache(pool, prompt, namespace=gen.namespace) as cache, pytest.raises(ValueError):
         assert cache.cached_tokens > 0
         llama.generate(ids(prompt), max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3, **{CACHE_ARG: cache})
     assert pool.stats() == before
@@ -266,14 +286,14 @@ def test_a_cache_with_no_block_for_the_tail_starts_at_the_whole_blocks(llama: An
     prompt = list(range(10))
     out = gen.generate(ids(prompt), max_new_tokens=2, do_sample=False)[0].tolist()
     seq = out + [5]  # the next turn: K/V of 11 of its tokens are cached, as 2 blocks and a tail of 3
-    with MemPoolCache(pool, seq) as cache:
+    with MemPoolCache(pool, seq, namespace=gen.namespace) as cache:
         assert cache.cached_tokens == 11  # with a free block, the tail's 3 tokens come along
-    with pool.match(seq[:-1]) as held:  # keep the whole blocks cached while every other block is taken
+    with pool.match(seq[:-1], gen.namespace) as held:  # keep the whole blocks cached while every other block is taken
         assert held.num_tokens == 8
         hogs = []
         while (more := pool.alloc(1)) is not None:
             hogs.append(more)
-        with MemPoolCache(pool, seq) as cache:
+        with MemPoolCache(pool, seq, namespace=gen.namespace) as cache:
             assert cache.cached_tokens == 8 and cache.computed_tokens == 0
         for h in hogs:
             pool.free(h)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import uuid
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -335,15 +337,37 @@ class MemPoolCache(Cache):  # type: ignore[misc]
             _REAPER.put(self._table)
 
 
+_MODEL_NAMESPACES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_MODEL_NAMESPACES_LOCK = threading.Lock()
+
+
+def _namespace_of(model: Any) -> str:
+    """A namespace of ``model``'s own, the same for every generator over this model object."""
+    with _MODEL_NAMESPACES_LOCK:
+        try:
+            name = _MODEL_NAMESPACES.get(model)
+            if name is None:
+                name = _MODEL_NAMESPACES[model] = f"{type(model).__name__}-{uuid.uuid4().hex}"
+        except TypeError:  # not weakly referable: a namespace of this generator's own
+            name = f"{type(model).__name__}-{uuid.uuid4().hex}"
+        return name
+
+
 class PoolGenerator:
     """``model.generate`` with prefix caching in ``pool``: a drop-in for one sequence at a time.
+
+    ``namespace`` keeps this model's cached K/V apart from other models' in a shared pool. By
+    default it is one of the model object's own (generators over the same model share it; other
+    models, even of the same shapes, never see its K/V); :attr:`namespace` says which, for a
+    :class:`MemPoolCache` that should share it.
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
     """
 
     def __init__(self, model: Any, pool: MemPool, *, namespace: Any = None) -> None:
-        self.model, self.pool, self.namespace = model, pool, namespace
+        self.model, self.pool = model, pool
+        self.namespace = _namespace_of(model) if namespace is None else namespace
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0}
 
