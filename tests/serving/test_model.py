@@ -210,3 +210,24 @@ def test_bad_model_configs_are_refused_with_the_reason(change: dict[str, Any], m
 def test_an_unknown_preset_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ModelConfigError, match=r"unknown model preset 'huge'; known: .*default"):
         preset("huge")
+
+
+def test_the_fingerprint_names_the_weights_and_numerics_not_the_build(tmp_path: Path) -> None:
+    """Instances share K/V only under one fingerprint: the same weights give the same one, however
+    built (seeded twice, or saved and loaded back); another seed, checkpoint, RoPE or dtype another."""
+    tiny = preset("tiny")
+    first = LlamaModel(tiny).init_random()
+    assert LlamaModel(tiny).init_random().pack(screen=True).fingerprint() == first.fingerprint()
+    others = [
+        LlamaModel(tiny.with_(seed=1)).init_random(),
+        LlamaModel(tiny.with_(rope_theta=10_000.0)).init_random(),  # same weights, other K
+        LlamaModel(tiny.with_(dtype="bfloat16")).init_random(),
+    ]
+    prints = {first.fingerprint(), *(m.fingerprint() for m in others)}
+    assert len(prints) == 4
+    save_hf(tmp_path)
+    loaded = load_pretrained(tmp_path)
+    assert load_pretrained(tmp_path).fingerprint() == loaded.fingerprint() not in prints
+    with torch.no_grad():
+        loaded.layers[1].mlp.down_proj.weight.mul_(1.01)  # a fine-tune of one matrix
+    assert loaded.fingerprint() != load_pretrained(tmp_path).fingerprint()

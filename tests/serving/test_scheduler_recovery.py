@@ -304,6 +304,32 @@ def test_a_malformed_registration_changes_nothing_even_from_a_reachable_instance
     asyncio.run(go())
 
 
+def test_an_instance_of_another_model_is_refused_and_changes_nothing() -> None:
+    """Instances share K/V (handoffs, transfers): one whose model fingerprint differs from the live
+    instances' is refused before it is linked to anyone (before 2026-11-24 it joined, and a decode
+    instance of another model would have continued a prefill's K/V of the first one)."""
+    a, newcomer = Script([]), Script([])
+
+    async def go() -> None:
+        async with _deployment("colocated", colocated_a=a) as s:
+            s.instances["colocated_a"].model = "f" * 32
+            runner, url = await _instance(newcomer)
+            try:
+                info = {"name": "colocated_b", "role": "colocated", "url": url, "transport": ["127.0.0.1", 1500]}
+                for model in ("e" * 32, ""):
+                    with pytest.raises(SchedulerError, match="another model"):
+                        await s.register({**info, "model": model})
+                with pytest.raises(ValueError, match="malformed registration"):
+                    await s.register({**info, "model": 7})
+                assert list(s.instances) == ["colocated_a"] and not a.connects and not newcomer.connects
+                await s.register({**info, "model": "f" * 32})  # the same model: linked both ways
+                assert list(s.instances) == ["colocated_a", "colocated_b"] and a.connects and newcomer.connects
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"token": "seven"}', '{"token": 7.5}'])
 def test_an_instance_that_sends_a_garbled_line_is_a_failed_attempt(line: str) -> None:
     """A line that is not an event (a bug, a proxy in the way) fails that attempt like a lost

@@ -163,6 +163,7 @@ class Instance:
             detokenize=detokenize,
         )
         self.pool = engine.pool
+        self.model_fingerprint = model.fingerprint()
         transport = TransportConfig(
             name=config.name,
             secret=secret,
@@ -212,6 +213,7 @@ class Instance:
             "block_bytes": self.pool.config.layout.block_bytes,
             "capacity_tokens": c.device_blocks * c.block_size,
             "vocab_size": self.worker.engine.model.config.vocab_size,
+            "model": self.model_fingerprint,
             "stop_ids": sorted(self.worker.engine.stop_ids),
             "max_waiting": c.max_waiting,
             "transport": list(self.transport),
@@ -583,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
                 aiohttp.ClientSession() as s,
                 s.post(f"{args.scheduler}/admin/register", json=ready, headers=auth) as r,
             ):
-                r.raise_for_status()
+                if r.status != 200:
+                    raise SystemExit(f"the scheduler refused this instance ({r.status}): {await r.text()}")
 
     async def serve() -> None:
         await runner.setup()

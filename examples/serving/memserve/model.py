@@ -7,6 +7,7 @@ gate/up are stored fused (``qkv_proj``, ``gate_up_proj``) so each is one matmul;
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -339,6 +340,21 @@ class LlamaModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
+
+    def fingerprint(self) -> str:
+        """A digest naming this model's numerics: instances whose fingerprints differ compute
+        other K/V and must not share it. It covers the config (but its seed and init scale, which
+        only the weights carry) and, for speed, up to 4,096 evenly spaced values of each parameter:
+        another checkpoint or seed changes it; a change to a few single weights may not."""
+        digest = hashlib.blake2b(digest_size=16)
+        numerics = {k: v for k, v in sorted(vars(self.config).items()) if k not in ("seed", "init_std")}
+        digest.update(repr(numerics).encode())
+        for name, param in self.named_parameters():
+            flat = param.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].contiguous()
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(sample.view(torch.uint8).cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def pack(self, enabled: bool = True, *, screen: bool = False) -> LlamaModel:
         """Run the CPU float32 linears on oneDNN-packed weight copies (see :class:`Linear`),

@@ -82,6 +82,7 @@ class InstanceHandle:
     caching: bool
     block_bytes: int = 0
     pid: int = 0
+    model: str = ""  # the model's fingerprint (LlamaModel.fingerprint): K/V is shared only within one
     incarnation: int = 1  # the scheduler's count of this name's (re)joins
     alive: bool = True
     misses: int = 0  # consecutive failed heartbeats
@@ -107,7 +108,10 @@ def _registration(info: Any) -> tuple[InstanceHandle, int, list[int], int]:
             bool(info.get("caching", True)),
             int(info.get("block_bytes", 0)),
             int(info.get("pid", 0)),
+            info.get("model", ""),
         )
+        if not isinstance(handle.model, str):
+            raise TypeError("model must be text")
         numbers = int(info.get("capacity_tokens") or 0), int(info.get("vocab_size") or 0)
         stop_ids = [int(t) for t in info.get("stop_ids", ())]
     except (KeyError, TypeError, ValueError) as exc:
@@ -250,6 +254,12 @@ class Scheduler:
         old = self.instances.get(handle.name)
         if old is not None and old.alive and old.pid == handle.pid:
             raise SchedulerError(f"an instance named {handle.name!r} is registered already")
+        for other in self.instances.values():
+            if other.alive and other.name != handle.name and other.model != handle.model:
+                raise SchedulerError(
+                    f"{handle.name} serves another model (fingerprint {handle.model or 'none'}) than "
+                    f"{other.name} ({other.model or 'none'}): their K/V cannot be shared"
+                )
         for other in [o for o in self.instances.values() if o.alive and o.name != handle.name]:
             try:
                 await self._post(
