@@ -359,7 +359,9 @@ class PoolGenerator:
     ``namespace`` keeps this model's cached K/V apart from other models' in a shared pool. By
     default it is one of the model object's own (generators over the same model share it; other
     models, even of the same shapes, never see its K/V); :attr:`namespace` says which, for a
-    :class:`MemPoolCache` that should share it.
+    :class:`MemPoolCache` that should share it. Weights changed in place (another LoRA adapter
+    set, a training step) make other K/V: give each such state a generator with a namespace of
+    its own, or ``pool.delete`` what was cached before.
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
