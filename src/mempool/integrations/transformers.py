@@ -361,7 +361,7 @@ class PoolGenerator:
     models, even of the same shapes, never see its K/V); :attr:`namespace` says which, for a
     :class:`MemPoolCache` that should share it. Weights changed in place (another LoRA adapter
     set, a training step) make other K/V: give each such state a generator with a namespace of
-    its own, or ``pool.delete`` what was cached before.
+    its own (``namespace=("my-model", "adapter-b")``, say).
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
