@@ -21,6 +21,7 @@ __all__ = [
     "BlockNotAllocatedError",
     "DoubleFreeError",
     "ForeignBlockError",
+    "ForkedPoolError",
     "HandleReleasedError",
     "InvalidArgumentError",
     "InvalidBlockError",
@@ -112,6 +113,11 @@ class HandshakeError(TransferError):
 
 class AuthenticationError(HandshakeError):
     """The peer does not know the shared secret (or we do not know its)."""
+
+
+class ForkedPoolError(MemPoolError):
+    """A pool used in a process forked from the one that made it (its KV memory is shared with
+    that process, its allocator and index are copies that no longer agree with it)."""
 
 
 class OutOfBlocksError(MemPoolError):

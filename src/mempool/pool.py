@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -14,7 +16,13 @@ import torch
 from mempool.alloc.allocator import BlockAllocator
 from mempool.alloc.storage import KVStorage
 from mempool.config import PoolConfig, TransportConfig
-from mempool.errors import BlockLockedError, InvalidArgumentError, TierUnavailableError, WrongTierError
+from mempool.errors import (
+    BlockLockedError,
+    ForkedPoolError,
+    InvalidArgumentError,
+    TierUnavailableError,
+    WrongTierError,
+)
 from mempool.index.keys import encode_tokens
 from mempool.index.match import Match
 from mempool.index.radix import RadixIndex
@@ -24,6 +32,37 @@ from mempool.transport.swap import CopyJob, DoneJob, SwapEngine
 from mempool.types import Blocks, Tier
 
 __all__ = ["MemPool"]
+
+
+class _ForkedLock:
+    """Stands in for the lock of a pool inherited by a forked child: whatever takes it is refused.
+
+    A CPU tier lives in shared memory, so the child would write into blocks that the parent's
+    allocator and index still own (reproduced: a child's ``alloc`` reused a block the parent had
+    cached, and its writes changed the parent's cached K/V)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def refuse(self, *args: object) -> None:
+        raise ForkedPoolError(
+            f"this MemPool was made in process {self.pid} and this process ({os.getpid()}) was forked "
+            "from it: it cannot be used here (make a pool in this process)"
+        )
+
+    __enter__ = __exit__ = acquire = release = refuse
+
+
+_POOLS: weakref.WeakSet[MemPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._lock = _ForkedLock(pool._pid)  # type: ignore[assignment]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _as_tier(tier: Tier | str) -> Tier:
@@ -62,6 +101,7 @@ class MemPool:
             raise InvalidArgumentError(f"config must be a PoolConfig, got {type(config).__name__}")
         self.config = config
         self._lock = threading.RLock()
+        self._pid = os.getpid()
         # What this pool's Blocks handles record as their owner: a token, not the pool itself.
         # The index keeps handles, so a handle naming the pool would make every pool a reference
         # cycle, freed only when the cyclic collector next ran: up to GiBs of KV memory given back
@@ -87,6 +127,7 @@ class MemPool:
             guard=self._lock,
         )
         self._agent: TransferAgent | None = None
+        _POOLS.add(self)
 
     # -- memory ----------------------------------------------------------------------------
     def alloc(self, n: int, tier: Tier | str = Tier.DEVICE) -> Blocks | None:
@@ -377,6 +418,7 @@ class MemPool:
         return {} if self._agent is None else {**self._agent.stats, **self._agent.in_flight()}
 
     def _transport(self) -> TransferAgent:
+        self._check_process()
         agent = self._agent
         if agent is None:
             raise InvalidArgumentError("this pool is not serving: call serve(TransportConfig(...)) first")
@@ -413,8 +455,11 @@ class MemPool:
             self.index.check_invariants()
 
     def close(self) -> None:
-        """Stop the transfer agent (if serving) and background copy workers."""
+        """Stop the transfer agent (if serving) and background copy workers (in a forked child,
+        where neither runs, only forget them)."""
         agent, self._agent = self._agent, None
+        if isinstance(self._lock, _ForkedLock):
+            return
         if agent is not None:
             agent.close()
         self._swap.close()
@@ -431,7 +476,12 @@ class MemPool:
             raise TierUnavailableError(f"this pool has no {tier.value} tier (host_blocks=0)")
         return alloc
 
+    def _check_process(self) -> None:
+        if isinstance(self._lock, _ForkedLock):
+            self._lock.refuse()
+
     def _storage_of(self, tier: Tier) -> KVStorage:
+        self._check_process()
         self._alloc_of(tier)
         return self._storage[tier]
 
