@@ -113,6 +113,22 @@ def test_a_model_with_latent_attention_is_refused_before_anything_runs() -> None
         pool_config_for(config, device_blocks=8)
 
 
+@pytest.mark.parametrize("implementation", ["static", "dynamic", "hybrid"])
+def test_a_checkpoints_default_cache_implementation_is_set_aside(implementation: str) -> None:
+    """Checkpoints may name a cache in their generation config, which HF refuses beside a cache
+    object (before 2026-11-24 every call failed with HF's ValueError): the pool's cache serves."""
+    model = tiny_hf("llama")
+    model.generation_config.cache_implementation = implementation
+    pool = MemPool(pool_config_for(model, device_blocks=32, block_size=4))
+    gen = PoolGenerator(model, pool)
+    prompt = list(range(10, 40))
+    for _ in range(2):  # the second time from the cache
+        assert gen.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(model, prompt, 6)
+    assert gen.stats["cached_tokens"] > 0
+    assert_nothing_held(pool)
+    pool.close()
+
+
 def test_models_sharing_a_pool_never_see_each_others_kv(llama: Any, pool: MemPool) -> None:
     """Two models of the same shapes, other weights, one pool: by default each generator caches
     in its model's own namespace (before 2026-11-24 both used the pool's default one, and the
@@ -218,6 +234,7 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
         ((ids([1, 2, 3]),), {"past_key_values": None}),
         ((ids([1, 2, 3]),), {CACHE_ARG: None}),
         ((ids([1, 2, 3]),), {"use_cache": False}),
+        ((ids([1, 2, 3]),), {"cache_implementation": "static"}),
         ((ids([1, 2, 3]),), {"prompt_lookup_num_tokens": 3}),  # assisted decoding
         ((ids([1, 2, 3]),), {"assistant_model": llama}),
         ((ids([1, 2, 3]),), {"generation_config": transformers.GenerationConfig(prompt_lookup_num_tokens=3)}),

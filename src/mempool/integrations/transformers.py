@@ -379,8 +379,9 @@ class PoolGenerator:
 
         Raises:
             InvalidArgumentError: a batch, padding, beam search, assisted decoding, more than one
-                return sequence, ``use_cache=False``, or a cache of the caller's (``cache`` or
-                ``past_key_values``).
+                return sequence, ``use_cache=False``, or a cache of the caller's (``cache``,
+                ``past_key_values`` or ``cache_implementation``; a ``cache_implementation`` in the
+                model's generation config is set aside for the call).
             OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
@@ -396,6 +397,12 @@ class PoolGenerator:
             raise InvalidArgumentError(_NO_ASSISTED)
         if kwargs.get("use_cache") is False:
             raise InvalidArgumentError("use_cache=False runs without a cache: call model.generate itself for that")
+        if kwargs.get("cache_implementation") is not None:
+            raise InvalidArgumentError("PoolGenerator brings its own cache; do not pass cache_implementation")
+        if getattr(config, "cache_implementation", None) is not None:
+            # a checkpoint's default ("static", say), which HF refuses beside a cache object; HF
+            # reads an unset field of a generation_config passed in from the model's: so a keyword
+            kwargs["cache_implementation"] = None
         for name in ("num_beams", "num_return_sequences"):
             if int(kwargs.get(name) or 1) != 1:
                 raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache)")
