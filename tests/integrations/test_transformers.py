@@ -228,6 +228,12 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
     for args, kwargs in [
         ((torch.zeros((2, 5), dtype=torch.long),), {}),  # a batch
         ((torch.zeros((1, 0), dtype=torch.long),), {}),  # empty
+        (([1.5, 2.5],), {}),  # floats: were truncated to ids 1 and 2
+        ((torch.tensor([[1.0, 2.0]]),), {}),
+        (([True, 2],), {}),
+        ((ids([1, VOCAB]),), {}),  # beyond the model's vocabulary: was HF's IndexError mid-forward
+        (({"input_ids": ids([1, 2])},), {}),
+        (("1 2 3",), {}),
         ((ids([1, 2, 3]),), {"num_beams": 2}),
         ((ids([1, 2, 3]),), {"num_return_sequences": 2, "do_sample": True}),
         ((ids([1, 2, 3]),), {"attention_mask": torch.tensor([[0, 1, 1]])}),

@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from mempool.alloc import gather_view
@@ -373,6 +374,32 @@ class PoolGenerator:
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "computed_tokens": 0}
 
+    def _prompt(self, input_ids: torch.Tensor | Iterable[int]) -> torch.Tensor:
+        """``input_ids`` as a ``[1, n]`` integer tensor of ids the model's vocabulary has."""
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise InvalidArgumentError(f"token ids must be integers, got a {ids.dtype} tensor")
+        else:
+            seq = (
+                list(input_ids) if isinstance(input_ids, Iterable) and not isinstance(input_ids, (str, dict)) else None
+            )
+            if seq is None or not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in seq):
+                raise InvalidArgumentError(
+                    f"a prompt is a [1, n] tensor or a list of int token ids, got {input_ids!r:.80}"
+                )
+            ids = torch.tensor([seq], dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            raise InvalidArgumentError(f"token ids must lie in [0, {vocab}), got {low}..{high}")
+        return ids
+
     def generate(self, input_ids: torch.Tensor | Iterable[int], **kwargs: Any) -> Any:
         """Run ``model.generate`` on one prompt (``[1, n]`` ids, or a list), reusing and extending the
         pool's cache; returns what ``model.generate`` returns.
@@ -384,11 +411,7 @@ class PoolGenerator:
                 model's generation config is set aside for the call).
             OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
         """
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([list(input_ids)], dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
+        ids = self._prompt(input_ids)
         for name in {"past_key_values", CACHE_ARG}:
             if name in kwargs:
                 raise InvalidArgumentError(f"PoolGenerator brings its own cache; do not pass {name}")
