@@ -286,6 +286,12 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
     assert_nothing_held(wrong)
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
         cache.commit([9, 9, 9])  # not the cache's sequence
+    for tokens in ([1.5, 2.0], "123", torch.tensor([1.0, 2.0])):  # floats were truncated to ids
+        with pytest.raises(InvalidArgumentError, match="token ids"):
+            MemPoolCache(wrong, tokens)
+        with MemPoolCache(wrong, [1, 2]) as cache, pytest.raises(InvalidArgumentError, match="token ids"):
+            cache.commit(tokens)
+    assert_nothing_held(wrong)
     wrong.close()
     right = MemPool(pool_config_for(llama, device_blocks=8, block_size=4))
     k = torch.ones(1, right.config.num_kv_heads, 3, right.config.head_dim)
