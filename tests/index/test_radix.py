@@ -21,6 +21,7 @@ from mempool.errors import (
     LockUnderflowError,
     TierUnavailableError,
 )
+from mempool.index.keys import token_list
 from tests.conftest import fill_random, make_pool
 
 B = 4  # block size of make_pool
@@ -372,6 +373,18 @@ def test_bad_tokens_raise_and_change_nothing(pool: MemPool, bad: object) -> None
             call()
         assert snapshot(pool) == before
     pool.free(own)
+    with pytest.raises(InvalidTokensError):  # what engines validate prompts with
+        token_list(bad)
+
+
+def test_token_list_takes_what_the_index_takes_and_any_iterable_of_ints() -> None:
+    want = [3, 1, 4, 1]
+    for given in (want, tuple(want), np.array(want), torch.tensor(want), (t for t in want), iter(want)):
+        assert token_list(given) == want
+    assert token_list(range(2, 5)) == [2, 3, 4] and token_list([]) == []
+    for unordered in ({3, 1}, frozenset({3}), {3: 1}):
+        with pytest.raises(InvalidTokensError):
+            token_list(unordered)
 
 
 def test_bad_blocks_raise_and_change_nothing(pool: MemPool) -> None:

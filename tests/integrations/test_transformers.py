@@ -230,7 +230,6 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
         ((torch.zeros((1, 0), dtype=torch.long),), {}),  # empty
         (([1.5, 2.5],), {}),  # floats: were truncated to ids 1 and 2
         ((torch.tensor([[1.0, 2.0]]),), {}),
-        (([True, 2],), {}),
         ((ids([1, VOCAB]),), {}),  # beyond the model's vocabulary: was HF's IndexError mid-forward
         (({"input_ids": ids([1, 2])},), {}),
         (("1 2 3",), {}),
@@ -287,9 +286,9 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(llama: Any) -> None:
     with MemPoolCache(wrong, [1, 2, 3]) as cache, pytest.raises(InvalidArgumentError, match=r"the cache.s sequence"):
         cache.commit([9, 9, 9])  # not the cache's sequence
     for tokens in ([1.5, 2.0], "123", torch.tensor([1.0, 2.0])):  # floats were truncated to ids
-        with pytest.raises(InvalidArgumentError, match="token ids"):
+        with pytest.raises(InvalidArgumentError, match="tokens must"):
             MemPoolCache(wrong, tokens)
-        with MemPoolCache(wrong, [1, 2]) as cache, pytest.raises(InvalidArgumentError, match="token ids"):
+        with MemPoolCache(wrong, [1, 2]) as cache, pytest.raises(InvalidArgumentError, match="tokens must"):
             cache.commit(tokens)
     assert_nothing_held(wrong)
     wrong.close()

@@ -398,6 +398,10 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
         ([], None),
         ([1, 2, 512], None),
         ([-1], None),
+        ([1.5, 2.0], None),  # floats: were truncated to ids 1 and 2
+        (torch.tensor([1.0, 2.0]), None),
+        ("1 2", None),
+        ([[1, 2]], None),
         ([1] * 60, SamplingParams(max_tokens=10)),  # 70 tokens > 16 blocks of 4
         ([1, 2, 3], SamplingParams(max_tokens=2, stop=("x",))),  # stop strings, and no detokenize
         ([1, 2, 3], SamplingParams(max_tokens=2, logit_bias=((512, 1.0),))),  # outside the vocabulary

@@ -22,6 +22,7 @@ import torch
 
 from mempool import Blocks, MemPool, PoolConfig, Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
+from mempool.index.keys import token_list
 
 from . import cpu_attention
 from .model import LlamaModel
@@ -171,12 +172,13 @@ class Engine:
         send them elsewhere.
 
         Raises:
-            InvalidArgumentError: empty prompt, ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id, a
+            InvalidArgumentError: empty prompt, a prompt that is not int ids (floats, strings, ...:
+                ``InvalidTokensError``), ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id, a
                 request that could not fit in the device tier even alone, ``kv`` of the wrong size,
                 or ``stop`` strings on an engine built without ``detokenize``.
         """
         params = params or SamplingParams()
-        tokens = [int(t) for t in prompt]
+        tokens = token_list(prompt)
         vocab = self.model.config.vocab_size
         if not tokens:
             raise InvalidArgumentError("the prompt is empty")

@@ -9,6 +9,7 @@ probe per edge, not per token.
 from __future__ import annotations
 
 import array
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,18 @@ TOKEN_BYTES = 4
 MAX_TOKEN = 2**31 - 1
 _INT32 = np.dtype(np.int32)
 _MIN = np.minimum.reduce
+
+
+def token_list(tokens: Any) -> list[int]:
+    """``tokens`` validated as :func:`encode_tokens` does (any iterable of ints too), as a list.
+
+    Raises:
+        InvalidTokensError: with the reason.
+    """
+    kept = (list, tuple, range, np.ndarray, torch.Tensor, str, bytes, dict, set, frozenset)  # judged as they are
+    if isinstance(tokens, Iterable) and not isinstance(tokens, kept):
+        tokens = list(tokens)  # a generator, say
+    return list(np.frombuffer(encode_tokens(tokens), dtype=np.int32).tolist())
 
 
 def encode_tokens(tokens: Any) -> bytes:

@@ -28,12 +28,12 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from mempool.alloc import gather_view
 from mempool.config import PoolConfig
 from mempool.errors import BackendUnavailableError, InvalidArgumentError, OutOfBlocksError
+from mempool.index.keys import encode_tokens, token_list
 from mempool.index.match import Match
 from mempool.pool import MemPool
 from mempool.types import Blocks, Tier
@@ -92,24 +92,6 @@ def pool_config_for(
         dtype=kv_dtype,
         device=str(where),
     )
-
-
-def _int_tensor(tokens: torch.Tensor) -> torch.Tensor:
-    """``tokens``, if its dtype is an integer one; :class:`InvalidArgumentError` otherwise."""
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise InvalidArgumentError(f"token ids must be integers, got a {tokens.dtype} tensor")
-    return tokens
-
-
-def _token_list(tokens: Any) -> list[int]:
-    """``tokens`` (a sequence of ints, or an integer tensor) as a list of ints; floats, bools,
-    strings and mappings are refused with :class:`InvalidArgumentError`."""
-    if isinstance(tokens, torch.Tensor):
-        return list(_int_tensor(tokens).flatten().tolist())
-    seq = list(tokens) if isinstance(tokens, Iterable) and not isinstance(tokens, (str, bytes, dict)) else None
-    if seq is None or not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in seq):
-        raise InvalidArgumentError(f"token ids must be a sequence of ints, got {tokens!r:.80}")
-    return [int(t) for t in seq]
 
 
 class _BlockTable:
@@ -293,7 +275,7 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         self.pool, self.namespace = pool, namespace
         self._closed = True  # until the table exists: close() (and __del__) have nothing to give back
         _REAPER.start()  # first (it may fail: nothing is held yet), and here, not in a finalizer (it takes a lock)
-        self.prompt = _token_list(prompt)
+        self.prompt = token_list(prompt)
         # keep the last prompt token uncached: its logits pick the first new token
         match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
         self.cached_tokens = 0 if match is None else match.num_tokens
@@ -328,7 +310,7 @@ class MemPoolCache(Cache):  # type: ignore[misc]
         whole blocks the pool newly indexed."""
         if self._closed:
             raise InvalidArgumentError("the cache is closed")
-        seq = _token_list(tokens)
+        seq = token_list(tokens)
         length = min(layer.length for layer in self._layers)
         if len(seq) < length or seq[: len(self.prompt)] != self.prompt[: len(seq)]:
             raise InvalidArgumentError("tokens must be the cache's sequence: its prompt, then what was generated")
@@ -394,14 +376,12 @@ class PoolGenerator:
 
     def _prompt(self, input_ids: torch.Tensor | Iterable[int]) -> torch.Tensor:
         """``input_ids`` as a ``[1, n]`` integer tensor of ids the model's vocabulary has."""
-        if isinstance(input_ids, torch.Tensor):
-            ids = _int_tensor(input_ids)
-        else:
-            ids = torch.tensor([_token_list(input_ids)], dtype=torch.long)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([token_list(input_ids)])
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
+        encode_tokens(ids[0])  # integers in [0, 2**31)
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         vocab = getattr(embeddings, "num_embeddings", None)
         low, high = int(ids.min()), int(ids.max())
