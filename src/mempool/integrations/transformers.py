@@ -376,17 +376,19 @@ class PoolGenerator:
 
     def _prompt(self, input_ids: torch.Tensor | Iterable[int]) -> torch.Tensor:
         """``input_ids`` as a ``[1, n]`` integer tensor of ids the model's vocabulary has."""
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([token_list(input_ids)])
+        if isinstance(input_ids, torch.Tensor):
+            encode_tokens(input_ids.flatten())  # integers in [0, 2**31), as a list is checked below
+            ids = input_ids
+        else:
+            ids = torch.tensor([token_list(input_ids)])
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
             raise InvalidArgumentError(f"one non-empty prompt of shape [1, n] is needed, got {tuple(ids.shape)}")
-        encode_tokens(ids[0])  # integers in [0, 2**31)
         embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         vocab = getattr(embeddings, "num_embeddings", None)
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or (vocab is not None and high >= vocab):
-            raise InvalidArgumentError(f"token ids must lie in [0, {vocab}), got {low}..{high}")
+        if vocab is not None and int(ids.max()) >= vocab:
+            raise InvalidArgumentError(f"token ids must lie in [0, {vocab}), got {int(ids.max())}")
         return ids
 
     def generate(self, input_ids: torch.Tensor | Iterable[int], **kwargs: Any) -> Any:
