@@ -83,16 +83,29 @@ class PoolFuzz(RuleBasedStateMachine):
             assert len(got) == n
             self.own(got, 1)
 
+    def ours(self, blocks: Blocks) -> bool:
+        """Whether we hold a reference for every entry of ``blocks`` (a block given twice: two)."""
+        return all(self.refs[(blocks.tier, i)] >= k for i, k in Counter(blocks.tolist()).items())
+
+    def free_(self, blocks: Blocks) -> None:
+        # every reference is ours or the index's, so what we hold frees and anything else is
+        # refused: the index's references are not the caller's to drop
+        ok, _ = self.call(self.pool.free, blocks)
+        assert ok == self.ours(blocks), blocks
+        if ok:
+            self.own(blocks, -1)
+
     @rule(data=st.data())
     def free(self, data: st.DataObject) -> None:
-        blocks = self.pick(data)
-        if all(self.refs[(blocks.tier, i)] for i in blocks.tolist()) and len(set(blocks.tolist())) == len(blocks):
-            ok, _ = self.call(self.pool.free, blocks)
-            assert ok  # freeing what we hold always works
-            self.own(blocks, -1)
-        else:  # not ours: refused, unless someone else's reference makes it valid; do not try
-            ok, _ = self.call(self.pool.free, Blocks(blocks.tier, [-1]))
-            assert not ok
+        self.free_(self.pick(data))
+
+    @precondition(lambda self: self.matches)
+    @rule(data=st.data(), host=st.booleans())
+    def free_matched(self, data: st.DataObject, host: bool) -> None:
+        """A Match's blocks are locked, not referenced: freeing them is refused unless we also
+        happen to hold references to them (then it drops ours, as any free of those ids would)."""
+        m = data.draw(st.sampled_from(self.matches))
+        self.free_(m.host_blocks if host else m.blocks)
 
     @rule(data=st.data(), tokens=TOKENS, namespace=st.sampled_from([None, "a", ("t", 1), []]))
     def insert(self, data: st.DataObject, tokens: Any, namespace: Any) -> None:
@@ -141,9 +154,8 @@ class PoolFuzz(RuleBasedStateMachine):
     @rule(data=st.data(), out=st.booleans())
     def swap(self, data: st.DataObject, out: bool) -> None:
         blocks = self.pick(data)
-        if not all(self.refs[(blocks.tier, i)] for i in blocks.tolist()):
-            return  # moving references we do not own would steal another holder's
-        _, moved = self.call(self.pool.swap_out if out else self.pool.swap_in, blocks)
+        ok, moved = self.call(self.pool.swap_out if out else self.pool.swap_in, blocks)
+        assert not ok or self.ours(blocks), blocks  # a move never takes a reference we do not hold
         if moved is not None:
             self.own(blocks, -1)
             self.own(moved, 1)

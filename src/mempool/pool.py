@@ -149,10 +149,13 @@ class MemPool:
         """Drop the caller's reference to each block; returns how many blocks became free.
 
         Raises:
-            DoubleFreeError, ForeignBlockError, InvalidBlockError, TierUnavailableError.
+            DoubleFreeError (also for cached blocks the caller holds no reference to, such as a
+            ``Match``'s), ForeignBlockError, InvalidBlockError, TierUnavailableError.
         """
         with self._lock:
-            return self._alloc_of(self._tier_of(blocks)).free(blocks)
+            alloc = self._alloc_of(self._tier_of(blocks))
+            self.index.check_release(blocks.tier, alloc.validate(blocks, held=False))
+            return alloc.free(blocks)
 
     def share(self, blocks: Blocks) -> None:
         """Add one reference to each block (for a second owner, who must ``free`` it too)."""
@@ -271,7 +274,8 @@ class MemPool:
 
         Raises:
             WrongTierError, BlockNotAllocatedError, ForeignBlockError, InvalidBlockError,
-            BlockLockedError (a block is part of a locked cached prefix), TierUnavailableError,
+            BlockLockedError (a block is part of a locked cached prefix), DoubleFreeError (a
+            reference the index holds, not the caller), TierUnavailableError,
             InvalidArgumentError (a block given twice).
         """
         return self._swap_blocks(blocks, Tier.DEVICE, Tier.HOST, wait=False)
@@ -290,6 +294,7 @@ class MemPool:
                 raise InvalidArgumentError(f"{src.value} blocks to move must be distinct, got {blocks!r}")
             if self.index.locked_among(src, ids):
                 raise BlockLockedError(f"{src.value} blocks of a locked cached prefix cannot be swapped")
+            self.index.check_release(src, ids)  # the move drops the caller's reference to each
             got = self.index.allocate(dst, len(ids))
             if got is None:
                 return None

@@ -14,6 +14,7 @@ from mempool.errors import (
     BlockInUseError,
     BlockLockedError,
     BlockNotAllocatedError,
+    DoubleFreeError,
     ForeignBlockError,
     HandleReleasedError,
     InvalidArgumentError,
@@ -313,6 +314,38 @@ def test_delete_of_locked_prefix_raises_and_changes_nothing(pool: MemPool) -> No
             pool.delete(toks(1, 2))
         assert snapshot(pool) == before
     assert pool.delete(toks(1, 2)) == 3
+
+
+def test_the_index_references_are_not_the_callers_to_free(pool: MemPool) -> None:
+    """A Match's blocks are locked, not referenced, and a cached block the caller freed is the
+    index's alone: freeing or swapping them out is refused and changes nothing. (Before, the
+    index kept ids of free blocks, which the next alloc handed to another request.)"""
+    tail = pool.alloc(1)
+    cache(pool, toks(1, 2))
+    assert pool.insert_tail(toks(1, 2) + [7], tail)
+    pool.free(tail)
+    before = snapshot(pool)
+    m = pool.match(toks(1, 2))
+    wrongs = (m.blocks, m.blocks[1:], tail, Blocks(Tier.DEVICE, m.blocks.tolist()))
+    for wrong in wrongs:
+        with pytest.raises(DoubleFreeError, match="cached"):
+            pool.free(wrong)
+    m.release()
+    for wrong in wrongs:
+        with pytest.raises(DoubleFreeError, match="cached"):
+            pool.free(wrong)
+        with pytest.raises(DoubleFreeError, match="cached"):
+            pool.swap_out(wrong)
+    assert snapshot(pool) == before
+    own = pool.alloc(2)
+    assert set(own.tolist()).isdisjoint(m.blocks.tolist() + tail.tolist())
+    pool.share(m.blocks)  # a reference of the caller's own: that one it may drop
+    assert pool.free(m.blocks) == 0
+    with pytest.raises(DoubleFreeError):  # a block given twice drops two references
+        pool.free(Blocks(Tier.DEVICE, m.blocks.tolist()[:1] * 2))
+    pool.free(own)
+    assert snapshot(pool) == before
+    pool.check_invariants()
 
 
 def test_release_twice_is_a_lock_underflow(pool: MemPool) -> None:

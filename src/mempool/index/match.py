@@ -25,7 +25,9 @@ class Match:
     ``MemPool.promote`` to bring them to the device). Every block stays locked (never evicted,
     swapped or freed) until :meth:`release`, which a ``with`` block calls on exit.
 
-    The index owns the blocks: the caller holds a lock, not a reference, and must not free them.
+    The index owns the blocks: the caller holds a lock, not a reference, and must not free them
+    (``MemPool.free`` refuses them with ``DoubleFreeError`` where the index's reference is the
+    last one; where a request also references them, it drops that request's reference).
     """
 
     __slots__ = ("_guard", "_index", "_last", "_num_blocks", "_released", "blocks", "host_blocks")

@@ -24,6 +24,7 @@ from mempool.alloc.allocator import BlockAllocator
 from mempool.errors import (
     BlockInUseError,
     BlockLockedError,
+    DoubleFreeError,
     HandleReleasedError,
     InvalidArgumentError,
     LockUnderflowError,
@@ -490,6 +491,29 @@ class RadixIndex:
         self._nodes[node.uid] = node
         self.num_nodes += 1
         return node
+
+    def check_release(self, tier: Tier, ids: IdArray) -> None:
+        """Refuse to drop one caller reference per entry of ``ids`` (validated ids of ``tier``)
+        where that would take a reference the index holds: the caller has none left to give.
+
+        A :class:`Match`'s blocks are locked, not referenced, so freeing them takes some other
+        owner's reference; the check catches it at the latest when the index's own would go.
+
+        Raises:
+            DoubleFreeError: nothing changes.
+        """
+        held = self._where[tier][ids] != 0
+        if tier is Tier.DEVICE:
+            held |= self.tails.mask[ids]
+        if not held.any():
+            return
+        uniq, count = np.unique(ids[held], return_counts=True)
+        short = uniq[self._alloc_of(tier)._refs[uniq] <= count]
+        if short.size:
+            raise DoubleFreeError(
+                f"{tier.value} blocks {short[:8].tolist()} are cached and hold no reference of the caller's to "
+                "drop (a Match's blocks are locked, not referenced: free only what alloc, share or a swap gave)"
+            )
 
     def locked_among(self, tier: Tier, ids: IdArray) -> bool:
         """Whether any of the blocks ``ids`` of ``tier`` is indexed in a locked node."""
