@@ -153,9 +153,8 @@ class MemPool:
             ``Match``'s), ForeignBlockError, InvalidBlockError, TierUnavailableError.
         """
         with self._lock:
-            alloc = self._alloc_of(self._tier_of(blocks))
-            self.index.check_release(blocks.tier, alloc.validate(blocks, held=False))
-            return alloc.free(blocks)
+            tier = self._tier_of(blocks)
+            return self._alloc_of(tier).free(blocks, self.index.release_guard(tier))
 
     def share(self, blocks: Blocks) -> None:
         """Add one reference to each block (for a second owner, who must ``free`` it too)."""

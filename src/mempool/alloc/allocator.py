@@ -20,6 +20,7 @@ dominates tiny arrays): no operation scans the pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -181,8 +182,10 @@ class BlockAllocator:
         """``incref`` for ids the caller validated as held and distinct (the index's hot path)."""
         self._refs[ids] += 1
 
-    def free(self, blocks: Blocks) -> int:
+    def free(self, blocks: Blocks, guard: Callable[[IdArray], None] | None = None) -> int:
         """Drop one reference to each block; blocks left with none become free.
+
+        ``guard``, if given, sees the validated ids first and may raise to refuse the call.
 
         Returns:
             how many blocks became free.
@@ -192,6 +195,8 @@ class BlockAllocator:
         Complexity: O(n log n) vectorised, plus O(r log R) for r released runs.
         """
         ids = self.validate(blocks, held=False)
+        if guard is not None:
+            guard(ids)
         n = ids.size
         if n == 0:
             return 0

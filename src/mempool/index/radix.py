@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -502,8 +503,10 @@ class RadixIndex:
         Raises:
             DoubleFreeError: nothing changes.
         """
+        if not ids.size:
+            return
         held = self._where[tier][ids] != 0
-        if tier is Tier.DEVICE:
+        if tier is Tier.DEVICE and len(self.tails):
             held |= self.tails.mask[ids]
         if not held.any():
             return
@@ -514,6 +517,12 @@ class RadixIndex:
                 f"{tier.value} blocks {short[:8].tolist()} are cached and hold no reference of the caller's to "
                 "drop (a Match's blocks are locked, not referenced: free only what alloc, share or a swap gave)"
             )
+
+    def release_guard(self, tier: Tier) -> Callable[[IdArray], None] | None:
+        """:meth:`check_release` for ``tier`` where the index holds blocks of it, else ``None``."""
+        if self._count[tier] or (tier is Tier.DEVICE and len(self.tails)):
+            return partial(self.check_release, tier)
+        return None
 
     def locked_among(self, tier: Tier, ids: IdArray) -> bool:
         """Whether any of the blocks ``ids`` of ``tier`` is indexed in a locked node."""
