@@ -418,6 +418,10 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     for stop in ("ab", ("",), ("a", 5)):
         with pytest.raises(ValueError, match="stop"):
             SamplingParams(stop=stop)  # type: ignore[arg-type]
+    for bad in ({"seed": 1.5}, {"seed": True}, {"temperature": "1"}, {"top_p": None}, {"stop_token_ids": (-1,)},
+                {"stop_token_ids": ("a",)}, {"stop_token_ids": [2]}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)  # type: ignore[arg-type]
     for logprobs in (-1, 21, True, 2.0):
         with pytest.raises(ValueError, match="logprobs"):
             SamplingParams(logprobs=logprobs)  # type: ignore[arg-type]
@@ -429,6 +433,24 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
     for bias in ([(1, 1.0)], ((1, 101.0),), ((-1, 1.0),), ((True, 1.0),), ((1, 1.0), (1, 2.0)), ((1,),)):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
+
+
+def test_extreme_sampling_values_sample_and_leave_their_batch_alone(make_engine: Callable[..., Engine]) -> None:
+    """A top_p below float32's least positive value (it rounds to 0 beside float32 sums) kept no
+    token, so the step raised and every request batched with it ended; it now keeps the likeliest.
+    A seed past 64 bits raised in add_request; any int seed now samples, reproducibly."""
+    engine = make_engine()
+    prompts = make_prompts([9, 14], seed=5)
+    greedy, _ = run(engine, prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    tiny = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, top_p=1e-300)
+    got, _ = run(engine, prompts, [SamplingParams(max_tokens=6, ignore_eos=True), tiny])
+    assert got == greedy  # the likeliest token at every step: greedy's
+    for seed in (2**70, -(2**70), -1):
+        params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=seed)
+        first, _ = run(engine, prompts[:1], params)
+        again, _ = run(engine, prompts[:1], params)
+        assert first == again and len(first[0]) == 6
+    assert_no_leaks(engine)
 
 
 def test_abort_releases_everything(make_engine: Callable[..., Engine]) -> None:

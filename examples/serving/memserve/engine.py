@@ -27,7 +27,7 @@ from mempool.index.keys import token_list
 from . import cpu_attention
 from .model import LlamaModel
 from .paged import Chunk, StepInput
-from .sampling import SamplingParams, TokenLogprob, reseed, sample_batch, shaped, stop_at, token_logprobs
+from .sampling import SEED_MASK, SamplingParams, TokenLogprob, reseed, sample_batch, shaped, stop_at, token_logprobs
 from .sequence import Metrics, Sequence, State
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -202,7 +202,7 @@ class Engine:
         if rid in self._by_id or rid in self.held:
             raise InvalidArgumentError(f"request id {rid!r} is in use")
         seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}/{rid}".encode())
-        gen = None if params.greedy else torch.Generator().manual_seed(seed)
+        gen = None if params.greedy else torch.Generator().manual_seed(seed & SEED_MASK)
         seq = Sequence(rid, tokens, plen, params, gen, seed, hold=hold)
         self._by_id[rid] = seq
         if kv is None:

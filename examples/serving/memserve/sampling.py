@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 GREEDY_BELOW = 1e-5
+SEED_MASK = 0x7FFF_FFFF_FFFF_FFFF  # what a torch generator takes: any request seed is folded into it
 MAX_LOGPROBS = 20  # alternatives a request may ask for at each position (OpenAI's chat limit)
 
 
@@ -49,12 +50,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a tuple of ints >= 0, got {self.stop_token_ids!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(x, str) and x for x in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -143,6 +154,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_scores, order = scores.sort(descending=True)
         cum = sorted_scores.softmax(-1).cumsum(-1)
         drop = cum - sorted_scores.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
+        drop[0] = False  # and the likeliest token always (a top_p below float32's least is 0 here)
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = scores.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -179,7 +191,7 @@ def reseed(generator: torch.Generator, seed: int, index: int) -> torch.Generator
     Each position draws from its own stream, so a request continued elsewhere (a prefill -> decode
     handoff, a resume after its instance died) samples exactly what it would have in one place.
     """
-    return generator.manual_seed((seed * 0x9E3779B97F4A7C15 + index) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator.manual_seed((seed * 0x9E3779B97F4A7C15 + index) & SEED_MASK)
 
 
 def sample_batch(
