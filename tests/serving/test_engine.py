@@ -98,15 +98,17 @@ def test_mixed_batch_equals_one_at_a_time(make_engine: Callable[..., Engine]) ->
     assert_no_leaks(engine)
 
 
-@pytest.mark.parametrize("preemption", ["swap", "recompute"])
+@pytest.mark.parametrize("preemption,host_blocks", [("swap", 64), ("recompute", 64), ("swap", 0)])
 @pytest.mark.parametrize("caching", [False, True])
 def test_preemption_under_memory_pressure_keeps_tokens(
-    make_engine: Callable[..., Engine], preemption: str, caching: bool
+    make_engine: Callable[..., Engine], preemption: str, host_blocks: int, caching: bool
 ) -> None:
+    """host_blocks=0: swap preemption recomputes, with no host tier to swap to (it raised
+    TierUnavailableError from the step before)."""
     prompts = make_prompts([20, 28, 36, 24, 30], seed=6)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want = make_engine(caching=False).generate(prompts, params)
-    engine = make_engine(caching=caching, preemption=preemption, device_blocks=40, host_blocks=64)
+    engine = make_engine(caching=caching, preemption=preemption, device_blocks=40, host_blocks=host_blocks)
     got, preempted = _with_preemptions(engine, prompts, params)
     assert preempted > 0  # the pool really ran out
     assert got == want

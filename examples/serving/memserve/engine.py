@@ -35,7 +35,8 @@ PREEMPTION_MODES = ("swap", "recompute")
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Engine knobs. ``caching`` switches context caching; ``preemption`` is ``swap`` or ``recompute``."""
+    """Engine knobs. ``caching`` switches context caching; ``preemption`` is ``swap`` or ``recompute``
+    (``swap`` recomputes too where the pool has no host tier)."""
 
     block_size: int = 16
     device_blocks: int = 2048
@@ -366,7 +367,8 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         seq.metrics.preemptions += 1
-        if self.config.preemption == "swap" and seq.own is not None and len(seq.own):
+        # swap where the pool has a host tier to swap to (one of its own, or the one it was given)
+        if self.config.preemption == "swap" and self.pool.config.host_blocks and seq.own is not None and len(seq.own):
             try:
                 host = self.pool.swap_out(seq.own)
             except BlockLockedError:  # its cached blocks are in use by another request: recompute instead
