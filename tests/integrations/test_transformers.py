@@ -221,6 +221,39 @@ def test_many_conversations_share_a_small_pool(llama: Any) -> None:
     pool.close()
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_random_pools_and_conversations_give_hf_default_caches_tokens(llama: Any, seed: int) -> None:
+    """A random pool (block size 1-16, a tight device tier, a host tier or none) and random
+    conversations, some sharing a head, with evictions between turns: every turn has HF's own
+    tokens, or (a sequence the pool cannot hold) an OutOfBlocksError; nothing leaks."""
+    rng = random.Random(seed)
+    bs = rng.choice([1, 2, 3, 4, 8, 16])
+    dev, host = rng.randint(max(4, 40 // bs), max(8, 160 // bs)), rng.choice([0, rng.randint(2, 40)])
+    pool = MemPool(pool_config_for(llama, device_blocks=dev, host_blocks=host, block_size=bs))
+    gen = PoolGenerator(llama, pool)
+    heads = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 12))] for _ in range(2)]
+    history = {i: rng.choice(heads) + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))] for i in range(3)}
+    done = 0
+    for _ in range(3):
+        for i in list(history):
+            n = rng.randint(1, 8)
+            try:
+                out = gen.generate(ids(history[i]), max_new_tokens=n, do_sample=False)[0].tolist()
+            except OutOfBlocksError:
+                assert -(-(len(history[i]) + n) // bs) > dev  # only what the device tier cannot hold
+                del history[i]
+                continue
+            assert out == hf(llama, history[i], n)
+            done += 1
+            history[i] = out + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))]
+            if rng.random() < 0.3:
+                pool.evict(rng.randint(1, dev), Tier.HOST if host and rng.random() < 0.5 else Tier.DEVICE)
+            pool.check_invariants()
+    assert done
+    assert_nothing_held(pool)
+    pool.close()
+
+
 def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
     gen = PoolGenerator(llama, pool)
     gen.generate(ids(list(range(20))), max_new_tokens=3, do_sample=False)
