@@ -364,11 +364,13 @@ class MemPool:
         Returns:
             what moved; ``None`` when the receiver has no room (back-pressure).
         Raises:
-            UnknownPeerError, InvalidArgumentError (bad key), BlockNotAllocatedError and the
+            UnknownPeerError, InvalidArgumentError (bad key, no blocks), BlockNotAllocatedError and the
             other block errors, TransferError (peer lost, deadline passed, refused).
         """
         if not isinstance(key, str) or not key or len(key) > 256:
             raise InvalidArgumentError(f"key must be a non-empty str of at most 256 chars, got {key!r}")
+        if isinstance(blocks, Blocks) and not len(blocks):  # the receiver would refuse it: say so here
+            raise InvalidArgumentError("no blocks to transfer")
         agent = self._transport()
         self.share(blocks)  # validates, and locks the blocks for the transfer
         try:

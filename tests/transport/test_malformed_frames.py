@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mempool import MemPool
-from mempool.errors import TransferError
+from mempool import Blocks, MemPool, Tier
+from mempool.errors import InvalidArgumentError, TransferError
 
 from ..conftest import fill_random, make_tokens
 from .inproc import DEADLINE_S, connected, unchanged, wait_until
@@ -147,6 +147,22 @@ def test_a_key_in_use_is_refused(pair: tuple[MemPool, MemPool]) -> None:
     assert received is not None and len(received) == 1
     b.free(received)
     a.free(blocks)
+
+
+def test_bad_transfer_arguments_are_refused_before_anything_is_sent(pair: tuple[MemPool, MemPool]) -> None:
+    """Misuse is the caller's InvalidArgumentError, raised here: no blocks (it reached the
+    receiver and came back as its refusal, a TransferError), a key that is no str or too long."""
+    a, b = pair
+    before_a, before_b, sent = a.stats(), b.stats(), a.transport_stats()
+    for blocks, key in ((Blocks(Tier.DEVICE, []), "k"), (a.alloc(0), "k")) + tuple(
+        (a.alloc(1), bad) for bad in ("", 5, "x" * 257)
+    ):
+        with pytest.raises(InvalidArgumentError):
+            a.transfer("b", blocks, key=key)  # type: ignore[arg-type]
+        a.free(blocks)
+    assert a.transport_stats() == sent
+    unchanged(a, before_a)
+    unchanged(b, before_b)
 
 
 # frames that break the protocol itself: the receiver drops the link at once (not after its
