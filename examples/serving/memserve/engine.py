@@ -367,7 +367,7 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         seq.metrics.preemptions += 1
-        # swap where the pool has a host tier to swap to (one of its own, or the one it was given)
+        # swapping needs a host tier: a pool without one recomputes
         if self.config.preemption == "swap" and self.pool.config.host_blocks and seq.own is not None and len(seq.own):
             try:
                 host = self.pool.swap_out(seq.own)
