@@ -161,6 +161,16 @@ class MemPool:
         with self._lock:
             self._alloc_of(self._tier_of(blocks)).incref(blocks)
 
+    def check_held(self, blocks: Blocks) -> None:
+        """Raise unless ``blocks`` are this pool's and every one is allocated (referenced by
+        someone): what an engine checks of a handle it did not allocate. Changes nothing.
+
+        Raises:
+            ForeignBlockError, InvalidBlockError, BlockNotAllocatedError, TierUnavailableError.
+        """
+        with self._lock:
+            self._alloc_of(self._tier_of(blocks)).validate(blocks, held=True)
+
     # -- index -----------------------------------------------------------------------------
     def insert(self, tokens: Any, blocks: Blocks, namespace: Hashable = None) -> int:
         """Cache ``blocks`` as the KV of the first ``len(blocks)`` full blocks of ``tokens``.

@@ -18,6 +18,7 @@ from mempool.errors import (
     ForeignBlockError,
     HandleReleasedError,
     InvalidArgumentError,
+    InvalidBlockError,
     InvalidTokensError,
     LockUnderflowError,
     TierUnavailableError,
@@ -346,6 +347,24 @@ def test_the_index_references_are_not_the_callers_to_free(pool: MemPool) -> None
     pool.free(own)
     assert snapshot(pool) == before
     pool.check_invariants()
+
+
+def test_check_held_names_what_is_wrong_with_a_handle_and_changes_nothing(pool: MemPool) -> None:
+    own, other = pool.alloc(2), make_pool()
+    before = snapshot(pool)
+    pool.check_held(own)
+    pool.check_held(Blocks(Tier.DEVICE, own.tolist()))  # built by hand: checked by id
+    for bad, error in (
+        (other.alloc(1), ForeignBlockError),
+        (Blocks(Tier.DEVICE, [pool.config.device_blocks]), InvalidBlockError),
+        (Blocks(Tier.DEVICE, [pool.config.device_blocks - 1]), BlockNotAllocatedError),
+        ([1, 2], InvalidArgumentError),
+    ):
+        with pytest.raises(error):
+            pool.check_held(bad)  # type: ignore[arg-type]
+    assert snapshot(pool) == before
+    pool.free(own)
+    other.close()
 
 
 def test_release_twice_is_a_lock_underflow(pool: MemPool) -> None:

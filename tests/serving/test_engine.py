@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from mempool import Tier
+from mempool import Blocks, Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams
 from memserve.sampling import argmax_rows
@@ -590,17 +590,22 @@ def test_the_prefill_budget_spreads_arrivals_over_steps_and_changes_no_token(
 
 
 def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Engine]) -> None:
-    engine = make_engine(device_blocks=16)
+    """Among them kv blocks of another pool or not allocated: accepted before, the step wrote the
+    request's K/V into those ids of this pool (blocks other requests own, or free ones the next
+    alloc hands out), and the request's end raised DoubleFreeError."""
+    engine, other = make_engine(device_blocks=16), make_engine(device_blocks=16)
     before = engine.pool.stats()
     small = SamplingParams(max_tokens=4)
-    own, host = engine.pool.alloc(2), engine.pool.alloc(2, Tier.HOST)
-    assert own is not None and host is not None
+    own, host, foreign = engine.pool.alloc(2), engine.pool.alloc(2, Tier.HOST), other.pool.alloc(2)
+    assert own is not None and host is not None and foreign is not None
     for kwargs in (
         {"prompt_len": 0},
         {"prompt_len": 9},  # past the prompt
         {"prompt_len": 2},  # 6 tokens already generated: max_tokens (4) is used up
         {"kv": own[:1]},  # the first 7 tokens need 2 blocks
         {"kv": host},  # not device blocks
+        {"kv": foreign},  # another pool's
+        {"kv": Blocks(Tier.DEVICE, [14, 15])},  # free blocks
     ):
         with pytest.raises(InvalidArgumentError):
             engine.add_request(list(range(1, 9)), small, **kwargs)
@@ -610,6 +615,7 @@ def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Eng
     assert not engine.has_work()
     engine.pool.free(own)
     engine.pool.free(host)
+    other.pool.free(foreign)
     assert engine.pool.stats() == before
 
 

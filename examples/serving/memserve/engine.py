@@ -176,6 +176,7 @@ class Engine:
             InvalidArgumentError: empty prompt, a prompt that is not int ids (floats, strings, ...:
                 ``InvalidTokensError``), ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id, a
                 request that could not fit in the device tier even alone, ``kv`` of the wrong size,
+                of another pool or not allocated (``ForeignBlockError``, ``BlockNotAllocatedError``),
                 or ``stop`` strings on an engine built without ``detokenize``.
         """
         params = params or SamplingParams()
@@ -199,6 +200,8 @@ class Engine:
             raise InvalidArgumentError("stop strings need an engine built with detokenize (token ids -> bytes)")
         if kv is not None and (kv.tier is not Tier.DEVICE or len(kv) != -(-(len(tokens) - 1) // self.block_size)):
             raise InvalidArgumentError(f"kv must be the device blocks of the first {len(tokens) - 1} tokens")
+        if kv is not None:  # this pool's and allocated: the step writes the request's K/V into them
+            self.pool.check_held(kv)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._by_id or rid in self.held:
             raise InvalidArgumentError(f"request id {rid!r} is in use")
