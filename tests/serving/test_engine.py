@@ -222,6 +222,8 @@ def test_random_configurations_give_the_reference_tokens(make_engine: Callable[.
     the tokens of a full recompute, invariants hold after every step, nothing leaks."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 3, 4, 5, 8, 16])
+    # first: an engine packs the model it is given, and the engines here share one model object
+    reference_engine = make_engine(caching=False, warm_up_tokens=0)
     engine = make_engine(
         block_size=bs,
         device_blocks=rng.randint(max(8, 60 // bs), max(10, 200 // bs)),
@@ -234,7 +236,6 @@ def test_random_configurations_give_the_reference_tokens(make_engine: Callable[.
         caching=rng.random() < 0.85,
         warm_up_tokens=0,
     )
-    reference_engine = make_engine(caching=False, warm_up_tokens=0)
     capacity = engine.pool.config.device_blocks * bs - bs
     heads = [[rng.randrange(512) for _ in range(rng.randint(1, 20))] for _ in range(3)]
     history = {
