@@ -53,7 +53,9 @@ class EngineConfig:
     pack_weights: bool = True
     # CPU float32 with int8 dot products: a greedy request's token comes from an int8 screen of the
     # vocabulary projection plus a float32 recheck of the few candidates (the float32 argmax, a
-    # quarter of the bytes read); needs pack_weights. See memserve.model.Linear.argmax
+    # quarter of the bytes read); needs pack_weights. See memserve.model.Linear.argmax.
+    # Both are set on the model object (LlamaModel.pack): engines sharing one model run with the
+    # setting of the last one built (the tokens are the same either way; only the speed differs)
     screen_greedy: bool = True
     # CPU float32: decode attention reads each sequence's K/V straight from its blocks (a numba
     # kernel, memserve.cpu_attention) instead of gathering them for SDPA (batch-16 steps 7-14%
