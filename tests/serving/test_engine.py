@@ -499,6 +499,23 @@ def test_bad_requests_change_nothing(make_engine: Callable[..., Engine]) -> None
             SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
 
 
+def test_engine_settings_it_cannot_honour_are_refused(tiny_model: LlamaModel) -> None:
+    """An integer KV dtype (int8, uint8: pool dtypes, for other engines' quantized K/V) ran: the
+    model's float K/V were truncated into it and the tokens were other than the float model's,
+    silently. Now refused, like non-bool switches ("no" was truthy: caching on) and a str seed."""
+    for bad in ({"caching": "no"}, {"decode_kernel": 1}, {"pack_weights": None}, {"screen_greedy": "yes"},
+                {"seed": "x"}, {"seed": True}, {"preemption": "SWAP"}, {"warm_up_tokens": -1}):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)  # type: ignore[arg-type]
+    for dtype in ("int8", "uint8", torch.int8):
+        with pytest.raises(InvalidArgumentError, match="floating point"):
+            Engine(tiny_model, EngineConfig(device_blocks=16, kv_dtype=dtype, warm_up_tokens=0))  # type: ignore[arg-type]
+    for dtype in ("bfloat16", "float16", "float8_e4m3fn"):  # lower-precision float K/V: the caller's choice
+        engine = Engine(tiny_model, EngineConfig(device_blocks=16, kv_dtype=dtype, warm_up_tokens=0))
+        assert len(engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))[0]) == 3
+        engine.close()
+
+
 def test_extreme_sampling_values_sample_and_leave_their_batch_alone(make_engine: Callable[..., Engine]) -> None:
     """A top_p below float32's least positive value (it rounds to 0 beside float32 sums) kept no
     token, so the step raised and every request batched with it ended; it now keeps the likeliest.

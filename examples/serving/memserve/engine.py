@@ -77,6 +77,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(self.warm_up_tokens, bool) or not isinstance(self.warm_up_tokens, int) or self.warm_up_tokens < 0:
             raise ValueError(f"warm_up_tokens must be an int >= 0, got {self.warm_up_tokens!r}")
+        for name in ("caching", "pack_weights", "screen_greedy", "decode_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     def pool_config(self, model: LlamaModel) -> PoolConfig:
         """The :class:`PoolConfig` whose KV layout fits ``model``."""
@@ -132,6 +137,12 @@ class Engine:
         detokenize: Callable[[list[int]], bytes] | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
+        layout = config.pool_config(model).layout
+        if not layout.dtype.is_floating_point:  # type: ignore[union-attr]
+            # the model writes float K/V, which an integer tier truncates: other tokens, silently
+            raise InvalidArgumentError(
+                f"the KV dtype must be floating point (no quantization here), got {layout.dtype}"
+            )
         # now: the first request must not pay for it
         self.model = model.pack(config.pack_weights, screen=config.screen_greedy)
         if config.decode_kernel and self.model.device.type == "cpu":
@@ -139,7 +150,7 @@ class Engine:
         self.model.warm_up(config.warm_up_tokens, min(config.max_running, config.warm_up_tokens))
         self._owns_pool = pool is None
         self.pool = pool or MemPool(config.pool_config(model))
-        if self.pool.config.layout != config.pool_config(model).layout:
+        if self.pool.config.layout != layout:
             raise InvalidArgumentError("the pool's KV layout does not fit the model")
         self.block_size = self.pool.config.block_size
         self.stop_ids = frozenset(int(t) for t in stop_ids)
