@@ -30,6 +30,7 @@ __all__ = [
     "LockUnderflowError",
     "MemPoolError",
     "OutOfBlocksError",
+    "TierTooLargeError",
     "TierUnavailableError",
     "WrongTierError",
 ]
@@ -73,6 +74,12 @@ class WrongTierError(InvalidArgumentError):
 
 class TierUnavailableError(InvalidArgumentError):
     """The pool was configured without that tier (for example ``host_blocks=0``)."""
+
+
+class TierTooLargeError(InvalidArgumentError):
+    """A CPU tier larger than the memory this process can still use (the machine's available
+    memory, and its memory cgroup's room): refused before any page is touched, since filling it
+    would get the process, or another, killed by the kernel."""
 
 
 class BlockLockedError(MemPoolError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,29 @@ def test_read_rows_copies_blocks_in_order_into_the_first_rows_of_a_buffer(ids: l
     for wrong in (out[: len(ids) - 1], out[:, 1:], out.view(torch.int32), out.view(-1)):
         with pytest.raises(LayoutMismatchError, match="cannot hold"):
             s.read_rows(np.array(ids), wrong)
+
+
+def test_available_memory_is_what_this_machine_reports() -> None:
+    room = storage_mod.available_memory()
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo here")
+    total = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal:")).split()[1]) * 1024
+    assert room is not None and 0 < room <= total
+
+
+def test_a_cpu_tier_larger_than_the_memory_left_is_refused_before_any_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, such a tier was made (a memfd and its mapping cost nothing) and then zero-filled, and
+    the kernel's OOM killer ended the process (reproduced in a 2 GiB memory cgroup: exit 137)."""
+    from mempool import MemPool, PoolConfig
+    from mempool.errors import TierTooLargeError
+
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype="float32")
+    monkeypatch.setattr(storage_mod, "available_memory", lambda: 10 * layout.block_bytes)
+    fds = len(os.listdir("/proc/self/fd"))
+    for device_blocks, host_blocks in ((11, 0), (4, 11)):  # the device tier, then the host tier
+        with pytest.raises(TierTooLargeError, match="GiB"):
+            MemPool(PoolConfig(**layout.describe(), device_blocks=device_blocks, host_blocks=host_blocks))  # type: ignore[arg-type]
+    assert len(os.listdir("/proc/self/fd")) == fds  # no memfd left open
+    KVStorage(layout, 10, torch.device("cpu"))  # what fits is made
+    monkeypatch.setattr(storage_mod, "available_memory", lambda: None)  # unknown (not Linux): no check
+    KVStorage(layout, 11, torch.device("cpu"))

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from mempool.config import KVLayout
-from mempool.errors import InvalidArgumentError, InvalidBlockError, LayoutMismatchError
+from mempool.errors import InvalidArgumentError, InvalidBlockError, LayoutMismatchError, TierTooLargeError
 from mempool.types import IdArray, as_block_ids
 
-__all__ = ["RUN_COPY_MAX", "KVStorage", "copy_blocks", "copy_rows", "gather_view"]
+__all__ = ["RUN_COPY_MAX", "KVStorage", "available_memory", "copy_blocks", "copy_rows", "gather_view"]
 
 # At most this many runs are copied one slice at a time; more go through one vectorised
 # index_select / index_copy_ (a slice copy costs a few microseconds of dispatch each).
@@ -65,6 +65,13 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.device = device
         shape = (num_blocks, *layout.block_shape)
+        if device.type == "cpu":  # every page is written below: what does not fit gets us killed
+            room = available_memory()
+            if room is not None and num_blocks * layout.block_bytes > room:
+                raise TierTooLargeError(
+                    f"{num_blocks} blocks of {layout.block_bytes} bytes need {num_blocks * layout.block_bytes / 2**30:.2f} "
+                    f"GiB; this process can use {room / 2**30:.2f} GiB more (available memory, within its cgroup)"
+                )
         self.pinned = bool(pin and device.type == "cpu" and torch.cuda.is_available())
         #: what a peer on this host needs to map this tier (memfd, size, identity), or None
         self.share_info: dict[str, int] | None = None
@@ -178,6 +185,52 @@ def gather_view(view: torch.Tensor, table: torch.Tensor, out: torch.Tensor | Non
             rows, 0, index, out=out.view(-1)[: rows.shape[1] * index.numel()].view(-1, rows.shape[1])
         )
     return picked.view(*table.shape, *view.shape[1:])
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still fill without swapping or being killed: the
+    machine's ``MemAvailable``, capped by what its memory cgroup (v2 or v1) has left (reclaimable
+    file cache counted as free); ``None`` where neither can be read (not Linux)."""
+    found: list[int] = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/self/cgroup") as f:
+            groups = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        groups = []
+    for _, controllers, path in (g for g in groups if len(g) == 3):
+        if controllers == "":  # v2: one unified hierarchy
+            root, limit, usage, inactive = "/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):
+            root, limit, usage, inactive = (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+            )
+        else:
+            continue
+        folder = os.path.join(root, path.lstrip("/"))
+        try:
+            with open(os.path.join(folder, limit)) as f:
+                cap = f.read().strip()
+            if cap == "max":
+                continue
+            with open(os.path.join(folder, usage)) as f:
+                used = int(f.read())
+            with open(os.path.join(folder, "memory.stat")) as f:
+                stat = dict(line.split() for line in f if line.count(" ") == 1)
+            found.append(int(cap) - used + int(stat.get(inactive, 0)))
+        except (OSError, ValueError):
+            continue
+    return max(0, min(found)) if found else None
 
 
 def _memfd_tensor(nbytes: int) -> tuple[torch.Tensor, dict[str, int]] | None:
