@@ -20,7 +20,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   echo "bootstrap: installing torch==2.13.0"
-  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+  # with numpy: torch warns on import when numpy is missing (the check below imports it)
+  "$VENV/bin/python" -m pip install --quiet "torch==2.13.0" numpy
 fi
 # ucxx is built per CUDA major. Beside a torch built for CUDA 13 (PyPI's torch==2.13.0, which every
 # Python gets but the one this project's machines have a local CPU wheel for), take the ucx-cu13
