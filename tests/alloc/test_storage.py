@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,8 +208,9 @@ def test_read_rows_copies_blocks_in_order_into_the_first_rows_of_a_buffer(ids: l
 def test_available_memory_is_what_this_machine_reports() -> None:
     room = storage_mod.available_memory()
     if not os.path.exists("/proc/meminfo"):
-        pytest.skip("no /proc/meminfo here")
-    total = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal:")).split()[1]) * 1024
+        pytest.skip("needs Linux: this OS has no /proc/meminfo to compare with")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total = int(next(line for line in meminfo if line.startswith("MemTotal:")).split()[1]) * 1024
     assert room is not None and 0 < room <= total
 
 
