@@ -167,6 +167,11 @@ def test_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
         load_pretrained(tmp_path)
 
 
+LLAMA3_LOW_ABOVE_HIGH = {
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 4.0}
+}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -176,14 +181,72 @@ def test_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
         ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, "sliding"),
+        ({"use_sliding_window": True, "max_window_layers": "1"}, "sliding"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "partial"),
+        # malformed values: each was an untyped KeyError / ValueError / TypeError from deep inside, or was taken
+        ({"hidden_size": None}, r"lacks \['hidden_size'\]"),
+        ({"hidden_size": "64"}, "hidden_size must be a positive int"),
+        ({"hidden_size": 64.5}, "hidden_size must be a positive int"),  # int() made it 64
+        ({"num_key_value_heads": "2"}, "num_kv_heads must be a positive int"),
+        ({"head_dim": -16}, "head_dim must be an int >= 0"),
+        ({"rope_parameters": "default"}, "must be an object"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "positive factor"),  # a KeyError later
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": "8"}}, "positive factor"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "beta_fast": 32.0}}, "takes"),
+        (LLAMA3_LOW_ABOVE_HIGH, "high_freq_factor > low_freq_factor"),  # NaN inverse frequencies
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, "rope_theta must be a positive number"),
+        ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a positive number"),  # NaN logits
+        ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+        ({"tie_word_embeddings": "false"}, "tie_embeddings must be a bool"),  # bool("false") tied them
+        ({"attention_bias": 1}, "attention_bias must be a bool"),
+        ({"layer_types": "full_attention"}, "layer_types must be a list"),
     ],
 )
 def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     save_hf(tmp_path)
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    # the RoPE fields transformers 4 writes beside (5: instead of) rope_parameters: the case's alone count
+    raw = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("rope_scaling", "rope_theta")}
+    path.write_text(json.dumps({**raw, **change}))
     with pytest.raises(ModelConfigError, match=message):
         ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [("[1, 2]", "a JSON list, not an object"), ("{", "cannot read")])
+def test_a_config_file_that_is_no_json_object_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_unreadable_mixed_or_non_float_weights_are_refused(tmp_path: Path) -> None:
+    """Each was taken or raised untyped: a corrupt file (safetensors' own error), integer weights
+    (cast to float without a word), a tensor two files hold (the later file won)."""
+    from safetensors.torch import load_file, save_file
+
+    save_hf(tmp_path)
+    file = next(tmp_path.glob("*.safetensors"))
+    good = file.read_bytes()
+    tensors = {k: v.clone() for k, v in load_file(str(file)).items()}  # not views of the file (mapped): it changes
+    file.write_bytes(good[:1000])
+    with pytest.raises(ModelConfigError, match="cannot read"):
+        load_pretrained(tmp_path)
+    save_file({**tensors, "model.norm.weight": tensors["model.norm.weight"].long()}, str(file))
+    with pytest.raises(ModelConfigError, match=r"not floating-point=\['norm.weight'\]"):
+        load_pretrained(tmp_path)
+    file.write_bytes(good)
+    save_file({"model.norm.weight": torch.zeros(SMALL_HF["hidden_size"])}, str(tmp_path / "z-stray.safetensors"))
+    with pytest.raises(ModelConfigError, match=r"holds tensors another file also holds: \['model.norm.weight'\]"):
+        load_pretrained(tmp_path)
+    # with an index, as sharded checkpoints have, only the files it names are read
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": dict.fromkeys(tensors, file.name)})
+    )
+    assert torch.equal(load_pretrained(tmp_path).norm.weight, tensors["model.norm.weight"])
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    with pytest.raises(ModelConfigError, match=r"cannot read .*gone\.safetensors"):
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +263,14 @@ def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any],
         ({"rope_theta": -1.0}, "rope_theta"),
         ({"dtype": "float33"}, "dtype"),
         ({"dtype": "Tensor"}, "dtype"),  # a torch attribute, not a dtype
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+        ({"head_dim": -2}, "head_dim must be an int >= 0"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"tie_embeddings": 1}, "tie_embeddings must be a bool"),
+        ({"init_std": -0.1}, "init_std"),
+        ({"rope_scaling": (("factor", 8.0),)}, "rope_type='default' takes no rope_scaling"),  # ignored before
+        ({"rope_type": "llama3", "rope_scaling": (("factor", 0.0),)}, "positive factor"),
+        ({"rope_type": "llama3", "rope_scaling": "factor"}, "pairs"),
     ],
 )
 def test_bad_model_configs_are_refused_with_the_reason(change: dict[str, Any], message: str) -> None:

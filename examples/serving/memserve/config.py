@@ -14,6 +14,17 @@ from mempool.errors import MemPoolError
 
 #: RoPE variants we implement; a checkpoint asking for another one is refused, not approximated.
 ROPE_TYPES = ("default", "llama3")
+#: The parameters of Llama 3's RoPE frequency scaling (defaults in :func:`memserve.model.rope_inv_freq`).
+_LLAMA3_SCALING = frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number (an int or float, not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The fields a Hugging Face ``config.json`` must give (the rest have HF's defaults).
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 class ModelConfigError(MemPoolError, ValueError):
@@ -50,6 +61,13 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ModelConfigError(f"head_dim must be an int >= 0 (0: hidden_size // num_heads), got {self.head_dim!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ModelConfigError(f"seed must be an int, got {self.seed!r}")
+        for name in ("tie_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim == 0:
@@ -62,10 +80,35 @@ class ModelConfig:
             raise ModelConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_type not in ROPE_TYPES:
             raise ModelConfigError(f"rope_type={self.rope_type!r} is not supported; known: {ROPE_TYPES}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+        if not (_is_number(self.rope_theta) and self.rope_theta > 0):
             raise ModelConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+        if not (_is_number(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ModelConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if not (_is_number(self.init_std) and self.init_std >= 0):
+            raise ModelConfigError(f"init_std must be a number >= 0, got {self.init_std!r}")
+        self._check_rope_scaling()
+        if not isinstance(self.dtype, str) or not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ModelConfigError(f"dtype={self.dtype!r} is not a torch dtype name")
+
+    def _check_rope_scaling(self) -> None:
+        try:
+            scaling = dict(self.rope_scaling)
+        except (TypeError, ValueError):
+            raise ModelConfigError(f"rope_scaling must be (name, number) pairs, got {self.rope_scaling!r}") from None
+        if self.rope_type == "default":
+            if scaling:
+                raise ModelConfigError(f"rope_type='default' takes no rope_scaling, got {scaling}")
+            return
+        unknown = scaling.keys() - _LLAMA3_SCALING
+        bad = [k for k, v in scaling.items() if not (_is_number(v) and v > 0)]
+        if unknown or bad or "factor" not in scaling:
+            raise ModelConfigError(
+                f"llama3 rope_scaling needs a positive factor and takes positive {sorted(_LLAMA3_SCALING)}; "
+                f"got {scaling}"
+            )
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        if high <= low:
+            raise ModelConfigError(f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got {scaling}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -98,40 +141,53 @@ class ModelConfig:
             path = path / "config.json"
         try:
             raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelConfigError(f"{path} holds a JSON {type(raw).__name__}, not an object")
         model_type = raw.get("model_type", "llama")
         if model_type not in ("llama", "qwen2"):
             raise ModelConfigError(f"model_type={model_type!r} is not a Llama/Qwen2-style model")
-        rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ModelConfigError(f"rope_parameters / rope_scaling must be an object, got {rope!r}")
+        rope = dict(rope)
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         theta = rope.pop("rope_theta", raw.get("rope_theta", 10_000.0))
-        scaling = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, int | float)))
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
+        partial = rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        if partial != 1:
+            raise ModelConfigError(f"partial_rotary_factor={partial!r} is not supported: RoPE here turns every dim")
+        scaling = tuple(sorted((k, float(v) if _is_number(v) else v) for k, v in rope.items()))
+        missing = [name for name in _HF_REQUIRED if raw.get(name) is None]
+        if missing:
+            raise ModelConfigError(f"{path} lacks {missing}")
+        heads = raw["num_attention_heads"]
         values: dict[str, Any] = {
-            "vocab_size": int(raw["vocab_size"]),
-            "hidden_size": hidden,
-            "num_layers": int(raw["num_hidden_layers"]),
+            "vocab_size": raw["vocab_size"],
+            "hidden_size": raw["hidden_size"],
+            "num_layers": raw["num_hidden_layers"],
             "num_heads": heads,
-            "num_kv_heads": int(raw.get("num_key_value_heads") or heads),
-            "intermediate_size": int(raw["intermediate_size"]),
-            "head_dim": int(raw.get("head_dim") or hidden // heads),
-            "rope_theta": float(theta),
+            "num_kv_heads": raw.get("num_key_value_heads") or heads,
+            "intermediate_size": raw["intermediate_size"],
+            "head_dim": raw.get("head_dim") or 0,
+            "rope_theta": float(theta) if _is_number(theta) else theta,
             "rope_type": rope_type,
             "rope_scaling": scaling if rope_type != "default" else (),
-            "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(raw.get("tie_word_embeddings", False)),
-            "attention_bias": bool(raw.get("attention_bias", model_type == "qwen2")),
+            "rms_norm_eps": raw.get("rms_norm_eps", 1e-6),
+            "tie_embeddings": raw.get("tie_word_embeddings", False),
+            "attention_bias": raw.get("attention_bias", model_type == "qwen2"),
         }
         if raw.get("mlp_bias"):
             raise ModelConfigError("mlp_bias=True is not supported")
         if raw.get("hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act={raw['hidden_act']!r} is not supported (the MLP is SwiGLU: silu)")
-        layers = int(raw["num_hidden_layers"])
-        windowed = [kind for kind in raw.get("layer_types") or () if kind != "full_attention"]
-        if raw.get("use_sliding_window") and int(raw.get("max_window_layers", layers)) < layers:
-            windowed.append("sliding_attention")  # Qwen2: the layers from max_window_layers on
+        layers, kinds = raw["num_hidden_layers"], raw.get("layer_types") or []
+        if not isinstance(kinds, list):
+            raise ModelConfigError(f"layer_types must be a list, got {kinds!r}")
+        windowed = [kind for kind in kinds if kind != "full_attention"]
+        first_windowed = raw.get("max_window_layers", layers)  # Qwen2: the layers from there on slide
+        if raw.get("use_sliding_window") and not (_is_number(first_windowed) and first_windowed >= layers):
+            windowed.append("sliding_attention")
         if windowed:
             raise ModelConfigError(f"layers of {sorted(set(windowed))} are not supported: attention here is full")
         values.update(overrides)

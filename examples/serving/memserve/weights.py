@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,17 +22,38 @@ _FUSED = {
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (sharded checkpoints included)."""
+    """Every tensor of the checkpoint's ``*.safetensors`` files in ``folder``: those that
+    ``model.safetensors.index.json`` names where there is one (sharded checkpoints), else all.
+
+    Raises:
+        ModelConfigError: no file, an unreadable or corrupt one, or a tensor two files hold.
+    """
     try:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ModelConfigError("loading checkpoints needs safetensors: pip install 'mempool[serving]'") from exc
-    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelConfigError(f"cannot read {index}: {exc!r}") from exc
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelConfigError(f"no *.safetensors file in {folder}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        try:
+            part = load_file(str(file))
+        except (OSError, SafetensorError) as exc:
+            raise ModelConfigError(f"cannot read {file}: {exc}") from exc
+        twice = sorted(part.keys() & tensors.keys())
+        if twice:
+            raise ModelConfigError(f"{file.name} holds tensors another file also holds: {twice[:5]}")
+        tensors.update(part)
     return tensors
 
 
@@ -68,7 +90,8 @@ def load_pretrained(folder: str | Path, *, device: torch.device | str = "cpu", d
     """Build a :class:`LlamaModel` from a Hugging Face-style folder; every weight must be present.
 
     Raises:
-        ModelConfigError: unreadable config, unsupported architecture, missing or misshapen tensors.
+        ModelConfigError: unreadable config or weights, unsupported architecture, missing, misshapen or
+            non-floating-point tensors.
     """
     folder = Path(folder)
     config = ModelConfig.from_hf(folder, **({"dtype": dtype} if dtype else {}))
@@ -80,9 +103,11 @@ def load_pretrained(folder: str | Path, *, device: torch.device | str = "cpu", d
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])
-    if missing or unexpected or wrong:
+    not_float = sorted(k for k in state if not state[k].is_floating_point())
+    if missing or unexpected or wrong or not_float:
         raise ModelConfigError(
-            f"checkpoint does not fit: missing={missing[:5]} unexpected={unexpected[:5]} shape={wrong[:5]}"
+            f"checkpoint does not fit: missing={missing[:5]} unexpected={unexpected[:5]} shape={wrong[:5]} "
+            f"not floating-point={not_float[:5]}"
         )
     with torch.no_grad():
         params = dict(model.named_parameters())
