@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
+from .checks import arg, check_int, check_positive, output_dir_arg, preset_arg
 from .evaluate import Mode, compare
 from .stages import STAGES
 from .tokenizer import Tokenizer
@@ -21,12 +21,17 @@ from .workloads import sharegpt
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve", description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated design stages")
-    ap.add_argument("--model", default="default", help="model preset of every instance")
-    ap.add_argument("--conversations", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--reply-tokens", type=int, default=32, help="cap on each reply's length")
-    ap.add_argument("--rate", type=float, default=2.0, help="sessions arriving per second (Poisson)")
-    ap.add_argument("--out", default="memserve_results", help="where the table (JSON) and plot go")
+    ap.add_argument("--model", type=preset_arg, default="default", help="model preset of every instance")
+    ap.add_argument("--conversations", type=arg(check_int, 1), default=4)
+    ap.add_argument("--turns", type=arg(check_int, 1), default=3)
+    ap.add_argument("--reply-tokens", type=arg(check_int, 1), default=32, help="cap on each reply's length")
+    ap.add_argument(
+        "--rate",
+        type=arg(check_positive, parse=float, infinite=True),
+        default=2.0,
+        help="sessions arriving per second (Poisson; inf: all at once)",
+    )
+    ap.add_argument("--out", type=output_dir_arg, default="memserve_results", help="where the table (JSON) and plot go")
     args = ap.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     _, _, same = compare(
-        "stages", [Mode(s, s) for s in stages], sessions, model=args.model, rate=args.rate, out=Path(args.out)
+        "stages", [Mode(s, s) for s in stages], sessions, model=args.model, rate=args.rate, out=args.out
     )
     print(f"table and plot saved under {args.out}/ (stages.json, stages.png); {time.perf_counter() - t0:.0f}s in all")
     return 0 if same else 1

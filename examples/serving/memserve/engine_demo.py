@@ -12,17 +12,18 @@ import statistics
 import time
 
 from . import Engine, EngineConfig, LlamaModel, Tokenizer, preset
+from .checks import arg, check_int, preset_arg
 from .replay import TurnResult, replay_chats
 from .sharegpt import load_conversations
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve.engine_demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="default", help="model preset (default: 8 layers, hidden 512)")
-    ap.add_argument("--conversations", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=3)
-    ap.add_argument("--reply-tokens", type=int, default=24, help="cap on each reply's length")
-    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--model", type=preset_arg, default="default", help="model preset (default: 8 layers, hidden 512)")
+    ap.add_argument("--conversations", type=arg(check_int, 1), default=4)
+    ap.add_argument("--turns", type=arg(check_int, 1), default=3)
+    ap.add_argument("--reply-tokens", type=arg(check_int, 1), default=24, help="cap on each reply's length")
+    ap.add_argument("--concurrency", type=arg(check_int, 1), default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import RequestResult, replay_http, save, summarize, table
+from .checks import arg, check_positive, output_dir_arg, preset_arg
 from .launch import Cluster
 from .tokenizer import Tokenizer
 from .workloads import SessionSpec, loogle, react, sharegpt
@@ -88,15 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("comparison", nargs="+", choices=("caching", "pd", "routing", "links", "all"))
     ap.add_argument("--quick", action="store_true", help="tiny model, small workloads (about a minute)")
-    ap.add_argument("--model", default=None, help="model preset (default: 'default', or 'tiny-llama3' with --quick)")
-    ap.add_argument("--rate", type=float, default=1.0, help="sessions arriving per second")
+    ap.add_argument(
+        "--model",
+        type=preset_arg,
+        default=None,
+        help="model preset (default: 'default', or 'tiny-llama3' with --quick)",
+    )
+    ap.add_argument(
+        "--rate",
+        type=arg(check_positive, parse=float, infinite=True),
+        default=1.0,
+        help="sessions arriving per second (inf: all at once)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--link-rate", type=float, default=None, help="the slow link's bytes/s (default 1e6; 2e5 with --quick)"
+        "--link-rate",
+        type=arg(check_positive, parse=float),
+        default=None,
+        help="the slow link's bytes/s (default 1e6; 2e5 with --quick)",
     )
-    ap.add_argument("--out", default="memserve_results")
+    ap.add_argument("--out", type=output_dir_arg, default="memserve_results")
     args = ap.parse_args(argv)
-    quick, out = args.quick, Path(args.out)
+    quick, out = args.quick, args.out
     model = args.model or ("tiny-llama3" if quick else "default")
     tok = Tokenizer("llama3")
     ok, t0 = True, time.perf_counter()

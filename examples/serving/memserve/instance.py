@@ -57,6 +57,7 @@ from mempool import Blocks, TransferResult, TransportConfig
 from mempool.errors import MemPoolError
 
 from .auth import control_token, holds_token, token_guard
+from .checks import arg, check_int, check_port, check_positive, preset_arg
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
 from .faults import Faults
@@ -107,6 +108,10 @@ class InstanceConfig:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.host in ("0.0.0.0", "::", ""):  # the scheduler and the peers are told this address
             raise ValueError(f"host must be the address others reach this instance at, got {self.host!r}")
+        check_port("port", self.port)
+        check_int("threads", self.threads)
+        check_int("max_waiting", self.max_waiting, 1)  # 0: every request refused
+        check_positive("transfer_deadline_s", self.transfer_deadline_s)
 
 
 def params_from(body: dict[str, Any]) -> SamplingParams:
@@ -505,28 +510,35 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memserve.instance", description="a memserve instance")
     ap.add_argument("--name", required=True)
     ap.add_argument("--role", choices=ROLES, default="colocated")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", type=preset_arg, default="default")
     ap.add_argument("--weights", default=None, help="a Llama/Qwen2 folder (config.json + safetensors)")
     ap.add_argument("--caching", choices=("on", "off"), default=None, help="default: on, or as --stage says")
     ap.add_argument("--stage", choices=list(STAGES), default=None, help="cache as this design stage's role does")
-    ap.add_argument("--device-blocks", type=int, default=2048)
-    ap.add_argument("--host-blocks", type=int, default=2048)
+    ap.add_argument("--device-blocks", type=arg(check_int, 1), default=2048)
+    ap.add_argument("--host-blocks", type=arg(check_int, 0), default=2048)
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on, which others reach it at")
-    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--port", type=arg(check_port), default=0)
     ap.add_argument(
         "--ucx-shared-memory",
         choices=("on", "off"),
         default="on",
         help="off: KV to peers on this machine takes the network (no UCX shared memory, no same-host pull)",
     )
-    ap.add_argument("--transfer-deadline", type=float, default=30.0, help="seconds before a silent peer is lost")
+    ap.add_argument(
+        "--transfer-deadline",
+        type=arg(check_positive, parse=float),
+        default=30.0,
+        help="seconds before a silent peer is lost",
+    )
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=arg(check_int, 0), default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-waiting", type=int, default=256, help="queued requests before new ones get 503")
+    ap.add_argument(
+        "--max-waiting", type=arg(check_int, 1), default=256, help="queued requests before new ones get 503"
+    )
     ap.add_argument(
         "--warm-up-tokens",
-        type=int,
+        type=arg(check_int, 0),
         default=os.environ.get(WARM_UP_ENV) or "64",  # a string default goes through type=int, as typed
         help=f"set up every step size up to this before serving (0: none; default: ${WARM_UP_ENV} or 64)",
     )

@@ -28,9 +28,11 @@ from aiohttp import web
 
 from .api import make_app
 from .auth import control_token
+from .checks import arg, check_int, check_port, check_positive, preset_arg
+from .config import preset
 from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
-from .scheduler import Scheduler
+from .scheduler import POLICIES, Scheduler
 from .stages import Stage, stage
 from .tokenizer import Tokenizer
 
@@ -174,7 +176,31 @@ class Cluster(Managed):
         ``prefill=decode=0`` (or ``colocated=0``): the scheduler alone, instances join it;
         ``warm_up_tokens``: as ``EngineConfig``'s, ``None`` leaves the instances' default."""
         self.stage: Stage = stage(stage_name)
+        for name, count in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
+            if count is not None:
+                check_int(name, count)
         self.roles = roles_for(self.stage, prefill, decode, colocated)
+        preset(model)  # ModelConfigError now, not an instance that exits during startup
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if backend not in ("ucx", "torch"):
+            raise ValueError(f"backend must be 'ucx' or 'torch', got {backend!r}")
+        check_port("port", port)
+        check_int("device_blocks", device_blocks, 1)
+        check_int("host_blocks", host_blocks)
+        if threads is not None:
+            check_int("threads", threads)
+        for name, value in (("max_inflight", max_inflight), ("max_waiting", max_waiting)):
+            check_int(name, value, 1)  # 0: every request refused
+        for name, seconds in (
+            ("startup_timeout", startup_timeout),
+            ("heartbeat_s", heartbeat_s),
+            ("stall_timeout_s", stall_timeout_s),
+            ("control_timeout_s", control_timeout_s),
+        ):
+            check_positive(name, seconds)
+        if warm_up_tokens is not None:
+            check_int("warm_up_tokens", warm_up_tokens)
         self.policy, self.model, self.host, self.port = policy, model, host, port
         self.device_blocks, self.host_blocks, self.backend = device_blocks, host_blocks, backend
         cores = os.cpu_count() or 1
@@ -309,22 +335,22 @@ class Cluster(Managed):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .scheduler import POLICIES
     from .stages import STAGES
 
     ap = argparse.ArgumentParser(prog="python -m memserve.launch", description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=list(STAGES), default="pd-caching-2")
-    ap.add_argument("--prefill", type=int, default=1)
-    ap.add_argument("--decode", type=int, default=1)
+    ap.add_argument("--prefill", type=arg(check_int, 0), default=1, help="0 with --decode 0: instances join later")
+    ap.add_argument("--decode", type=arg(check_int, 0), default=1)
     ap.add_argument("--policy", choices=POLICIES, default="prompt-tree")
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", type=preset_arg, default="default")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=arg(check_port), default=8000)
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
-    ap.add_argument("--heartbeat", type=float, default=1.0, help="seconds between health probes of instances")
-    ap.add_argument("--stall-timeout", type=float, default=15.0, help="seconds of silence that mean a stall")
+    seconds = arg(check_positive, parse=float)
+    ap.add_argument("--heartbeat", type=seconds, default=1.0, help="seconds between health probes of instances")
+    ap.add_argument("--stall-timeout", type=seconds, default=15.0, help="seconds of silence that mean a stall")
     ap.add_argument(
-        "--control-timeout", type=float, default=30.0, help="seconds an instance has to answer /connect or /push"
+        "--control-timeout", type=seconds, default=30.0, help="seconds an instance has to answer /connect or /push"
     )
     ap.add_argument("--link-aware", choices=("on", "off"), default="on", help="skip handoffs slower than recompute")
     args = ap.parse_args(argv)

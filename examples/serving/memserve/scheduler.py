@@ -49,6 +49,7 @@ from typing import Any
 
 import aiohttp
 
+from .checks import check_int, check_positive
 from .costmodel import CostModel
 from .prompt_tree import PromptTree
 from .sampling import stop_at
@@ -204,6 +205,17 @@ class Scheduler:
         instances' tokenizer's (requests with ``stop`` strings are refused without it)."""
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        check_int("block_size", block_size, 1)
+        check_int("block_bytes", block_bytes, 1)
+        check_int("attempts", attempts, 1)
+        for name, value in (
+            ("ttl", ttl),
+            ("bandwidth", bandwidth),
+            ("stall_timeout_s", stall_timeout_s),
+            ("control_timeout_s", control_timeout_s),
+            ("link_ttl_s", link_ttl_s),
+        ):
+            check_positive(name, value)
         self.stage, self.policy = stage, policy
         self.instances: dict[str, InstanceHandle] = {}
         self.trees = {role: PromptTree(block_size, ttl) for role in ROLES}

@@ -1,0 +1,115 @@
+"""Bad numbers on memserve's command lines and in its deployment settings are refused up front,
+with the reason; before, each one crashed deep inside (a division by zero, an instance that exited
+during startup), ran a server that refused every request, or crashed after the whole run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memserve import ModelConfigError, engine_demo, evaluate, instance, launch
+from memserve import __main__ as demo
+from memserve.instance import InstanceConfig
+from memserve.launch import Cluster
+from memserve.scheduler import Scheduler
+from memserve.stages import STAGES
+
+CASES: list[tuple[Callable[[list[str]], int], list[str], str]] = [
+    (demo.main, ["--conversations", "0"], "--conversations: must be an int >= 1, got 0"),
+    (demo.main, ["--turns", "-1"], "--turns: must be an int >= 1, got -1"),
+    (demo.main, ["--reply-tokens", "x"], "--reply-tokens: not an int: 'x'"),
+    (demo.main, ["--rate", "0"], "--rate: must be a positive number, got 0.0"),  # ZeroDivisionError before
+    (demo.main, ["--rate", "nan"], "--rate: must be a positive number, got nan"),
+    (demo.main, ["--model", "huge"], "--model: unknown model preset 'huge'"),  # an instance exited at startup
+    (demo.main, ["--out", "/proc/no/such/dir"], "--out: cannot make /proc/no/such/dir"),  # after every stage ran
+    (engine_demo.main, ["--concurrency", "0"], "--concurrency: must be an int >= 1, got 0"),
+    (evaluate.main, ["all", "--rate", "-1"], "--rate: must be a positive number, got -1.0"),
+    (evaluate.main, ["all", "--link-rate", "0"], "--link-rate: must be a positive finite number, got 0.0"),
+    (launch.main, ["--prefill", "-1"], "--prefill: must be an int >= 0, got -1"),
+    (launch.main, ["--port", "70000"], "--port: must be an int in [0, 65535], got 70000"),
+    (launch.main, ["--heartbeat", "0"], "--heartbeat: must be a positive finite number, got 0.0"),
+    (launch.main, ["--control-timeout", "inf"], "--control-timeout: must be a positive finite number, got inf"),
+    (launch.main, ["--stall-timeout", "-1"], "--stall-timeout: must be a positive finite number, got -1.0"),
+    (instance.main, ["--name", "x", "--max-waiting", "0"], "--max-waiting: must be an int >= 1, got 0"),
+    (instance.main, ["--name", "x", "--threads", "-1"], "--threads: must be an int >= 0, got -1"),
+    (instance.main, ["--name", "x", "--port", "-1"], "--port: must be an int in [0, 65535], got -1"),
+    (instance.main, ["--name", "x", "--transfer-deadline", "nan"], "--transfer-deadline: must be a positive finite"),
+]
+
+
+@pytest.mark.parametrize(("main", "argv", "message"), CASES, ids=[f"{m.__module__}{' '.join(a)}" for m, a, _ in CASES])
+def test_bad_command_line_numbers_are_usage_errors(
+    main: Callable[[list[str]], int], argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = [] if "--out" in argv or main not in (demo.main, evaluate.main) else ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv + out)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_results_folder_is_made_when_the_command_line_is_read(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):  # the stage is refused after --out was read
+        demo.main(["--out", str(tmp_path / "a" / "b"), "--stages", "nope"])
+    assert (tmp_path / "a" / "b").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prefill": -1}, ValueError, "prefill must be an int >= 0"),
+        ({"colocated": 1.5}, ValueError, "colocated must be an int >= 0"),
+        ({"model": "huge"}, ModelConfigError, "unknown model preset"),
+        ({"policy": "random"}, ValueError, "policy must be one of"),
+        ({"backend": "nccl"}, ValueError, "backend must be"),
+        ({"port": 65536}, ValueError, "port must be an int in"),
+        ({"device_blocks": 0}, ValueError, "device_blocks must be an int >= 1"),
+        ({"host_blocks": -1}, ValueError, "host_blocks must be an int >= 0"),
+        ({"threads": -2}, ValueError, "threads must be an int >= 0"),
+        ({"max_inflight": 0}, ValueError, "max_inflight must be an int >= 1"),  # every request a 429
+        ({"max_waiting": 0}, ValueError, "max_waiting must be an int >= 1"),  # every request a 503
+        ({"heartbeat_s": 0.0}, ValueError, "heartbeat_s must be a positive finite number"),
+        ({"stall_timeout_s": float("nan")}, ValueError, "stall_timeout_s"),
+        ({"control_timeout_s": float("inf")}, ValueError, "control_timeout_s"),  # OverflowError in the scheduler
+        ({"startup_timeout": -1}, ValueError, "startup_timeout"),
+        ({"warm_up_tokens": -1}, ValueError, "warm_up_tokens must be an int >= 0"),
+    ],
+)
+def test_bad_cluster_settings_are_refused_before_any_process_starts(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Cluster("pd-caching-2", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"port": 70000}, "port must be an int in"),
+        ({"threads": -1}, "threads must be an int >= 0"),
+        ({"max_waiting": 0}, "max_waiting must be an int >= 1"),
+        ({"transfer_deadline_s": 0}, "transfer_deadline_s must be a positive"),
+    ],
+)
+def test_bad_instance_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        InstanceConfig(name="x", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stall_timeout_s": 0}, "stall_timeout_s must be a positive"),
+        ({"control_timeout_s": float("inf")}, "control_timeout_s must be a positive finite"),
+        ({"ttl": -1.0}, "ttl must be a positive"),
+        ({"bandwidth": 0.0}, "bandwidth must be a positive"),
+        ({"attempts": 0}, "attempts must be an int >= 1"),
+        ({"block_size": 0}, "block_size must be an int >= 1"),
+    ],
+)
+def test_bad_scheduler_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Scheduler(STAGES["pd-caching-2"], **kwargs)
