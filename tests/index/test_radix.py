@@ -116,6 +116,19 @@ def test_namespaces_never_share(pool: MemPool) -> None:
         assert m.blocks.tolist() == [2, 3]
 
 
+@pytest.mark.parametrize("namespace", [[1], {}, float("nan"), ("model", float("nan"))], ids=repr)
+def test_a_namespace_no_lookup_could_find_is_refused(pool: MemPool, namespace: object) -> None:
+    """Unhashable, or unequal to itself (NaN: each lookup's NaN is another key, so what was cached
+    under it was never found again)."""
+    blocks = pool.alloc(2)
+    for call in (lambda: pool.insert(toks(1, 2), blocks, namespace=namespace), lambda: pool.match(toks(1), namespace)):
+        with pytest.raises(InvalidArgumentError, match="namespace must"):
+            call()
+    assert pool.stats()["index"]["namespaces"] == 0
+    pool.free(blocks)
+    pool.check_invariants()
+
+
 def test_a_namespace_whose_last_prefix_leaves_keeps_nothing() -> None:
     """Per-tenant namespaces come and go: one whose cache is evicted or deleted leaves no trace,
     so a pool serving an unbounded stream of tenants does not grow (nor slow its evictions)."""

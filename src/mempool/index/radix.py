@@ -756,6 +756,19 @@ def _check_namespace(namespace: Hashable) -> None:
         hash(namespace)
     except TypeError:
         raise InvalidArgumentError(f"namespace must be hashable, got {type(namespace).__name__}") from None
+    if not _equals_itself(namespace):  # NaN: what is cached under it no later lookup finds
+        raise InvalidArgumentError(f"namespace must equal itself, got {namespace!r}")
+
+
+def _equals_itself(value: object) -> bool:
+    """Whether ``value`` equals itself, part by part (a tuple equals itself by identity even
+    when a NaN in it does not, and a copy of it would not)."""
+    if isinstance(value, tuple | frozenset):
+        return all(_equals_itself(part) for part in value)
+    try:
+        return bool(value == value)
+    except Exception:  # an equality that raises is no usable key either
+        return False
 
 
 if __name__ == "__main__":
