@@ -624,9 +624,12 @@ def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Eng
         {"kv": host},  # not device blocks
         {"kv": foreign},  # another pool's
         {"kv": Blocks(Tier.DEVICE, [14, 15])},  # free blocks
+        {"prompt_len": 7.5},
+        {"request_id": ["a"]},  # unhashable: a TypeError from the id check before
+        {"params": {"max_tokens": 4}},  # an AttributeError from deep inside before
     ):
         with pytest.raises(InvalidArgumentError):
-            engine.add_request(list(range(1, 9)), small, **kwargs)
+            engine.add_request(list(range(1, 9)), **{"params": small, **kwargs})
     with pytest.raises(InvalidArgumentError, match="not held"):
         engine.held_kv("nobody")
     assert engine.release("nobody") is False and engine.abort("nobody") is False

@@ -187,12 +187,19 @@ class Engine:
 
         Raises:
             InvalidArgumentError: empty prompt, a prompt that is not int ids (floats, strings, ...:
-                ``InvalidTokensError``), ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id, a
+                ``InvalidTokensError``), ids (prompt or ``logit_bias``) outside the vocabulary, a duplicate id
+                (or one that is not a str), ``params`` that are not ``SamplingParams``, a
                 request that could not fit in the device tier even alone, ``kv`` of the wrong size,
                 of another pool or not allocated (``ForeignBlockError``, ``BlockNotAllocatedError``),
                 or ``stop`` strings on an engine built without ``detokenize``.
         """
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgumentError(f"params must be SamplingParams, got {type(params).__name__}")
+        if prompt_len is not None and (isinstance(prompt_len, bool) or not isinstance(prompt_len, int)):
+            raise InvalidArgumentError(f"prompt_len must be an int, got {prompt_len!r}")
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidArgumentError(f"request_id must be a str, got {request_id!r}")
         tokens = token_list(prompt)
         vocab = self.model.config.vocab_size
         if not tokens:
