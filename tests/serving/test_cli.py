@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from memserve import ModelConfigError, engine_demo, evaluate, instance, launch
+from memserve import Engine, ModelConfigError, Tokenizer, engine_demo, evaluate, instance, launch
 from memserve import __main__ as demo
 from memserve.instance import InstanceConfig
 from memserve.launch import Cluster
+from memserve.replay import replay_chats
 from memserve.scheduler import Scheduler
 from memserve.stages import STAGES
 
@@ -113,3 +114,14 @@ def test_bad_instance_settings_are_refused(kwargs: dict[str, Any], message: str)
 def test_bad_scheduler_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Scheduler(STAGES["pd-caching-2"], **kwargs)
+
+
+@pytest.mark.parametrize("name", ["concurrency", "max_turns", "max_reply_tokens", "max_context"])
+def test_a_replay_with_a_count_below_one_is_refused(make_engine: Callable[..., Engine], name: str) -> None:
+    """``concurrency=0`` admitted no session and stepped an idle engine for good."""
+    from memserve.sharegpt import load_conversations
+
+    engine = make_engine()
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
+        replay_chats(engine, Tokenizer("llama3"), load_conversations(1), **{name: 0})
+    assert not engine.has_work()

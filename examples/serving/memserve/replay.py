@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .checks import check_int
 from .engine import Engine
 from .sampling import SamplingParams
 from .sharegpt import Conversation
@@ -55,7 +56,17 @@ def replay_chats(
     Replies are as long as the dataset's (capped at ``max_reply_tokens``, EOS ignored) so the
     work does not depend on what a random model says. A session ends early when its next prompt
     plus reply would pass ``max_context`` tokens. ``progress`` labels a progress line on stderr.
+
+    Raises:
+        ValueError: a count below 1 (``concurrency=0`` would wait for good).
     """
+    for name, value in (
+        ("max_turns", max_turns),
+        ("max_reply_tokens", max_reply_tokens),
+        ("max_context", max_context),
+        ("concurrency", concurrency),
+    ):
+        check_int(name, value, 1)
     pending = list(enumerate(conversations))
     active: list[_Session] = []
     results: list[TurnResult] = []
