@@ -125,3 +125,16 @@ def test_a_replay_with_a_count_below_one_is_refused(make_engine: Callable[..., E
     with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got 0"):
         replay_chats(engine, Tokenizer("llama3"), load_conversations(1), **{name: 0})
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan")])
+def test_a_replay_at_a_rate_that_is_no_positive_number_is_refused(rate: float, tmp_path: Path) -> None:
+    """A negative rate gave sessions negative arrival delays, 0 a ZeroDivisionError."""
+    import asyncio
+
+    from memserve.bench import replay_http
+
+    with pytest.raises(ValueError, match="rate must be a positive number"):
+        asyncio.run(replay_http("http://127.0.0.1:9", [], rate=rate))
+    with pytest.raises(ValueError, match="rate must be a positive number"):
+        evaluate.compare("x", [evaluate.Mode("a", "colocated")], [], model="tiny", rate=rate, out=tmp_path)

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from .checks import check_positive
 from .workloads import SessionSpec
 
 
@@ -83,7 +84,10 @@ async def replay_http(
     """Replay ``sessions`` against the server at ``url``; they arrive as a Poisson process at ``rate``
     per second, in order, and each runs its calls one after another. Returns the results and the
     makespan in seconds. A response that sends nothing for ``stall_s`` seconds (or a server that
-    does not accept the connection in 30 s) fails the replay with ``aiohttp``'s timeout error."""
+    does not accept the connection in 30 s) fails the replay with ``aiohttp``'s timeout error;
+    a ``rate`` or ``stall_s`` that is not a positive number is a ``ValueError`` (``rate=inf``: all at once)."""
+    check_positive("rate", rate, infinite=True)
+    check_positive("stall_s", stall_s)
     rng = random.Random(seed)
     results: list[RequestResult] = []
     total = sum(len(s.calls) for s in sessions)

@@ -50,6 +50,7 @@ def compare(
     out: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, list[RequestResult]], bool]:
     """Run ``sessions`` through every mode; returns table rows, per-request results, same-tokens flag."""
+    check_positive("rate", rate, infinite=True)  # before the first deployment starts
     rows, samples = [], {}
     for mode in modes:
         t = time.perf_counter()
