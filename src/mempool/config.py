@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -205,10 +206,10 @@ class TransportConfig:
             raise ValueError(f"host must be an address, got {self.host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
             raise ValueError(f"port must be an int in [0, 65536), got {self.port!r}")
-        for name in ("deadline_s", "receipt_ttl_s", "heartbeat_s"):
+        for name in ("deadline_s", "receipt_ttl_s", "heartbeat_s"):  # inf: no deadline, no expiry (a leak)
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         _positive_int("chunk_bytes", self.chunk_bytes)
         for name in ("ucx_shared_memory", "same_host_pull"):
             if not isinstance(getattr(self, name), bool):

@@ -117,7 +117,11 @@ def test_channel_round_trip_and_bad_frames() -> None:
         ("host", ""),
         ("port", 70000),
         ("deadline_s", 0),
+        ("deadline_s", float("inf")),  # an OverflowError as the data link set its timeout, mid-connect
+        ("deadline_s", float("nan")),
         ("receipt_ttl_s", -1),
+        ("receipt_ttl_s", float("inf")),  # unclaimed receipts never freed
+        ("heartbeat_s", float("inf")),
         ("chunk_bytes", 0),
         ("heartbeat_s", True),
         ("ucx_shared_memory", "yes"),
