@@ -40,3 +40,12 @@ def test_unknown_encoding_and_role_are_refused() -> None:
         Tokenizer("gpt2")
     with pytest.raises(ValueError, match="role"):
         Tokenizer().message("robot", "hi")
+
+
+@pytest.mark.parametrize(("name", "missing"), [("llama3", 128256), ("llama3", 200_000), ("cl100k_base", 100261)])
+def test_an_id_the_encoding_lacks_decodes_to_a_replacement_character(name: str, missing: int) -> None:
+    """A checkpoint whose vocabulary is larger than the tokenizer's (extra tokens, a padded
+    embedding) can emit such an id: its answer's text raised KeyError from the tokenizer."""
+    tok = Tokenizer(name)
+    assert tok.decode(tok.encode("Hi") + [missing] + tok.encode(" 🙂")) == "Hi\ufffd 🙂"
+    assert tok.decode_bytes([missing]) == "\ufffd".encode()

@@ -35,6 +35,7 @@ _TEMPLATES = {
 }
 
 ROLES = ("system", "user", "assistant", "tool")
+_REPLACEMENT = "\ufffd".encode()
 
 
 class Tokenizer:
@@ -71,8 +72,19 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The UTF-8 bytes of ``ids`` (a token may end inside a character)."""
-        return bytes(self._enc.decode_bytes(list(ids)))
+        """The UTF-8 bytes of ``ids`` (a token may end inside a character). An id this encoding
+        lacks (a model whose vocabulary is larger than the tokenizer's emits one) decodes to U+FFFD."""
+        ids = list(ids)
+        try:
+            return bytes(self._enc.decode_bytes(ids))
+        except (KeyError, TypeError, ValueError):  # an id it lacks: a KeyError; a negative one: a TypeError
+            return b"".join(self._token_bytes(i) for i in ids)
+
+    def _token_bytes(self, token: int) -> bytes:
+        try:
+            return bytes(self._enc.decode_bytes([token]))
+        except (KeyError, TypeError, ValueError):
+            return _REPLACEMENT
 
     def _marker(self, text: str) -> list[int]:
         """Tokens of a template marker (a fresh list: callers extend it)."""
