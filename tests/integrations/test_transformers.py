@@ -431,3 +431,36 @@ def test_on_each_device_the_pool_cache_gives_hf_default_caches_tokens(llama: Any
     assert pool.stats()["index"]["promoted"] >= (len(out2) - 1) // 4
     assert_nothing_held(pool)
     pool.close()
+
+
+@pytest.mark.parametrize("asked", ["output_hidden_states", "output_attentions"])
+def test_per_position_outputs_cover_the_whole_prompt_as_hf_returns_them(llama: Any, pool: MemPool, asked: str) -> None:
+    """With a cached prefix, the model computed only the rest: hidden states / attentions of 1 of
+    the prompt's 25 positions came back where HF's default cache gives all 25, silently."""
+    gen = PoolGenerator(llama, pool)
+    prompt = ids(list(range(5, 30)))
+    gen.generate(prompt, max_new_tokens=3, do_sample=False)  # cached now
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True, asked: True}
+    with Counted(llama) as counted:
+        ours = gen.generate(prompt, **kwargs)
+    theirs = llama.generate(prompt, **kwargs)
+    assert counted.positions == 25 + 2 and gen.stats["cached_tokens"] == 0  # the whole prompt, then 2 steps
+    assert torch.equal(ours.sequences, theirs.sequences)
+    name = "hidden_states" if asked == "output_hidden_states" else "attentions"
+    same_outputs(getattr(ours, name), getattr(theirs, name))  # per step, per layer (None: not given)
+    gen.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert gen.stats["cached_tokens"] > 0  # the next call without them reuses the cache again
+    assert_nothing_held(pool)
+
+
+def same_outputs(ours: Any, theirs: Any) -> None:
+    """Nested tuples of tensors (or ``None``, where a transformers release gives none) alike."""
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    elif theirs is None:
+        assert ours is None
+    else:
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs, strict=True):
+            same_outputs(a, b)

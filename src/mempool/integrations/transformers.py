@@ -266,18 +266,19 @@ class MemPoolCache(Cache):  # type: ignore[misc]
     Made with a ``prompt``, it starts holding the longest cached prefix of it (whole blocks on the
     device tier, promoted from the host tier when there is room, locked while the cache lives,
     then what a kept tail holds of the next block, copied into a block of its own), so HF
-    computes only the rest. :meth:`commit` caches the sequence's whole blocks in the pool;
+    computes only the rest; with ``reuse=False`` it starts empty (HF computes every position).
+    :meth:`commit` caches the sequence's whole blocks in the pool;
     :meth:`close` (or leaving the ``with`` block) gives the cache's blocks back. A cache is used by
     one thread at a time; many caches may share one pool across threads.
     """
 
-    def __init__(self, pool: MemPool, prompt: Iterable[int] = (), *, namespace: Any = None) -> None:
+    def __init__(self, pool: MemPool, prompt: Iterable[int] = (), *, namespace: Any = None, reuse: bool = True) -> None:
         self.pool, self.namespace = pool, namespace
         self._closed = True  # until the table exists: close() (and __del__) have nothing to give back
         _REAPER.start()  # first (it may fail: nothing is held yet), and here, not in a finalizer (it takes a lock)
         self.prompt = token_list(prompt)
         # keep the last prompt token uncached: its logits pick the first new token
-        match = pool.match(self.prompt[:-1], namespace, promote=True) if len(self.prompt) > 1 else None
+        match = pool.match(self.prompt[:-1], namespace, promote=True) if reuse and len(self.prompt) > 1 else None
         self.cached_tokens = 0 if match is None else match.num_tokens
         self._table = _BlockTable(pool, match)
         self._closed = False
@@ -354,6 +355,12 @@ def _namespace_of(model: Any) -> str:
         return name
 
 
+def _asked(name: str, kwargs: dict[str, Any], config: Any) -> bool:
+    """Whether a ``generate`` call asks for ``name``: its keyword, else its generation config's."""
+    value = kwargs.get(name)
+    return bool(getattr(config, name, False) if value is None else value)
+
+
 class PoolGenerator:
     """``model.generate`` with prefix caching in ``pool``: a drop-in for one sequence at a time.
 
@@ -363,6 +370,11 @@ class PoolGenerator:
     :class:`MemPoolCache` that should share it. Weights changed in place (another LoRA adapter
     set, a training step) make other K/V: give each such state a generator with a namespace of
     its own (``namespace=("my-model", "adapter-b")``, say).
+
+    A call that asks for the hidden states or attentions of every position
+    (``return_dict_in_generate`` with ``output_hidden_states`` or ``output_attentions``) runs the
+    whole prompt through the model, as ``model.generate`` does (a cached prefix would leave its
+    positions out of them), and still caches the sequence for the next call.
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
@@ -424,7 +436,12 @@ class PoolGenerator:
         if mask is not None and not bool(torch.all(mask == 1)):
             raise InvalidArgumentError("padding is not supported: pass one unpadded prompt")
         prompt = ids[0].tolist()
-        with MemPoolCache(self.pool, prompt, namespace=self.namespace) as cache:
+        # hidden states or attentions of every prompt position, as model.generate returns them:
+        # the model must compute every position (a cached prefix would leave those out)
+        per_position = _asked("return_dict_in_generate", kwargs, config) and any(
+            _asked(name, kwargs, config) for name in ("output_hidden_states", "output_attentions")
+        )
+        with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=not per_position) as cache:
             out = self.model.generate(ids, **{CACHE_ARG: cache}, **kwargs)
             sequence = out if isinstance(out, torch.Tensor) else out.sequences
             cache.commit(sequence[0].tolist())
