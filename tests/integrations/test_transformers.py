@@ -464,3 +464,20 @@ def same_outputs(ours: Any, theirs: Any) -> None:
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs, strict=True):
             same_outputs(a, b)
+
+
+def test_a_call_with_inputs_beside_the_ids_neither_reuses_nor_caches_kv(llama: Any, pool: MemPool) -> None:
+    """``inputs_embeds`` (soft prompts, images spliced in): the K/V were cached under the ids, and
+    the next plain call with those ids got other tokens than HF's (reproduced: 3 of 4 differed)."""
+    gen = PoolGenerator(llama, pool)
+    prompt = ids(list(range(5, 30)))
+    embeds = torch.randn(1, 25, llama.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = pool.stats()
+    ours = gen.generate(prompt, inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
+    assert torch.equal(ours, llama.generate(prompt, inputs_embeds=embeds, max_new_tokens=4, do_sample=False))
+    assert pool.stats() == before  # nothing cached
+    plain = gen.generate(prompt, max_new_tokens=4, do_sample=False)[0].tolist()
+    assert plain == hf(llama, prompt[0].tolist(), 4)
+    again = gen.generate(prompt, inputs_embeds=embeds, max_new_tokens=4, do_sample=False)  # the ids are cached now
+    assert torch.equal(again, ours) and gen.stats["cached_tokens"] == 0  # ... and not reused for other inputs
+    assert_nothing_held(pool)

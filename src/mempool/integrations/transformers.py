@@ -374,7 +374,9 @@ class PoolGenerator:
     A call that asks for the hidden states or attentions of every position
     (``return_dict_in_generate`` with ``output_hidden_states`` or ``output_attentions``) runs the
     whole prompt through the model, as ``model.generate`` does (a cached prefix would leave its
-    positions out of them), and still caches the sequence for the next call.
+    positions out of them), and still caches the sequence for the next call. A call with model
+    inputs beside the ids (any other tensor keyword: ``inputs_embeds``, ``pixel_values``,
+    ``position_ids``, ...) neither reuses nor caches K/V: they are not the ids' alone.
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
@@ -441,10 +443,16 @@ class PoolGenerator:
         per_position = _asked("return_dict_in_generate", kwargs, config) and any(
             _asked(name, kwargs, config) for name in ("output_hidden_states", "output_attentions")
         )
-        with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=not per_position) as cache:
+        # inputs beside the ids (inputs_embeds, pixel_values, position_ids, ...): the K/V are not
+        # the ids' alone, so none is reused, and none is cached under the ids (that would give the
+        # next call with those ids other tokens)
+        own_inputs = any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "attention_mask")
+        reuse = not (per_position or own_inputs)
+        with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=reuse) as cache:
             out = self.model.generate(ids, **{CACHE_ARG: cache}, **kwargs)
             sequence = out if isinstance(out, torch.Tensor) else out.sequences
-            cache.commit(sequence[0].tolist())
+            if not own_inputs:
+                cache.commit(sequence[0].tolist())
         with self._lock:
             s = self.stats
             s["requests"] += 1
