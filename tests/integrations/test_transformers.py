@@ -481,3 +481,21 @@ def test_a_call_with_inputs_beside_the_ids_neither_reuses_nor_caches_kv(llama: A
     again = gen.generate(prompt, inputs_embeds=embeds, max_new_tokens=4, do_sample=False)  # the ids are cached now
     assert torch.equal(again, ours) and gen.stats["cached_tokens"] == 0  # ... and not reused for other inputs
     assert_nothing_held(pool)
+
+
+def test_a_model_in_training_mode_neither_reuses_nor_caches_kv() -> None:
+    """Dropout makes K/V other than the ids' (GPT-2: 0.1): cached, they would be reused in eval mode."""
+    model = tiny_hf("gpt2")
+    pool = MemPool(pool_config_for(model, device_blocks=64, block_size=4))
+    gen, prompt = PoolGenerator(model, pool), ids(list(range(5, 30)))
+    gen.generate(prompt, max_new_tokens=3, do_sample=False)  # eval mode: cached
+    cached = pool.stats()
+    model.train()
+    try:
+        gen.generate(prompt, max_new_tokens=3, do_sample=False)
+    finally:
+        model.eval()
+    assert pool.stats() == cached and gen.stats["cached_tokens"] == 0  # the train-mode call added nothing
+    assert gen.generate(prompt, max_new_tokens=3, do_sample=False)[0].tolist() == hf(model, prompt[0].tolist(), 3)
+    assert gen.stats["cached_tokens"] > 0
+    assert_nothing_held(pool)

@@ -376,7 +376,8 @@ class PoolGenerator:
     whole prompt through the model, as ``model.generate`` does (a cached prefix would leave its
     positions out of them), and still caches the sequence for the next call. A call with model
     inputs beside the ids (any other tensor keyword: ``inputs_embeds``, ``pixel_values``,
-    ``position_ids``, ...) neither reuses nor caches K/V: they are not the ids' alone.
+    ``position_ids``, ...), or on a model in training mode (dropout), neither reuses nor caches
+    K/V: they are not the ids' alone.
 
     Thread-safe: threads may call :meth:`generate` concurrently (each gets its own cache; the
     model's forward must tolerate that, as HF models do in inference).
@@ -443,15 +444,17 @@ class PoolGenerator:
         per_position = _asked("return_dict_in_generate", kwargs, config) and any(
             _asked(name, kwargs, config) for name in ("output_hidden_states", "output_attentions")
         )
-        # inputs beside the ids (inputs_embeds, pixel_values, position_ids, ...): the K/V are not
-        # the ids' alone, so none is reused, and none is cached under the ids (that would give the
-        # next call with those ids other tokens)
-        own_inputs = any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "attention_mask")
-        reuse = not (per_position or own_inputs)
-        with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=reuse) as cache:
+        # K/V that are not the ids' alone (model inputs beside them: inputs_embeds, pixel_values,
+        # position_ids, ...; or a model in training mode: dropout) are neither reused nor cached
+        # under the ids (that would give the next call with those ids other tokens)
+        ids_alone = not (
+            bool(getattr(self.model, "training", False))
+            or any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "attention_mask")
+        )
+        with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=ids_alone and not per_position) as cache:
             out = self.model.generate(ids, **{CACHE_ARG: cache}, **kwargs)
             sequence = out if isinstance(out, torch.Tensor) else out.sequences
-            if not own_inputs:
+            if ids_alone:
                 cache.commit(sequence[0].tolist())
         with self._lock:
             s = self.stats
