@@ -375,6 +375,14 @@ def test_a_closed_or_misused_cache_refuses(llama: Any, pool: MemPool) -> None:
     assert gen.generate(torch.tensor([7, 8, 9]), max_new_tokens=2, do_sample=False)[0].tolist() == hf(
         llama, [7, 8, 9], 2
     )
+    # generate's returned cache, used again: the model ran on K/V of blocks back in the pool (new
+    # blocks, whatever they held), and those blocks were never freed
+    out = gen.generate(ids(list(range(5, 30))), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    before = pool.stats()
+    with torch.no_grad(), pytest.raises(InvalidArgumentError, match="closed"):
+        llama(torch.tensor([[7]]), **{CACHE_ARG: out[CACHE_ARG] if CACHE_ARG in out else out.past_key_values})
+    assert pool.stats() == before
+    assert_nothing_held(pool)
 
 
 def test_a_cache_dropped_without_close_gives_everything_back_but_never_from_inside_the_pool(

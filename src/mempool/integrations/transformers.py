@@ -106,6 +106,7 @@ class _BlockTable:
         self.ids: list[int] = [] if prefix is None else prefix.blocks.tolist()
         self._index: torch.Tensor | None = None
         self._slots: tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.released = False
 
     def reserve(self, tokens: int) -> None:
         """Blocks for ``tokens`` tokens; :class:`OutOfBlocksError` if the pool has none to give."""
@@ -137,6 +138,7 @@ class _BlockTable:
 
     def release(self) -> None:
         """Unlock the prefix and free the own blocks (idempotent)."""
+        self.released = True
         match, own, self.match, self.own, self.ids = self.match, self.own, None, None, []
         self._index = self._slots = None
         if match is not None:
@@ -207,9 +209,14 @@ class MemPoolLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.table
+        if t.released:  # e.g. generate's returned past_key_values, used again: its K/V are gone
+            raise InvalidArgumentError(
+                "this MemPoolCache is closed and its blocks went back to the pool; make a new one "
+                "(PoolGenerator makes one per call)"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        t = self.table
         keys, values = t.storage.keys(self.layer), t.storage.values(self.layer)  # [blocks, bs, heads, dim]
         if key_states.shape[0] != 1:
             raise InvalidArgumentError(f"a MemPoolCache holds one sequence, got a batch of {key_states.shape[0]}")
