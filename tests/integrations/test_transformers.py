@@ -129,6 +129,26 @@ def test_a_checkpoints_default_cache_implementation_is_set_aside(implementation:
     pool.close()
 
 
+def test_a_checkpoints_use_cache_false_is_set_aside_and_a_callers_is_refused() -> None:
+    """A checkpoint trained with use_cache=False carries it into its generation config: HF then
+    ran without the pool's cache, and every call failed at its end with InvalidArgumentError."""
+    model = tiny_hf("llama")
+    model.generation_config.use_cache = False
+    pool = MemPool(pool_config_for(model, device_blocks=32, block_size=4))
+    gen = PoolGenerator(model, pool)
+    prompt = list(range(10, 40))
+    for _ in range(2):  # the second time from the cache
+        assert gen.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(model, prompt, 6)
+    assert gen.stats["cached_tokens"] > 0
+    before = pool.stats()
+    for kwargs in ({"use_cache": False}, {"generation_config": copy.deepcopy(model.generation_config)}):
+        with pytest.raises(InvalidArgumentError, match="use_cache=False runs without a cache"):
+            gen.generate(ids(prompt), **kwargs)
+    assert pool.stats() == before
+    assert_nothing_held(pool)
+    pool.close()
+
+
 def test_models_sharing_a_pool_never_see_each_others_kv(llama: Any, pool: MemPool) -> None:
     """Two models of the same shapes, other weights, one pool: by default each generator caches
     in its model's own namespace (before 2026-11-24 both used the pool's default one, and the

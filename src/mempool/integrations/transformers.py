@@ -419,7 +419,8 @@ class PoolGenerator:
 
         Raises:
             InvalidArgumentError: a batch, padding, beam search, assisted decoding, more than one
-                return sequence, ``use_cache=False``, or a cache of the caller's (``cache``,
+                return sequence, ``use_cache=False`` (a keyword, or a ``generation_config``'s; the
+                model's own generation config's is set aside), or a cache of the caller's (``cache``,
                 ``past_key_values`` or ``cache_implementation``; a ``cache_implementation`` in the
                 model's generation config is set aside for the call).
             OutOfBlocksError: the pool could not hold the sequence (nothing is left held).
@@ -431,8 +432,15 @@ class PoolGenerator:
         config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
         if any(kwargs.get(name) is not None or getattr(config, name, None) is not None for name in _ASSISTED_ARGS):
             raise InvalidArgumentError(_NO_ASSISTED)
+        no_cache = "use_cache=False runs without a cache: call model.generate itself for that"
         if kwargs.get("use_cache") is False:
-            raise InvalidArgumentError("use_cache=False runs without a cache: call model.generate itself for that")
+            raise InvalidArgumentError(no_cache)
+        if kwargs.get("use_cache") is None and getattr(config, "use_cache", True) is False:
+            if kwargs.get("generation_config") is not None:
+                raise InvalidArgumentError(f"the generation_config's {no_cache}")
+            # the model's own: a checkpoint trained with use_cache=False carries it into its
+            # generation config; HF would run without the pool's cache (and fail it at the end)
+            kwargs["use_cache"] = True
         if kwargs.get("cache_implementation") is not None:
             raise InvalidArgumentError("PoolGenerator brings its own cache; do not pass cache_implementation")
         if getattr(config, "cache_implementation", None) is not None:
