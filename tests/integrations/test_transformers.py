@@ -296,6 +296,7 @@ def test_bad_requests_change_nothing(llama: Any, pool: MemPool) -> None:
         ((ids([1, 2, 3]),), {"prompt_lookup_num_tokens": 3}),  # assisted decoding
         ((ids([1, 2, 3]),), {"assistant_model": llama}),
         ((ids([1, 2, 3]),), {"generation_config": transformers.GenerationConfig(prompt_lookup_num_tokens=3)}),
+        ((ids([1, 2, 3]),), {"generation_config": transformers.GenerationConfig(num_beams=3)}),  # raised mid-forward
     ]:
         with pytest.raises(InvalidArgumentError):
             gen.generate(*args, max_new_tokens=2, **kwargs)

@@ -448,8 +448,10 @@ class PoolGenerator:
             # reads an unset field of a generation_config passed in from the model's: so a keyword
             kwargs["cache_implementation"] = None
         for name in ("num_beams", "num_return_sequences"):
-            if int(kwargs.get(name) or 1) != 1:
-                raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache)")
+            value = kwargs.get(name)
+            where = "" if value is not None else " (the generation config's: pass 1 to override it)"
+            if int((getattr(config, name, 1) if value is None else value) or 1) != 1:
+                raise InvalidArgumentError(f"{name} > 1 is not supported (one sequence per cache){where}")
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(torch.all(mask == 1)):
             raise InvalidArgumentError("padding is not supported: pass one unpadded prompt")
