@@ -13,7 +13,7 @@ import torch
 
 from mempool import Blocks, Tier
 from mempool.errors import BlockLockedError, InvalidArgumentError
-from memserve import Engine, EngineConfig, LlamaModel, SamplingParams
+from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, preset
 from memserve.sampling import argmax_rows
 from tests.conftest import DEVICES
 
@@ -605,6 +605,25 @@ def test_the_prefill_budget_spreads_arrivals_over_steps_and_changes_no_token(
     # 30 | 30 | 12 (then 50 > 18 left) | 50 alone, over the budget | 6
     assert narrow.steps["prefill"] == 5
     assert_no_leaks(narrow)
+
+
+def test_engines_of_other_models_sharing_a_pool_never_see_each_others_kv(tiny_model: LlamaModel) -> None:
+    """Two models of one shape, one pool: the second engine was handed the first one's K/V for the
+    same prompt and gave other tokens than its own model's, silently. Engines of one model (the
+    same fingerprint) still share what they cached."""
+    other = LlamaModel(preset("tiny", init_std=0.1)).init_random(seed=2)
+    config = EngineConfig(block_size=4, device_blocks=64, host_blocks=0, warm_up_tokens=0)
+    first = Engine(tiny_model, config)
+    second, again = Engine(other, config, pool=first.pool), Engine(tiny_model, config, pool=first.pool)
+    prompt, params = make_prompts([29], seed=8)[0], SamplingParams(max_tokens=6, ignore_eos=True)
+    mine = first.generate([prompt], params)
+    assert second.generate([prompt], params) == Engine(other, config).generate([prompt], params) != mine
+    assert again.generate([prompt], params) == mine
+    rid = again.add_request(prompt, params)
+    outs = [o for _ in range(20) for o in again.step() if o.request_id == rid]
+    assert outs[0].metrics.cached_tokens > 0  # from the first time ``again`` ran it, same model
+    assert second.namespace != again.namespace and first.namespace is None
+    first.pool.check_invariants()
 
 
 def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Engine]) -> None:

@@ -46,7 +46,9 @@ class EngineConfig:
     preemption: str = "swap"
     max_running: int = 32
     max_prefill_tokens: int = 4096
-    namespace: str | None = None  # cache namespace (a model or adapter id)
+    # cache namespace (a model or adapter id); None: the pool's default namespace where the engine
+    # makes its pool, and one named after the model's fingerprint where it is given one (shared)
+    namespace: str | None = None
     seed: int = 0
     # CPU float32: linears on oneDNN-packed weight copies (decode at batch 16 ~2x faster, prefill
     # ~1.7x), at the cost of a second copy of those weights in memory; see memserve.model.Linear
@@ -121,6 +123,10 @@ def _scores_prompt(seq: Sequence) -> bool:
 class Engine:
     """Runs requests on ``model`` with KV in ``pool`` (created from ``config`` when not given).
 
+    A ``pool`` given (shared with other engines) keeps this model's cached K/V apart: they go
+    under ``config.namespace``, or else one named after the model's fingerprint (engines of the
+    same weights share it; :attr:`namespace` says which).
+
     ``stop_ids``: the tokenizer's end-of-answer tokens (EOS); ``detokenize``: token ids to their
     UTF-8 bytes, needed only by requests with ``stop`` strings.
 
@@ -152,6 +158,11 @@ class Engine:
         self.pool = pool or MemPool(config.pool_config(model))
         if self.pool.config.layout != layout:
             raise InvalidArgumentError("the pool's KV layout does not fit the model")
+        # where engines share a pool, another model's K/V must never serve this one's prompts
+        # (the same shapes fit: before, they did, and gave other tokens silently)
+        self.namespace = config.namespace
+        if self.namespace is None and pool is not None:
+            self.namespace = f"memserve-{model.fingerprint()}"
         self.block_size = self.pool.config.block_size
         self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.detokenize = detokenize  # token ids -> UTF-8 bytes: needed by requests with ``stop`` strings
@@ -333,7 +344,7 @@ class Engine:
         # keep at least one token to compute: its logits pick the next token; a prompt to score is
         # computed whole (the cache holds K/V, not the logits of its positions)
         if self.config.caching and not _scores_prompt(seq):
-            match = self.pool.match(seq.tokens[:-1], self.config.namespace, promote=True)
+            match = self.pool.match(seq.tokens[:-1], self.namespace, promote=True)
         hit = 0 if match is None else len(match.blocks)
         try:
             own = self.pool.alloc(-(-len(seq.tokens) // bs) - hit)
@@ -348,7 +359,7 @@ class Engine:
         extra = 0
         if match is not None:  # the K/V of a few more tokens, from a finished sequence's last block
             try:
-                extra = self.pool.copy_tail(seq.tokens[:-1], hit * bs, own[:1], self.config.namespace)
+                extra = self.pool.copy_tail(seq.tokens[:-1], hit * bs, own[:1], self.namespace)
             except BaseException:  # (the copy failed) likewise
                 match.release()
                 self.pool.free(own)
@@ -571,7 +582,7 @@ class Engine:
             return
         n = seq.num_computed if tail else seq.num_computed - seq.num_computed % self.block_size
         table = Blocks(Tier.DEVICE, seq.table[: -(-n // self.block_size)])
-        self.pool.insert_sequence(seq.tokens[:n], table, self.config.namespace)
+        self.pool.insert_sequence(seq.tokens[:n], table, self.namespace)
 
     def close(self) -> None:
         """Abort every request, release held ones; close the pool if the engine created it."""
