@@ -113,38 +113,30 @@ def test_a_model_with_latent_attention_is_refused_before_anything_runs() -> None
         pool_config_for(config, device_blocks=8)
 
 
-@pytest.mark.parametrize("implementation", ["static", "dynamic", "hybrid"])
-def test_a_checkpoints_default_cache_implementation_is_set_aside(implementation: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("cache_implementation", "static"), ("cache_implementation", "dynamic"), ("cache_implementation", "hybrid"),
+     ("use_cache", False)],
+)  # fmt: skip
+def test_a_checkpoints_generation_defaults_that_bypass_the_pool_are_set_aside(field: str, value: object) -> None:
     """Checkpoints may name a cache in their generation config, which HF refuses beside a cache
-    object (before 2026-11-24 every call failed with HF's ValueError): the pool's cache serves."""
+    object (before 2026-11-24 every call failed with HF's ValueError), or carry use_cache=False
+    from training (HF then ran without the pool's cache, and every call failed at its end with
+    InvalidArgumentError): the pool's cache serves. A caller's use_cache=False is refused."""
     model = tiny_hf("llama")
-    model.generation_config.cache_implementation = implementation
+    setattr(model.generation_config, field, value)
     pool = MemPool(pool_config_for(model, device_blocks=32, block_size=4))
     gen = PoolGenerator(model, pool)
     prompt = list(range(10, 40))
     for _ in range(2):  # the second time from the cache
         assert gen.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(model, prompt, 6)
     assert gen.stats["cached_tokens"] > 0
-    assert_nothing_held(pool)
-    pool.close()
-
-
-def test_a_checkpoints_use_cache_false_is_set_aside_and_a_callers_is_refused() -> None:
-    """A checkpoint trained with use_cache=False carries it into its generation config: HF then
-    ran without the pool's cache, and every call failed at its end with InvalidArgumentError."""
-    model = tiny_hf("llama")
-    model.generation_config.use_cache = False
-    pool = MemPool(pool_config_for(model, device_blocks=32, block_size=4))
-    gen = PoolGenerator(model, pool)
-    prompt = list(range(10, 40))
-    for _ in range(2):  # the second time from the cache
-        assert gen.generate(ids(prompt), max_new_tokens=6, do_sample=False)[0].tolist() == hf(model, prompt, 6)
-    assert gen.stats["cached_tokens"] > 0
-    before = pool.stats()
-    for kwargs in ({"use_cache": False}, {"generation_config": copy.deepcopy(model.generation_config)}):
-        with pytest.raises(InvalidArgumentError, match="use_cache=False runs without a cache"):
-            gen.generate(ids(prompt), **kwargs)
-    assert pool.stats() == before
+    if field == "use_cache":
+        before = pool.stats()
+        for kwargs in ({"use_cache": False}, {"generation_config": copy.deepcopy(model.generation_config)}):
+            with pytest.raises(InvalidArgumentError, match="use_cache=False runs without a cache"):
+                gen.generate(ids(prompt), **kwargs)
+        assert pool.stats() == before
     assert_nothing_held(pool)
     pool.close()
 
