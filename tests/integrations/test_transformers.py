@@ -504,6 +504,14 @@ def test_a_call_with_inputs_beside_the_ids_neither_reuses_nor_caches_kv(llama: A
     assert_nothing_held(pool)
 
 
+def test_model_inputs_are_told_from_generation_options() -> None:
+    """What makes a call's K/V not the ids' alone: a tensor, or a list of them (images, say)."""
+    from mempool.integrations.transformers import _holds_tensors
+
+    assert _holds_tensors(torch.zeros(2)) and _holds_tensors([torch.zeros(2)]) and _holds_tensors(((torch.zeros(1),),))
+    assert not any(_holds_tensors(v) for v in (None, 5, [1, 2], [[3]], "x", {"a": 1}, transformers.GenerationConfig()))
+
+
 def test_a_model_in_training_mode_neither_reuses_nor_caches_kv() -> None:
     """Dropout makes K/V other than the ids' (GPT-2: 0.1): cached, they would be reused in eval mode."""
     model = tiny_hf("gpt2")

@@ -362,6 +362,13 @@ def _namespace_of(model: Any) -> str:
         return name
 
 
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a list or tuple with one in it (images as a list of tensors, say)."""
+    if isinstance(value, list | tuple):
+        return any(_holds_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
 def _asked(name: str, kwargs: dict[str, Any], config: Any) -> bool:
     """Whether a ``generate`` call asks for ``name``: its keyword, else its generation config's."""
     value = kwargs.get(name)
@@ -382,7 +389,7 @@ class PoolGenerator:
     (``return_dict_in_generate`` with ``output_hidden_states`` or ``output_attentions``) runs the
     whole prompt through the model, as ``model.generate`` does (a cached prefix would leave its
     positions out of them), and still caches the sequence for the next call. A call with model
-    inputs beside the ids (any other tensor keyword: ``inputs_embeds``, ``pixel_values``,
+    inputs beside the ids (any other keyword holding tensors: ``inputs_embeds``, ``pixel_values``,
     ``position_ids``, ...), or on a model in training mode (dropout), neither reuses nor caches
     K/V: they are not the ids' alone.
 
@@ -466,7 +473,7 @@ class PoolGenerator:
         # under the ids (that would give the next call with those ids other tokens)
         ids_alone = not (
             bool(getattr(self.model, "training", False))
-            or any(isinstance(v, torch.Tensor) for k, v in kwargs.items() if k != "attention_mask")
+            or any(_holds_tensors(v) for k, v in kwargs.items() if k != "attention_mask")
         )
         with MemPoolCache(self.pool, prompt, namespace=self.namespace, reuse=ids_alone and not per_position) as cache:
             out = self.model.generate(ids, **{CACHE_ARG: cache}, **kwargs)
