@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mempool import Blocks, Tier
-from mempool.errors import BlockLockedError, InvalidArgumentError
+from mempool.errors import BlockLockedError, InvalidArgumentError, OutOfBlocksError
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, preset
 from memserve.sampling import argmax_rows
 from tests.conftest import DEVICES
@@ -624,6 +624,21 @@ def test_engines_of_other_models_sharing_a_pool_never_see_each_others_kv(tiny_mo
     assert outs[0].metrics.cached_tokens > 0  # from the first time ``again`` ran it, same model
     assert second.namespace != again.namespace and first.namespace is None
     first.pool.check_invariants()
+
+
+def test_generate_raises_where_the_pools_blocks_are_held_elsewhere(make_engine: Callable[..., Engine]) -> None:
+    """Another engine on a shared pool (or a caller) holding the blocks: a request that cannot
+    start was waited for by ``generate`` for good (nothing of the engine's would free a block)."""
+    engine = make_engine(device_blocks=16, host_blocks=0)
+    held = engine.pool.alloc(14)
+    assert held is not None
+    before = engine.pool.stats()
+    with pytest.raises(OutOfBlocksError, match="in use elsewhere"):
+        engine.generate([list(range(1, 20))], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert not engine.has_work() and engine.pool.stats() == before  # the call's request is gone
+    engine.pool.free(held)
+    want, _ = reference(engine.model, list(range(1, 20)), 4)
+    assert engine.generate([list(range(1, 20))], SamplingParams(max_tokens=4, ignore_eos=True)) == [want]
 
 
 def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Engine]) -> None:

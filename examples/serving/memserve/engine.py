@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mempool import Blocks, MemPool, PoolConfig, Tier
-from mempool.errors import BlockLockedError, InvalidArgumentError
+from mempool.errors import BlockLockedError, InvalidArgumentError, OutOfBlocksError
 from mempool.index.keys import token_list
 
 from . import cpu_attention
@@ -309,11 +309,25 @@ class Engine:
         self.waiting.appendleft(seq)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[int]]:
-        """Run ``prompts`` to completion; returns each one's output tokens, in order."""
+        """Run ``prompts`` to completion; returns each one's output tokens, in order.
+
+        Raises:
+            OutOfBlocksError: a request cannot start and nothing in this engine runs to free a
+                block (the pool's blocks are held elsewhere: by another engine on a shared pool,
+                say); the call's requests are aborted. :meth:`step` waits instead.
+        """
         ids = [self.add_request(p, params) for p in prompts]
         out: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_work():
-            for o in self.step():
+            outputs = self.step()
+            if not outputs and self.waiting and not self.running and not self.swapped:
+                for i in ids:  # (a loop here would wait for good: nothing of ours will free a block)
+                    self.abort(i)
+                raise OutOfBlocksError(
+                    f"the pool has no room for a waiting request and this engine runs nothing that would free "
+                    f"any ({self.pool.stats()['device']['used']} device blocks are in use elsewhere)"
+                )
+            for o in outputs:
                 if o.request_id in out:
                     out[o.request_id] += o.new_token_ids
         return [out[i] for i in ids]
