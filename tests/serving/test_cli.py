@@ -10,7 +10,18 @@ from typing import Any
 
 import pytest
 
-from memserve import Engine, ModelConfigError, Tokenizer, engine_demo, evaluate, instance, launch
+from memserve import (
+    Engine,
+    EngineConfig,
+    LlamaModel,
+    ModelConfigError,
+    Tokenizer,
+    engine_demo,
+    evaluate,
+    instance,
+    launch,
+    preset,
+)
 from memserve import __main__ as demo
 from memserve.instance import InstanceConfig
 from memserve.launch import Cluster
@@ -138,3 +149,18 @@ def test_a_replay_at_a_rate_that_is_no_positive_number_is_refused(rate: float, t
         asyncio.run(replay_http("http://127.0.0.1:9", [], rate=rate))
     with pytest.raises(ValueError, match="rate must be a positive number"):
         evaluate.compare("x", [evaluate.Mode("a", "colocated")], [], model="tiny", rate=rate, out=tmp_path)
+
+
+def test_a_replay_whose_pool_is_held_elsewhere_raises_instead_of_waiting() -> None:
+    """Another engine on the pool (or a caller) holding its blocks: the replay waited for good."""
+    from mempool.errors import OutOfBlocksError
+    from memserve.sharegpt import load_conversations
+
+    model = LlamaModel(preset("tiny-llama3")).init_random()
+    engine = Engine(model, EngineConfig(device_blocks=256, host_blocks=0, warm_up_tokens=0))
+    held = engine.pool.alloc(255)  # no turn can start
+    with pytest.raises(OutOfBlocksError, match="in use elsewhere"):
+        replay_chats(engine, Tokenizer("llama3"), load_conversations(2), max_reply_tokens=4, concurrency=2)
+    assert not engine.has_work()
+    engine.pool.free(held)
+    engine.close()

@@ -320,17 +320,25 @@ class Engine:
         out: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_work():
             outputs = self.step()
-            if not outputs and self.waiting and not self.running and not self.swapped:
-                for i in ids:  # (a loop here would wait for good: nothing of ours will free a block)
-                    self.abort(i)
-                raise OutOfBlocksError(
-                    f"the pool has no room for a waiting request and this engine runs nothing that would free "
-                    f"any ({self.pool.stats()['device']['used']} device blocks are in use elsewhere)"
-                )
+            self.raise_if_stalled(outputs, ids)
             for o in outputs:
                 if o.request_id in out:
                     out[o.request_id] += o.new_token_ids
         return [out[i] for i in ids]
+
+    def raise_if_stalled(self, outputs: list[RequestOutput], request_ids: Iterable[str]) -> None:
+        """For loops that drive :meth:`step` to the end: after a step that gave ``outputs``, where a
+        request waits for room and nothing of this engine's runs to free any (the pool's blocks are
+        held elsewhere), abort ``request_ids`` and raise ``OutOfBlocksError`` (a loop would wait
+        for good)."""
+        if outputs or not self.waiting or self.running or self.swapped:
+            return
+        for rid in request_ids:
+            self.abort(rid)
+        raise OutOfBlocksError(
+            f"the pool has no room for a waiting request and this engine runs nothing that would free any "
+            f"({self.pool.stats()['device']['used']} device blocks are in use elsewhere)"
+        )
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []

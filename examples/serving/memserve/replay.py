@@ -59,6 +59,7 @@ def replay_chats(
 
     Raises:
         ValueError: a count below 1 (``concurrency=0`` would wait for good).
+        OutOfBlocksError: no turn can start, the pool's blocks being held elsewhere.
     """
     for name, value in (
         ("max_turns", max_turns),
@@ -78,7 +79,9 @@ def replay_chats(
         for s in list(active):
             if s.request is None and not _submit(engine, tokenizer, s, max_turns, max_reply_tokens, max_context):
                 active.remove(s)
-        for out in engine.step():
+        outputs = engine.step()
+        engine.raise_if_stalled(outputs, [s.request for s in active if s.request is not None])
+        for out in outputs:
             s = next(x for x in active if x.request == out.request_id)
             s.output += out.new_token_ids
             if out.finished:
