@@ -202,3 +202,34 @@ def test_a_failed_admission_loses_none_of_the_requests_admitted_before_it(
         assert all(event.wait(60) for event in done.values())  # each ends: none hangs
         assert [outs[rid][-1].finish_reason for rid in outs] == ["error", "length"]
         worker.call(assert_no_leaks).result(timeout=30)
+
+
+def test_a_stalled_engine_waits_for_room_without_spinning(make_engine: Callable[..., Engine]) -> None:
+    """A request that waits for room blocks held elsewhere must free (a transfer's, say): the
+    worker stepped the idle engine back to back, a core and the GIL for as long as it waited."""
+    engine = make_engine(device_blocks=16, host_blocks=0)
+    held = engine.pool.alloc(15)
+    assert held is not None
+    steps = 0
+    real_step = engine.step
+
+    def counted() -> list[RequestOutput]:
+        nonlocal steps
+        steps += 1
+        return real_step()
+
+    engine.step = counted  # type: ignore[method-assign]
+    outs: list[RequestOutput] = []
+    done = threading.Event()
+    with _started(engine) as worker:
+
+        def add(engine: Engine) -> None:
+            engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=3, ignore_eos=True), "r")
+            worker.listen("r", lambda out: (outs.append(out), out.finished and done.set()))
+
+        worker.call(add).result(timeout=30)
+        assert not done.wait(0.3)  # no room: it waits
+        assert steps < 1000  # a step per STALL_WAIT_S (~150 here); back to back it was tens of thousands
+        worker.call(lambda engine: engine.pool.free(held)).result(timeout=30)
+        assert done.wait(60) and sum(len(o.new_token_ids) for o in outs) == 3  # room came: it ran
+    assert_no_leaks(engine)

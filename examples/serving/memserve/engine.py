@@ -326,12 +326,17 @@ class Engine:
                     out[o.request_id] += o.new_token_ids
         return [out[i] for i in ids]
 
+    @property
+    def stalled(self) -> bool:
+        """Whether requests wait for room that nothing of this engine's runs to free (none runs or
+        is swapped out): the pool's blocks are held elsewhere. Meaningful after a :meth:`step`."""
+        return bool(self.waiting) and not self.running and not self.swapped
+
     def raise_if_stalled(self, outputs: list[RequestOutput], request_ids: Iterable[str]) -> None:
-        """For loops that drive :meth:`step` to the end: after a step that gave ``outputs``, where a
-        request waits for room and nothing of this engine's runs to free any (the pool's blocks are
-        held elsewhere), abort ``request_ids`` and raise ``OutOfBlocksError`` (a loop would wait
-        for good)."""
-        if outputs or not self.waiting or self.running or self.swapped:
+        """For loops that drive :meth:`step` to the end: after a step that gave ``outputs``, where
+        the engine is :attr:`stalled`, abort ``request_ids`` and raise ``OutOfBlocksError`` (a loop
+        would wait for good)."""
+        if outputs or not self.stalled:
             return
         for rid in request_ids:
             self.abort(rid)

@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 from .engine import Engine, RequestOutput
 
 T = TypeVar("T")
+#: How long a stalled engine (requests wait for room that blocks held elsewhere, a transfer's say,
+#: must free) waits between steps: room is noticed this late at most.
+STALL_WAIT_S = 0.002
 
 
 class WorkerStopped(RuntimeError):
@@ -57,14 +60,21 @@ class EngineWorker:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        stalled = False  # the last step could start nothing and nothing runs: room comes from elsewhere
         while True:
             try:  # pending calls first (they may add or release requests), then a step
-                item = self._calls.get(block=not self.engine.has_work())
+                if not self.engine.has_work():
+                    item = self._calls.get()
+                elif stalled:  # wait a little, not a spin (it held a core and the GIL the transfers need)
+                    item = self._calls.get(timeout=STALL_WAIT_S)
+                else:
+                    item = self._calls.get_nowait()
             except queue.Empty:
-                self._step()
+                stalled = self._step()
                 continue
             if item is None:
                 break
+            stalled = False
             self._run(*item)
         self.engine.close()
 
@@ -73,7 +83,8 @@ class EngineWorker:
         """Whether the engine thread runs (``/health`` reports an instance whose thread died as down)."""
         return self._thread.is_alive() and not self._stopped
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One step and its outputs delivered; whether it found the engine stalled."""
         try:
             outputs = self.engine.step()
         except Exception:  # a failed step loses the requests it ran, never the engine or the others
@@ -88,6 +99,7 @@ class EngineWorker:
                     listener(out)
                 except Exception:  # a broken listener loses its own request, never the engine
                     logging.getLogger(__name__).exception("listener of %s failed", out.request_id)
+        return not outputs and self.engine.stalled
 
     def _fail_running(self) -> list[RequestOutput]:
         """Abort the requests of the failed step (every running one if it failed before its batch
