@@ -173,6 +173,7 @@ class Engine:
         self.held: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.steps = {"prefill": 0, "decode": 0}
+        self._stalled = False  # the last step could start nothing, and nothing runs to free room
         self.in_step: list[Sequence] = []  # the batch of the step under way (what a failed step ran)
 
     # -- requests ----------------------------------------------------------------------------
@@ -287,6 +288,7 @@ class Engine:
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one prefill or decode step; returns the tokens it produced (empty when idle)."""
+        self._stalled = False
         self._resume_swapped()
         batch = self._admit()
         if batch:
@@ -295,7 +297,9 @@ class Engine:
             batch = self._grow_running()
             if not batch:
                 if self.swapped and not self.running:
-                    self._unstick()
+                    self._unstick()  # (progress: its blocks are free for the next step)
+                else:
+                    self._stalled = bool(self.waiting) and not self.running
                 return []
             self.steps["decode"] += 1
         return self._run(batch)
@@ -328,9 +332,9 @@ class Engine:
 
     @property
     def stalled(self) -> bool:
-        """Whether requests wait for room that nothing of this engine's runs to free (none runs or
-        is swapped out): the pool's blocks are held elsewhere. Meaningful after a :meth:`step`."""
-        return bool(self.waiting) and not self.running and not self.swapped
+        """Whether the last :meth:`step` could start no waiting request while nothing runs or is
+        swapped out to free room: the pool's blocks are held elsewhere."""
+        return self._stalled
 
     def raise_if_stalled(self, outputs: list[RequestOutput], request_ids: Iterable[str]) -> None:
         """For loops that drive :meth:`step` to the end: after a step that gave ``outputs``, where
