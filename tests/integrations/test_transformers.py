@@ -236,8 +236,9 @@ def test_many_conversations_share_a_small_pool(llama: Any) -> None:
 @pytest.mark.parametrize("seed", range(16))
 def test_random_pools_and_conversations_give_hf_default_caches_tokens(llama: Any, seed: int) -> None:
     """A random pool (block size 1-16, a tight device tier, a host tier or none) and random
-    conversations, some sharing a head, with evictions between turns: every turn has HF's own
-    tokens, or (a sequence the pool cannot hold) an OutOfBlocksError; nothing leaks."""
+    conversations, some sharing a head, with evictions between turns, some calls with embeddings
+    of their own or asking for hidden states: every turn has HF's own tokens (and hidden states),
+    or (a sequence the pool cannot hold) an OutOfBlocksError; nothing leaks."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 3, 4, 8, 16])
     dev, host = rng.randint(max(4, 40 // bs), max(8, 160 // bs)), rng.choice([0, rng.randint(2, 40)])
@@ -249,13 +250,25 @@ def test_random_pools_and_conversations_give_hf_default_caches_tokens(llama: Any
     for _ in range(3):
         for i in list(history):
             n = rng.randint(1, 8)
+            kwargs: dict[str, Any] = {"max_new_tokens": n, "do_sample": False}
+            mode = rng.choice(["plain", "plain", "plain", "embeds", "hidden"])
+            if mode == "embeds":  # K/V that are not the ids' alone: never cached under them
+                noise = torch.Generator().manual_seed(rng.randrange(2**31))
+                kwargs["inputs_embeds"] = torch.randn(1, len(history[i]), llama.config.hidden_size, generator=noise)
+            elif mode == "hidden":
+                kwargs.update(return_dict_in_generate=True, output_hidden_states=True)
             try:
-                out = gen.generate(ids(history[i]), max_new_tokens=n, do_sample=False)[0].tolist()
+                ours = gen.generate(ids(history[i]), **kwargs)
             except OutOfBlocksError:
                 assert -(-(len(history[i]) + n) // bs) > dev  # only what the device tier cannot hold
                 del history[i]
                 continue
-            assert out == hf(llama, history[i], n)
+            theirs = llama.generate(ids(history[i]), **kwargs)
+            if mode == "hidden":
+                same_outputs(ours.hidden_states, theirs.hidden_states)
+                ours, theirs = ours.sequences, theirs.sequences
+            out = ours[0].tolist()
+            assert out == theirs[0].tolist()
             done += 1
             history[i] = out + [rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))]
             if rng.random() < 0.3:
