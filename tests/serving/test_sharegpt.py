@@ -68,3 +68,14 @@ def test_packaged_sharegpt_loads() -> None:
     convs = load_conversations(50, min_rounds=2)
     assert len(convs) == 50 and all(len(c.rounds) >= 2 for c in convs)
     assert all(role == ("user", "assistant")[i % 2] for c in convs for i, (role, _) in enumerate(c.turns))
+
+
+def test_a_limit_of_zero_loads_none_and_negative_counts_are_refused() -> None:
+    """``limit=0`` loaded one conversation, and a negative limit one too (the count was checked
+    after the first was kept)."""
+    source = json.dumps(RECORDS)
+    assert load_conversations(0, source=io.StringIO(source)) == []
+    assert len(load_conversations(2, source=io.StringIO(source))) == 2
+    for kwargs in ({"limit": -1}, {"min_rounds": -1}, {"limit": 1.5}):
+        with pytest.raises(ValueError, match="must be an int >= 0"):
+            load_conversations(**kwargs, source=io.StringIO(source))  # type: ignore[arg-type]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .checks import check_int
+
 _CHUNK = 1 << 20
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant"}
 
@@ -105,8 +107,14 @@ def load_conversations(
 
     Turns are normalised: roles mapped to ``user``/``assistant``, leading assistant turns and
     repeated roles dropped, a trailing unanswered user turn removed; empty texts are skipped.
+    A ``limit`` or ``min_rounds`` below 0 is a ``ValueError``.
     """
+    if limit is not None:
+        check_int("limit", limit)
+    check_int("min_rounds", min_rounds)
     out: list[Conversation] = []
+    if limit == 0:  # (the loop below stops after the first one it keeps)
+        return out
     for record in iter_records(source):
         turns: list[tuple[str, str]] = []
         for msg in record.get("conversations") or ():
