@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import random
 import time
@@ -541,3 +542,18 @@ def test_a_model_in_training_mode_neither_reuses_nor_caches_kv() -> None:
     assert gen.generate(prompt, max_new_tokens=3, do_sample=False)[0].tolist() == hf(model, prompt[0].tolist(), 3)
     assert gen.stats["cached_tokens"] > 0
     assert_nothing_held(pool)
+
+
+@pytest.mark.parametrize(
+    "change", [{"num_layers": 1}, {"num_layers": 4}, {"num_kv_heads": 1}, {"dtype": torch.float16}], ids=str
+)
+def test_a_pool_whose_blocks_do_not_fit_the_model_is_refused_by_the_generator(
+    llama: Any, change: dict[str, Any]
+) -> None:
+    """Fewer layers than the model's was an IndexError mid-forward; more ran, but never cached a
+    token (the unused layers' length held the cached length at 0)."""
+    pool = MemPool(dataclasses.replace(pool_config_for(llama, device_blocks=16, block_size=4), **change))
+    with pytest.raises(InvalidArgumentError, match="do not fit the model's K/V"):
+        PoolGenerator(llama, pool)
+    assert_nothing_held(pool)
+    pool.close()

@@ -398,6 +398,19 @@ class PoolGenerator:
     """
 
     def __init__(self, model: Any, pool: MemPool, *, namespace: Any = None) -> None:
+        """Raises ``InvalidArgumentError`` where ``pool``'s block layout does not fit ``model`` (make
+        the pool with :func:`pool_config_for`): fewer layers failed mid-forward, more were never
+        written, and no K/V was ever cached."""
+        try:
+            want = pool_config_for(model, device_blocks=1, block_size=pool.config.block_size).layout
+        except InvalidArgumentError:  # no layout of the pool fits it (multi-head latent attention)
+            raise
+        except (AttributeError, TypeError, ValueError):  # a config that does not tell: the layers check each call
+            want = pool.config.layout
+        if pool.config.layout != want:
+            raise InvalidArgumentError(
+                f"the pool's blocks ({pool.config.layout}) do not fit the model's K/V ({want}): see pool_config_for"
+            )
         self.model, self.pool = model, pool
         self.namespace = _namespace_of(model) if namespace is None else namespace
         self._lock = threading.Lock()
