@@ -616,14 +616,16 @@ def test_engines_of_other_models_sharing_a_pool_never_see_each_others_kv(tiny_mo
     first = Engine(tiny_model, config)
     second, again = Engine(other, config, pool=first.pool), Engine(tiny_model, config, pool=first.pool)
     prompt, params = make_prompts([29], seed=8)[0], SamplingParams(max_tokens=6, ignore_eos=True)
-    mine = first.generate([prompt], params)
-    assert second.generate([prompt], params) == Engine(other, config).generate([prompt], params) != mine
+    mine, alone = first.generate([prompt], params), Engine(other, config)
+    assert second.generate([prompt], params) == alone.generate([prompt], params) != mine
     assert again.generate([prompt], params) == mine
     rid = again.add_request(prompt, params)
     outs = [o for _ in range(20) for o in again.step() if o.request_id == rid]
     assert outs[0].metrics.cached_tokens > 0  # from the first time ``again`` ran it, same model
     assert second.namespace != again.namespace and first.namespace is None
     first.pool.check_invariants()
+    for engine in (again, second, first, alone):  # the sharing ones first: the first one's pool goes with it
+        engine.close()
 
 
 def test_generate_raises_where_the_pools_blocks_are_held_elsewhere(make_engine: Callable[..., Engine]) -> None:
