@@ -213,6 +213,14 @@ def test_unsupported_configs_are_refused(tmp_path: Path, change: dict[str, Any],
         ModelConfig.from_hf(tmp_path)
 
 
+def test_a_head_size_the_config_leaves_out_is_derived_as_hf_does(tmp_path: Path) -> None:
+    """hidden_size // num_attention_heads, even where it does not divide (HF's projections then
+    have heads x head_dim rows, fewer than hidden_size)."""
+    raw = {"vocab_size": 64, "hidden_size": 100, "num_hidden_layers": 1, "num_attention_heads": 8}
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "num_key_value_heads": 4, "intermediate_size": 32}))
+    assert ModelConfig.from_hf(tmp_path).head_dim == 12
+
+
 @pytest.mark.parametrize(("text", "message"), [("[1, 2]", "a JSON list, not an object"), ("{", "cannot read")])
 def test_a_config_file_that_is_no_json_object_is_refused(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "config.json").write_text(text)

@@ -161,15 +161,16 @@ class ModelConfig:
         missing = [name for name in _HF_REQUIRED if raw.get(name) is None]
         if missing:
             raise ModelConfigError(f"{path} lacks {missing}")
-        heads = raw["num_attention_heads"]
+        hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+        sizes = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads))
         values: dict[str, Any] = {
             "vocab_size": raw["vocab_size"],
-            "hidden_size": raw["hidden_size"],
+            "hidden_size": hidden,
             "num_layers": raw["num_hidden_layers"],
             "num_heads": heads,
             "num_kv_heads": raw.get("num_key_value_heads") or heads,
             "intermediate_size": raw["intermediate_size"],
-            "head_dim": raw.get("head_dim") or 0,
+            "head_dim": raw.get("head_dim") or (hidden // heads if sizes else 0),  # as HF derives it
             "rope_theta": float(theta) if _is_number(theta) else theta,
             "rope_type": rope_type,
             "rope_scaling": scaling if rope_type != "default" else (),
