@@ -28,3 +28,27 @@ def hf_llama(c: ModelConfig, *, attn: str = "eager", seed: int = 0) -> Any:
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+def hf_qwen2_0_5b(*, attn: str = "sdpa", seed: int = 0) -> Any:
+    """A seeded random ``Qwen2ForCausalLM`` with Qwen2.5-0.5B's published shape (24 layers, hidden
+    896, 14 / 2 heads, FFN 4,864, tied 151,936-token vocabulary; 494M parameters), float32: a
+    model whose layers, not its vocabulary projection, take most of a token's work, as in
+    released checkpoints."""
+    import transformers
+
+    hf_config = transformers.Qwen2Config(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen2ForCausalLM(hf_config).eval()
