@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from mempool import MemPool
 from mempool.errors import TransferError
 from mempool.types import Blocks
 
-from ..conftest import fill_random, make_tokens
+from ..conftest import fill_random, make_config, make_tokens
 from .inproc import DEADLINE_S, connected, unchanged
 
 
@@ -140,3 +141,55 @@ def test_a_sender_whose_own_gather_fails_raises_it_and_both_ends_keep_nothing(
         assert a.stats() == before_a
         a.free(spread)
         a.check_invariants()
+
+
+def test_a_pull_copies_chunk_by_chunk_and_a_failure_after_the_first_chunk_keeps_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The receiver copies a pull on its loop one ``chunk_bytes`` chunk per turn: scattered blocks
+    land bit-exact across chunk edges, and a copy that fails after some chunks have landed is
+    refused like any failed copy, with nothing of it kept on either side."""
+    import mempool.transport.agent as agent_mod
+
+    block_bytes = make_config().layout.block_bytes
+    with connected(pull=True, chunk_bytes=2 * block_bytes) as (a, b):
+        spread = a.alloc(14)
+        assert spread is not None
+        blocks = spread[::2]  # 7 scattered blocks: chunks of 2, 2, 2 and 1
+        fill_random(a, blocks, seed=5)
+        calls: list[int] = []
+        copy_rows = agent_mod.copy_rows
+
+        def counted(src: torch.Tensor, src_ids: np.ndarray, *rest: object) -> None:
+            calls.append(len(src_ids))
+            copy_rows(src, src_ids, *rest)
+
+        monkeypatch.setattr(agent_mod, "copy_rows", counted)
+        result = a.transfer("b", blocks, key="k")
+        assert result is not None and result.pulled
+        assert calls == [2, 2, 2, 1]
+        got = b.claim("k")
+        assert got is not None
+        assert torch.equal(_rows(b, got), _rows(a, blocks))
+        b.free(got)
+
+        def third_fails(src: torch.Tensor, src_ids: np.ndarray, *rest: object) -> None:
+            calls.append(len(src_ids))
+            if len(calls) == 3:
+                _fail()
+            copy_rows(src, src_ids, *rest)
+
+        monkeypatch.setattr(agent_mod, "copy_rows", third_fails)
+        tokens = make_tokens(7 * a.config.block_size, seed=5)
+        for send in (lambda: a.transfer("b", blocks, key="k2"), lambda: a.transfer_with_insert("b", tokens, blocks)):
+            calls.clear()
+            _refused(a, b, send)
+            assert calls == [2, 2, 2]  # two chunks had landed
+        monkeypatch.undo()
+        with b.match(tokens) as hit:
+            assert hit.num_tokens == 0  # nothing of it indexed
+        assert b.claim("k2") is None
+        a.free(spread)
+        for pool in (a, b):
+            pool.check_invariants()
+        assert a.stats()["device"]["used"] == 0 and b.stats()["device"]["used"] == 0
