@@ -857,9 +857,9 @@ class TransferAgent:
 
         On a CPU tier the loop copies them itself, one chunk (``chunk_bytes``) per turn, yielding
         to its other tasks between chunks: handing the copy to a worker thread and back costs
-        ~0.3 ms on 2 busy cores (measured: a 1-block pull took 0.69-0.85 ms that way, 0.42-0.47
-        ms inline), a third of a 32 MiB pull's control. No copy runs while the task waits, so a
-        cancellation frees nothing that a copy still writes.
+        ~0.3 ms on 2 busy cores (measured: a 1-block pull took 0.69-0.85 ms that way, 0.40-0.47
+        ms inline). No copy runs while the task waits, so a cancellation frees nothing that a
+        copy still writes.
         """
         if storage.flat.device.type != "cpu":  # queued on a stream: the worker waits for it to land
             await _in_thread(self._copier, _copy_in, rows, rows_ids, storage, ids)
