@@ -66,8 +66,7 @@ class KVLayout:
     def block_bytes(self) -> int:
         """Bytes one block occupies."""
         n = self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
-        itemsize = torch.empty((), dtype=self.dtype).element_size()  # type: ignore[arg-type]
-        return n * itemsize
+        return n * self.dtype.itemsize  # type: ignore[union-attr]
 
     def describe(self) -> dict[str, object]:
         """Plain-data form for handshakes and logs."""

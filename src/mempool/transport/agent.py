@@ -125,8 +125,10 @@ class TransferAgent:
         self.name = config.name
         self.incarnation = secrets.token_hex(8)
         self._secret = config.secret if isinstance(config.secret, bytes) else config.secret.encode()
-        self._layout = pool.config.layout.describe()
+        layout = pool.config.layout  # (built anew on each access: read once)
+        self._layout = layout.describe()
         self._block_size = pool.config.block_size
+        self._block_bytes = layout.block_bytes
         self._loop = asyncio.new_event_loop()
         device = pool.storage(Tier.DEVICE).device
         self._thread = threading.Thread(
@@ -288,7 +290,7 @@ class TransferAgent:
             self._staging.append(buf)
 
     def _chunk_blocks(self) -> int:
-        return max(1, self.config.chunk_bytes // self._pool.config.layout.block_bytes)
+        return max(1, self.config.chunk_bytes // self._block_bytes)
 
     # -- start / stop (agent thread) ---------------------------------------------------------
     async def _start(self) -> tuple[str, int]:
@@ -671,7 +673,7 @@ class TransferAgent:
         self, peer: _Peer, sent: int, skip: int, messages: int, started: float, data_s: float, *, pulled: bool = False
     ) -> TransferResult:
         """Count a confirmed transfer and describe it."""
-        nbytes = sent * self._pool.config.layout.block_bytes
+        nbytes = sent * self._block_bytes
         self.stats["sent"] += 1
         self.stats["blocks_sent"] += sent
         self.stats["blocks_skipped"] += skip
@@ -764,7 +766,7 @@ class TransferAgent:
             self.stats["received"] += 1
             self.stats["pulled"] += pull is not None
             self.stats["blocks_received"] += need
-            self.stats["bytes_received"] += need * self._pool.config.layout.block_bytes
+            self.stats["bytes_received"] += need * self._block_bytes
             done = {"type": "done", "xid": xid, "skipped": skip, "received": need}
             if pull is not None:
                 done.update(pulled=True, copy_s=copy_s)
