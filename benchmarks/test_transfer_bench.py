@@ -21,6 +21,8 @@ LAYOUT = {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64, "block_size": 16, 
 BLOCKS = 1024
 NBYTES = BLOCKS * 32 * 1024
 ROUNDS = 7
+REPS = 4  # timed back to back per round and regime; the first is dropped
+IDLE_S = 0.02  # both peers idle this long before each timed message in the idle regime
 CHUNK = None
 CONFIGS = [
     ("ucx", {"backend": "ucx", "ucx_shared_memory": True}),
@@ -62,20 +64,27 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
         a.ok("connect", name="b", host=b.host, port=b.port)
         for layout in ("run", "scattered"):
             a.ok("alloc_fill", name=layout, n=BLOCKS, layout=layout, seed=1)
-        # Rounds interleave the three measurements so that drift on this shared 2-core machine
-        # hits all of them alike; the first round warms up (connections, registrations).
-        samples: dict[str, list[float]] = {"raw one message": [], "run": [], "scattered": [], "pieces": []}
+        # Rounds interleave the measurements so that drift on this shared 2-core machine hits all of
+        # them alike; the first round warms up (connections, registrations). Within a round, the raw
+        # message and each transfer are timed alike: 4 back to back, the first dropped (it absorbs the
+        # receiver's start), the median of the rest; then again with both peers idle for IDLE_S before
+        # each (caches and TLBs gone cold: a lone transfer's case), the regime in the idle_* columns.
+        modes = {"": 0.0, "idle": IDLE_S}
+        samples: dict[str, dict[str, list[float]]] = {
+            m: {"raw one message": [], "run": [], "scattered": []} for m in modes
+        }
+        samples[""]["pieces"] = []
         data_phase: dict[str, list[float]] = {"run": [], "scattered": []}
         hop: dict[str, list[float]] = {"run": [], "scattered": []}  # the caller's thread to the loop and back
         pieces = 2 * LAYOUT["num_layers"] * BLOCKS  # what a per-layer KV layout sends: K and V of each layer
         messages = {"raw one message": 1, "pieces": pieces}
         for rnd in range(ROUNDS + 1):
-            # 4 back-to-back messages; the first absorbs the receiver's start, the rest are timed
-            b.ok("send_async", job=f"raw{rnd}", then="raw_recv", peer="a", nbytes=NBYTES, reps=4)
-            raw = statistics.median(a.ok("raw_send", peer="b", nbytes=NBYTES, reps=4)["seconds"][1:])
-            b.ok("wait", job=f"raw{rnd}")
-            if rnd:
-                samples["raw one message"].append(raw)
+            for mode, gap in modes.items():
+                b.ok("send_async", job=f"raw{mode}{rnd}", then="raw_recv", peer="a", nbytes=NBYTES, reps=REPS)
+                sent = a.ok("raw_send", peer="b", nbytes=NBYTES, reps=REPS, gap_s=gap, timeout=300)["seconds"]
+                b.ok("wait", job=f"raw{mode}{rnd}")
+                if rnd:
+                    samples[mode]["raw one message"].append(statistics.median(sent[1:]))
             # the per-layer layout's transfer: one message per (block, layer, K|V), all in flight at
             # once; timed in one round only (8,192 wake-ups take seconds, and the point is its count)
             if rnd <= 1:
@@ -91,49 +100,58 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
                 t_pieces = sent["seconds"]
                 b.ok("wait", job=f"pieces{rnd}", timeout=300)
                 if rnd:
-                    samples["pieces"].append(t_pieces)
+                    samples[""]["pieces"].append(t_pieces)
             for layout in ("run", "scattered"):
-                key = f"{layout}{rnd}"
-                out = a.ok("bench_send", peer="b", handle=layout, key=key, reps=1, timeout=300)["runs"][0]
-                assert b.ok("claim_all", key=key, reps=1)["claimed"] == BLOCKS  # a server claims and frees
-                if rnd:
-                    samples[layout].append(out["seconds"])
-                    data_phase[layout].append(out["data_seconds"])
-                    hop[layout].append(out["wall"] - out["seconds"])
-                messages[layout] = out["messages"]
+                for mode, gap in modes.items():
+                    key = f"{layout}{mode}{rnd}"
+                    outs = a.ok("bench_send", peer="b", handle=layout, key=key, reps=REPS, gap_s=gap, timeout=300)
+                    timed = outs["runs"][1:]
+                    # a server claims and frees
+                    assert b.ok("claim_all", key=key, reps=REPS)["claimed"] == REPS * BLOCKS
+                    if rnd:
+                        samples[mode][layout].append(statistics.median(o["seconds"] for o in timed))
+                        if not mode:
+                            data_phase[layout].append(statistics.median(o["data_seconds"] for o in timed))
+                            hop[layout].append(statistics.median(o["wall"] - o["seconds"] for o in timed))
+                    messages[layout] = timed[0]["messages"]
         names = {"raw one message": "raw one message", "pieces": f"per-layer pieces ({pieces} messages)"}
-        rows = {names.get(k, f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k]) for k, v in samples.items()}
+        warm = samples[""]
+        rows = {names.get(k, f"{BLOCKS} blocks, {k}"): (statistics.median(v), messages[k]) for k, v in warm.items()}
         raw_gbs = NBYTES / rows["raw one message"][0] / 1e9
         per_layer_calls = 2 * LAYOUT["num_layers"] * BLOCKS
-        for times, (what, (secs, msgs)) in zip(samples.values(), rows.items()):
+        for (kind, times), (what, (secs, msgs)) in zip(warm.items(), rows.items()):
             gbs = NBYTES / secs / 1e9
-            layout = what.rsplit(" ", 1)[-1]
-            data = NBYTES / statistics.median(data_phase[layout]) / 1e9 if layout in data_phase else gbs
+            data = NBYTES / statistics.median(data_phase[kind]) / 1e9 if kind in data_phase else gbs
             # what the protocol adds around the data: begin/ready before it, done after it
-            control = [t - d for t, d in zip(times, data_phase[layout])] if layout in data_phase else [0.0]
+            control = [t - d for t, d in zip(times, data_phase[kind])] if kind in data_phase else [0.0]
             # each round's raw message over that round's transfer (zip pairs by round): drift cancels out
-            paired = [r / t for r, t in zip(samples["raw one message"], times)]
-            report.add(
-                "transfer_32MiB",
-                backend=label,
-                what=what,
-                GBps=gbs,
-                vs_raw=gbs / raw_gbs,
-                paired_vs_raw=statistics.median(paired),
-                paired_min=min(paired),
-                data_phase_GBps=data,
-                data_vs_raw=data / raw_gbs,
-                control_ms=statistics.median(control) * 1e3,
-                caller_hop_ms=statistics.median(hop[layout]) * 1e3 if layout in hop else 0.0,
-                vs_memcpy=gbs / mc,
-                messages=msgs,
-                per_layer_layout_calls=per_layer_calls,
-            )
+            paired = [r / t for r, t in zip(warm["raw one message"], times)]
+            row = {
+                "backend": label,
+                "what": what,
+                "GBps": gbs,
+                "vs_raw": gbs / raw_gbs,
+                "paired_vs_raw": statistics.median(paired),
+                "paired_min": min(paired),
+                "data_phase_GBps": data,
+                "data_vs_raw": data / raw_gbs,
+                "control_ms": statistics.median(control) * 1e3,
+                "caller_hop_ms": statistics.median(hop[kind]) * 1e3 if kind in hop else 0.0,
+                "vs_memcpy": gbs / mc,
+            }
+            idle = samples["idle"].get(kind)
+            if idle:  # the same, each message after both peers sat idle
+                row["idle_GBps"] = NBYTES / statistics.median(idle) / 1e9
+                row["idle_paired_vs_raw"] = statistics.median(
+                    r / t for r, t in zip(samples["idle"]["raw one message"], idle)
+                )
+            report.add("transfer_32MiB", **row, messages=msgs, per_layer_layout_calls=per_layer_calls)
         report.note(
             "transfer_32MiB",
             "two processes on 127.0.0.1; raw = the backend sending the same 32 MiB as one "
             "message on the same link; memcpy measured in the benchmark process before the peers start; goals: scattered >= 0.8 raw, "
-            "runs >= 0.95 raw; raw and transfers both timed on the agent's loop (caller_hop_ms: what a caller's thread adds to a transfer, to the loop and back); vs_raw = median rate / median raw rate; paired_vs_raw = median over rounds of (that round's raw time / this transfer's time), paired_min its lowest; data phase = from the receiver's ready to the last data message (no control round trips); control_ms = median over rounds of (transfer time - its data phase)",
+            "runs >= 0.95 raw; raw and transfers both timed alike: on the agent's loop (caller_hop_ms: what a caller's thread adds to a transfer, to the loop and back), "
+            f"{REPS} back to back per round, the first dropped, the median of the rest; idle_* = the same with both peers idle {IDLE_S * 1e3:.0f} ms before each; vs_raw = median rate / median raw rate; paired_vs_raw = median over rounds of (that round's raw time / this transfer's time), paired_min its lowest; data phase = from the receiver's ready to the last data message (no control round trips); control_ms = median over rounds of (transfer time - its data phase)",
         )
         report.plot("transfer_32MiB", draw_transfer)
         assert b.ok("state")["device_used"] == 0
@@ -143,15 +161,29 @@ def test_transfer_bandwidth(report: Any, label: str, cfg: dict[str, Any]) -> Non
 
 
 def draw_transfer(rows: list[dict[str, Any]], ax: Any) -> None:
-    """Each path's run and scattered transfer against its own raw message (paired by round), with
-    the goals."""
+    """Each path's run and scattered transfer against its own raw message (paired by round), back
+    to back and after idle (hatched), with the goals."""
     paths = list(dict.fromkeys(r["backend"] for r in rows))
+    width = 0.2
     for j, (layout, goal) in enumerate((("run", 0.95), ("scattered", 0.8))):
-        got = {r["backend"]: r["paired_vs_raw"] for r in rows if r["what"] == f"{BLOCKS} blocks, {layout}"}
-        xs = [i + (j - 0.5) * 0.4 for i in range(len(paths))]
-        bars = ax.bar(xs, [got.get(p, 0.0) for p in paths], 0.4, label=f"{layout} (goal {goal:.2f})")
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-        ax.axhline(goal, color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+        mine = [r for r in rows if r["what"] == f"{BLOCKS} blocks, {layout}"]
+        for k, (col, hatch, when) in enumerate(
+            (("paired_vs_raw", "", "back to back"), ("idle_paired_vs_raw", "//", "after idle"))
+        ):
+            got = {r["backend"]: r.get(col, 0.0) for r in mine}
+            xs = [i + (2 * j + k - 1.5) * width for i in range(len(paths))]
+            color = f"C{j}"
+            bars = ax.bar(
+                xs,
+                [got.get(p, 0.0) for p in paths],
+                width,
+                color=color,
+                hatch=hatch,
+                alpha=1 - 0.35 * k,
+                label=f"{layout}, {when} (goal {goal:.2f})",
+            )
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
+        ax.axhline(goal, color=f"C{j}", ls="--", lw=1)
     ax.set_xticks(range(len(paths)), paths)
     ax.set(ylabel="rate / raw one-message rate (paired)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)

@@ -240,6 +240,7 @@ class Peer:
 
             times = []
             for i in range(cmd["reps"]):
+                time.sleep(cmd.get("gap_s", 0.0))  # idle first (both peers), untimed
                 coro = link.send(buf, 0x7000 + i) if op == "raw_send" else link.recv(buf, 0x7000 + i)
                 times.append(agent._call(timed(coro), 120))
             return {"seconds": times}
@@ -262,6 +263,7 @@ class Peer:
         if op == "bench_send":  # repeated transfers of one handle, timed here
             out = []
             for i in range(cmd["reps"]):
+                time.sleep(cmd.get("gap_s", 0.0))  # idle first (both peers), untimed
                 t0 = time.perf_counter()
                 res = pool.transfer(cmd["peer"], self.handles[cmd["handle"]], key=f"{cmd['key']}-{i}")
                 wall = time.perf_counter() - t0  # the caller's view: with the hops to the agent's loop and back
