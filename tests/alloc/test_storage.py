@@ -141,6 +141,53 @@ def test_copy_blocks_matches_indexing_on_every_path(case: tuple[list[int], list[
         assert torch.equal(a.tensor, inside)
 
 
+@given(case=_copy_case(), piece_rows=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_copy_rows_pieces_run_in_any_order_give_copy_rows_result(
+    case: tuple[list[int], list[int], int, int], piece_rows: int, seed: int
+) -> None:
+    """The pieces a same-host pull shares between two threads: run in any order, they give what
+    ``copy_rows`` gives, each lies in one destination run of at most ``piece_rows`` rows, and
+    nothing else changes. A destination in many short runs has no pieces (``copy_rows`` serves)."""
+    src, dst, _, _ = case
+    a, b = make(64), make(64)
+    b.tensor.mul_(-1)
+    expected = b.tensor.clone()
+    expected[torch.tensor(dst)] = a.tensor[torch.tensor(src)]
+    src_ids, dst_ids = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+    pieces = storage_mod.copy_rows_pieces(a.flat, src_ids, b, dst_ids, piece_rows)
+    runs = 1 + int((np.diff(dst_ids) != 1).sum())
+    if runs > max(storage_mod.RUN_COPY_MAX, len(dst) // 8):
+        assert pieces is None
+        return
+    assert pieces is not None
+    assert len(pieces) == sum(
+        -(-len(r) // piece_rows) for r in np.split(dst_ids, np.flatnonzero(np.diff(dst_ids) != 1) + 1)
+    )
+    for k in np.random.default_rng(seed).permutation(len(pieces)):
+        pieces[int(k)]()
+    assert torch.equal(b.tensor, expected)
+
+
+def test_copy_rows_pieces_check_ids_first_and_leave_one_tier_to_copy_rows() -> None:
+    a, b = make(), make()
+    before = b.tensor.clone()
+    with pytest.raises(InvalidBlockError):
+        storage_mod.copy_rows_pieces(a.flat, np.array([0, 16]), b, np.array([0, 1]), 4)
+    with pytest.raises(InvalidBlockError):
+        storage_mod.copy_rows_pieces(a.flat, np.array([0, 1]), b, np.array([15, 16]), 4)
+    with pytest.raises(InvalidArgumentError, match="2 source blocks but 1"):
+        storage_mod.copy_rows_pieces(a.flat, np.array([0, 1]), b, np.array([3]), 4)
+    with pytest.raises(LayoutMismatchError):
+        storage_mod.copy_rows_pieces(a.flat[:, :3], np.array([0]), b, np.array([3]), 4)
+    assert torch.equal(b.tensor, before)
+    # inside one tier reads must come before writes: only copy_rows orders them
+    assert storage_mod.copy_rows_pieces(b.flat, np.array([0, 1]), b, np.array([1, 2]), 4) is None
+    pieces = storage_mod.copy_rows_pieces(a.flat, np.array([], dtype=np.int64), b, np.array([], dtype=np.int64), 4)
+    assert pieces is not None and len(pieces) == 0
+    with pytest.raises(IndexError):
+        pieces[0]
+
+
 def test_copy_blocks_rejects_mismatch() -> None:
     a = make()
     with pytest.raises(InvalidArgumentError, match="source blocks"):

@@ -10,10 +10,11 @@ over the same-host pull.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 
@@ -99,13 +100,26 @@ def test_a_receiver_whose_copy_between_tiers_fails_refuses_and_keeps_the_link(
     assert a.stats()["device"]["used"] == 0 and b.stats()["device"]["used"] == 0
 
 
-def test_a_same_host_pull_whose_copy_fails_refuses_and_keeps_the_link(monkeypatch: pytest.MonkeyPatch) -> None:
-    with connected(pull=True) as (a, b):
+@pytest.mark.parametrize("path", ["pieces", "chunks", "one piece"])
+def test_a_same_host_pull_whose_copy_fails_refuses_and_keeps_the_link(
+    monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Every way a pull copies: in pieces shared by two threads (a destination in few runs), in
+    vectorised chunks on the loop (a destination in many short runs), or at once (one piece)."""
+    import mempool.transport.agent as agent_mod
+
+    pieces = agent_mod.copy_rows_pieces
+    chunk = {} if path == "one piece" else {"chunk_bytes": make_config().layout.block_bytes}
+    with connected(pull=True, **chunk) as (a, b):
         blocks = a.alloc(3)
         assert blocks is not None
         fill_random(a, blocks, seed=4)
         tokens = make_tokens(3 * a.config.block_size, seed=4)
-        monkeypatch.setattr("mempool.transport.agent.copy_rows", _fail)
+        if path == "pieces":
+            monkeypatch.setattr(agent_mod, "copy_rows_pieces", lambda *args: [_fail for _ in pieces(*args) or ()])
+        else:
+            monkeypatch.setattr(agent_mod, "copy_rows_pieces", lambda *args: None)
+            monkeypatch.setattr(agent_mod, "copy_rows", _fail)
         _refused(a, b, lambda: a.transfer("b", blocks, key="k"))
         _refused(a, b, lambda: a.transfer_with_insert("b", tokens, blocks))
         monkeypatch.undo()
@@ -143,53 +157,122 @@ def test_a_sender_whose_own_gather_fails_raises_it_and_both_ends_keep_nothing(
         a.check_invariants()
 
 
-def test_a_pull_copies_chunk_by_chunk_and_a_failure_after_the_first_chunk_keeps_nothing(
+def _on_copier() -> bool:
+    return threading.current_thread().name.startswith("mempool-copy-")
+
+
+def test_a_pull_is_copied_by_two_threads_in_pieces_and_a_failing_piece_keeps_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The receiver copies a pull on its loop one ``chunk_bytes`` chunk per turn: scattered blocks
-    land bit-exact across chunk edges, and a copy that fails after some chunks have landed is
-    refused like any failed copy, with nothing of it kept on either side."""
+    """The receiver copies a pull on its loop and on its copier thread at once, piece by piece:
+    scattered blocks land bit-exact across piece edges whichever thread copied each, and a piece
+    that fails after others have landed, on either thread, is refused like any failed copy, with
+    nothing of it kept on either side."""
     import mempool.transport.agent as agent_mod
 
     block_bytes = make_config().layout.block_bytes
+    real = agent_mod.copy_rows_pieces
     with connected(pull=True, chunk_bytes=2 * block_bytes) as (a, b):
         spread = a.alloc(14)
         assert spread is not None
-        blocks = spread[::2]  # 7 scattered blocks: chunks of 2, 2, 2 and 1
+        blocks = spread[::2]  # 7 scattered blocks: pieces of 2, 2, 2 and 1
         fill_random(a, blocks, seed=5)
-        calls: list[int] = []
-        copy_rows = agent_mod.copy_rows
+        ran: list[bool] = []  # per piece copied: on the copier thread?
+        both = threading.Barrier(2, timeout=10)  # each thread's first piece waits for the other's
 
-        def counted(src: torch.Tensor, src_ids: np.ndarray, *rest: object) -> None:
-            calls.append(len(src_ids))
-            copy_rows(src, src_ids, *rest)
+        def traced(*args: object) -> list[Callable[[], None]]:
+            pieces = real(*args)  # type: ignore[arg-type]
+            assert pieces is not None
 
-        monkeypatch.setattr(agent_mod, "copy_rows", counted)
+            def piece(copy: Callable[[], None]) -> None:
+                if _on_copier() not in ran:
+                    ran.append(_on_copier())
+                    both.wait()
+                else:
+                    ran.append(_on_copier())
+                copy()
+
+            return [functools.partial(piece, p) for p in pieces]
+
+        monkeypatch.setattr(agent_mod, "copy_rows_pieces", traced)
         result = a.transfer("b", blocks, key="k")
         assert result is not None and result.pulled
-        assert calls == [2, 2, 2, 1]
+        assert len(ran) == 4 and True in ran and False in ran
         got = b.claim("k")
         assert got is not None
         assert torch.equal(_rows(b, got), _rows(a, blocks))
         b.free(got)
 
-        def third_fails(src: torch.Tensor, src_ids: np.ndarray, *rest: object) -> None:
-            calls.append(len(src_ids))
-            if len(calls) == 3:
-                _fail()
-            copy_rows(src, src_ids, *rest)
-
-        monkeypatch.setattr(agent_mod, "copy_rows", third_fails)
         tokens = make_tokens(7 * a.config.block_size, seed=5)
-        for send in (lambda: a.transfer("b", blocks, key="k2"), lambda: a.transfer_with_insert("b", tokens, blocks)):
-            calls.clear()
-            _refused(a, b, send)
-            assert calls == [2, 2, 2]  # two chunks had landed
-        monkeypatch.undo()
-        with b.match(tokens) as hit:
-            assert hit.num_tokens == 0  # nothing of it indexed
-        assert b.claim("k2") is None
+        for fail_on_copier in (False, True):
+
+            def failing(*args: object, fail_on_copier: bool = fail_on_copier) -> list[Callable[[], None]]:
+                pieces = real(*args)  # type: ignore[arg-type]
+                assert pieces is not None
+                both, failed, seen = threading.Barrier(2, timeout=10), threading.Event(), []
+
+                def piece(copy: Callable[[], None]) -> None:
+                    me = _on_copier()
+                    if me not in seen:  # one piece each lands first
+                        seen.append(me)
+                        both.wait()
+                    elif me == fail_on_copier:
+                        failed.set()
+                        _fail()
+                    else:  # the other thread's next piece waits for the failure
+                        assert failed.wait(10)
+                    copy()
+
+                return [functools.partial(piece, p) for p in pieces]
+
+            monkeypatch.setattr(agent_mod, "copy_rows_pieces", failing)
+            _refused(a, b, lambda: a.transfer("b", blocks, key="k2"))
+            _refused(a, b, lambda: a.transfer_with_insert("b", tokens, blocks))
+            monkeypatch.undo()
+            with b.match(tokens) as hit:
+                assert hit.num_tokens == 0  # nothing of it indexed
+            assert b.claim("k2") is None
         a.free(spread)
         for pool in (a, b):
             pool.check_invariants()
         assert a.stats()["device"]["used"] == 0 and b.stats()["device"]["used"] == 0
+
+
+def test_a_failed_pull_is_answered_only_once_the_copier_thread_has_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A piece that fails on the loop while the copier thread still copies another: the receiver
+    frees its blocks (and answers) only after that copy ended, so no copy writes a freed block."""
+    import mempool.transport.agent as agent_mod
+
+    block_bytes = make_config().layout.block_bytes
+    real = agent_mod.copy_rows_pieces
+    copier_in = threading.Event()
+    copier_out: list[float] = []
+
+    def slow_copier(*args: object) -> list[Callable[[], None]]:
+        pieces = real(*args)  # type: ignore[arg-type]
+        assert pieces is not None
+
+        def piece(copy: Callable[[], None]) -> None:
+            if _on_copier():
+                copier_in.set()
+                time.sleep(0.3)
+                copy()
+                copier_out.append(time.monotonic())
+            else:
+                assert copier_in.wait(10)
+                _fail()
+
+        return [functools.partial(piece, p) for p in pieces]
+
+    with connected(pull=True, chunk_bytes=2 * block_bytes) as (a, b):
+        blocks = a.alloc(6)
+        assert blocks is not None
+        fill_random(a, blocks, seed=6)
+        monkeypatch.setattr(agent_mod, "copy_rows_pieces", slow_copier)
+        _refused(a, b, lambda: a.transfer("b", blocks, key="k"))
+        answered = time.monotonic()
+        assert len(copier_out) == 1 and copier_out[0] <= answered  # its one piece, landed before the answer
+        monkeypatch.undo()
+        a.free(blocks)
+        for pool in (a, b):
+            pool.check_invariants()

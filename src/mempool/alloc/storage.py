@@ -25,7 +25,11 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import warnings
 import weakref
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import overload
 
 import numpy as np
 import torch
@@ -34,7 +38,15 @@ from mempool.config import KVLayout
 from mempool.errors import InvalidArgumentError, InvalidBlockError, LayoutMismatchError, TierTooLargeError
 from mempool.types import IdArray, as_block_ids
 
-__all__ = ["RUN_COPY_MAX", "KVStorage", "available_memory", "copy_blocks", "copy_rows", "gather_view"]
+__all__ = [
+    "RUN_COPY_MAX",
+    "KVStorage",
+    "available_memory",
+    "copy_blocks",
+    "copy_rows",
+    "copy_rows_pieces",
+    "gather_view",
+]
 
 # At most this many runs are copied one slice at a time; more go through one vectorised
 # index_select / index_copy_ (a slice copy costs a few microseconds of dispatch each).
@@ -290,12 +302,94 @@ def copy_blocks(
 def copy_rows(src: torch.Tensor, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray) -> None:
     """Copy rows ``src_ids`` of a flat ``[blocks, words]`` tensor of ``dst``'s layout (such as a
     peer's mapped tier) into blocks ``dst_ids`` of ``dst``, pairwise, as :func:`copy_blocks` does."""
+    src_ids, dst_ids = _checked_rows(src, src_ids, dst, dst_ids)
+    _copy_runs(src, src_ids, dst.flat, dst_ids, staging=dst)
+
+
+def copy_rows_pieces(
+    src: torch.Tensor, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray, piece_rows: int
+) -> RowPieces | None:
+    """:func:`copy_rows` cut into pieces of at most ``piece_rows`` rows, for threads to share.
+
+    Each piece is a single-threaded copy that releases the GIL while it runs; pieces touch
+    disjoint destination rows, so any threads may run them, in any order. Checks the ids as
+    ``copy_rows`` does, before any piece exists. None where ``copy_rows`` serves better: a tensor
+    off the host, a destination in many short runs (it moves those in one vectorised gather and
+    scatter), or a copy within one tier (it orders reads before writes).
+    """
+    src_ids, dst_ids = _checked_rows(src, src_ids, dst, dst_ids)
+    n = len(src_ids)
+    dfirst, dend = _run_bounds(dst_ids)
+    if (
+        src.device.type != "cpu"
+        or dst.flat.device.type != "cpu"
+        or len(dfirst) > max(RUN_COPY_MAX, n // 8)
+        or src.untyped_storage().data_ptr() == dst.flat.untyped_storage().data_ptr()  # one tier: copy_rows
+    ):
+        return None
+    return RowPieces(src, src_ids, dst.flat, dst_ids, dfirst, dend, max(1, piece_rows))
+
+
+class RowPieces(Sequence[Callable[[], None]]):
+    """The pieces of one host row copy (:func:`copy_rows_pieces`): ``pieces[k]()`` copies the
+    k-th. A piece lies in one destination run; it is one slice copy where its source rows are
+    adjacent too, else one gather straight into the destination."""
+
+    def __init__(
+        self,
+        src: torch.Tensor,
+        src_ids: IdArray,
+        dst: torch.Tensor,
+        dst_ids: IdArray,
+        firsts: list[int],
+        ends: list[int],
+        step: int,
+    ) -> None:
+        with warnings.catch_warnings():  # a peer's read-only mapping: only ever read here
+            warnings.simplefilter("ignore", UserWarning)
+            self._rows, self._out = src.numpy(), dst.numpy()
+        self._src_ids, self._dst_ids = src_ids, dst_ids
+        n = len(src_ids)
+        starts = [p for a, b in zip(firsts, ends) for p in range(a, b, step)]
+        self._bounds = np.array([*starts, n], dtype=np.int64)
+        # breaks[i]: source rows i and i + 1 are not adjacent; a piece [p, q) has none in p..q-2
+        breaks = np.concatenate(([0], np.cumsum(np.diff(src_ids) != 1)))
+        lo, hi = self._bounds[:-1], self._bounds[1:]
+        self._adjacent = (breaks[hi - 1] == breaks[lo]).tolist() if n else []
+
+    def __len__(self) -> int:
+        return len(self._adjacent)
+
+    @overload
+    def __getitem__(self, k: int) -> Callable[[], None]: ...
+    @overload
+    def __getitem__(self, k: slice) -> Sequence[Callable[[], None]]: ...
+    def __getitem__(self, k: int | slice) -> Callable[[], None] | Sequence[Callable[[], None]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return partial(self._copy, k % len(self))
+
+    def _copy(self, k: int) -> None:
+        p, q = int(self._bounds[k]), int(self._bounds[k + 1])
+        d0 = int(self._dst_ids[p])
+        out = self._out[d0 : d0 + q - p]
+        if self._adjacent[k]:
+            s0 = int(self._src_ids[p])
+            np.copyto(out, self._rows[s0 : s0 + q - p])
+        else:  # ids checked already: "clip" never clips, and unlike "raise" it needs no buffer
+            np.take(self._rows, self._src_ids[p:q], axis=0, out=out, mode="clip")
+
+
+def _checked_rows(src: torch.Tensor, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray) -> tuple[IdArray, IdArray]:
+    """Both id sequences as checked int64 arrays, for a row copy from ``src`` into ``dst``."""
     src_ids, dst_ids = _ids_below(src_ids, src.shape[0]), dst._ids(dst_ids)
     if len(src_ids) != len(dst_ids):
         raise InvalidArgumentError(f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks")
     if src.dim() != 2 or src.shape[1] != dst.flat.shape[1] or src.dtype != dst.flat.dtype:
         raise LayoutMismatchError(f"rows {tuple(src.shape)} {src.dtype} do not match {tuple(dst.flat.shape)}")
-    _copy_runs(src, src_ids, dst.flat, dst_ids, staging=dst)
+    return src_ids, dst_ids
 
 
 def _run_bounds(*seqs: IdArray) -> tuple[list[int], list[int]]:

@@ -39,7 +39,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard, TypeVar
@@ -47,7 +47,7 @@ from typing import Any, Protocol, TypeGuard, TypeVar
 import numpy as np
 import torch
 
-from mempool.alloc.storage import KVStorage, copy_rows
+from mempool.alloc.storage import KVStorage, copy_rows, copy_rows_pieces
 from mempool.config import PoolConfig, TransportConfig
 from mempool.errors import (
     HandshakeError,
@@ -71,6 +71,7 @@ __all__ = ["PoolOps", "TransferAgent", "TransferResult"]
 log = logging.getLogger("mempool.transport")
 T = TypeVar("T")
 WINDOW = 4  # data messages in flight per transfer and direction, beyond the one being prepared
+PIECE_BYTES = 1 << 20  # a same-host pull's copy is shared between two threads in pieces of this size
 
 
 class PoolOps(Protocol):
@@ -858,20 +859,36 @@ class TransferAgent:
     async def _pull_rows(self, rows: torch.Tensor, rows_ids: IdArray, storage: KVStorage, ids: IdArray) -> None:
         """Copy a pull's rows into blocks ``ids``, landed when it returns.
 
-        On a CPU tier the loop copies them itself, one chunk (``chunk_bytes``) per turn, yielding
-        to its other tasks between chunks: handing the copy to a worker thread and back costs
-        ~0.3 ms on 2 busy cores (measured: a 1-block pull took 0.69-0.85 ms that way, 0.40-0.47
-        ms inline). No copy runs while the task waits, so a cancellation frees nothing that a
-        copy still writes.
+        On a CPU tier the loop copies them itself, yielding to its other tasks after each
+        ``chunk_bytes`` it copied, and the copier thread takes pieces (``PIECE_BYTES``) of the
+        same copy meanwhile, whenever it runs. Neither waits for the other, so a thread that runs
+        late costs nothing. (torch splits a copy into fixed shares, one per OpenMP thread; on
+        this shared 2-core VM one of two threads often stops for milliseconds, and the copy then
+        waited for its share: a 32 MiB pull's copy took ~5 ms in such rounds, ~2.6 ms in others.)
+        No copy runs once this returns or raises, a cancellation included.
         """
         if storage.flat.device.type != "cpu":  # queued on a stream: the worker waits for it to land
             await _in_thread(self._copier, _copy_in, rows, rows_ids, storage, ids)
             return
         step = self._chunk_blocks()
-        for start in range(0, len(ids), step):
-            if start:
+        piece = min(step, max(1, PIECE_BYTES // self._block_bytes))
+        pieces = copy_rows_pieces(rows, rows_ids, storage, ids, piece) if len(ids) > piece else None
+        if pieces is None:  # one piece, or a destination in many short runs: chunks, on the loop alone
+            for start in range(0, len(ids), step):
+                if start:
+                    await asyncio.sleep(0)
+                copy_rows(rows, rows_ids[start : start + step], storage, ids[start : start + step])
+            return
+        job = _SharedCopy(pieces)
+        if len(pieces) > 1:
+            self._copier.submit(job.help)
+        try:
+            per_turn = max(1, step * self._block_bytes // PIECE_BYTES)
+            while job.run(per_turn):
                 await asyncio.sleep(0)
-            copy_rows(rows, rows_ids[start : start + step], storage, ids[start : start + step])
+        finally:
+            job.stop()  # returns once the copier's piece in flight (if any) has landed
+        job.check()
 
     async def _receive(
         self,
@@ -974,6 +991,53 @@ def _use_device(device: torch.device) -> None:
     copy in the context current on the thread that drives them)."""
     if device.type == "cuda":  # pragma: no cover - needs a GPU
         torch.cuda.set_device(device)
+
+
+class _SharedCopy:
+    """The pieces of one host copy, each taken by whichever thread asks next: the agent's loop
+    and, alongside it, the copier thread."""
+
+    def __init__(self, pieces: Sequence[Callable[[], None]]) -> None:
+        self._pieces = pieces
+        self._next = itertools.count()  # one next() at a time: the GIL
+        self._lock = threading.Lock()  # held by the copier while it copies a piece
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    def run(self, most: int) -> bool:
+        """Copy up to ``most`` pieces on this thread; False once none is left."""
+        for _ in range(most):
+            k = next(self._next)
+            if k >= len(self._pieces) or self._error is not None:
+                return False
+            self._pieces[k]()
+        return True
+
+    def help(self) -> None:
+        """The copier's part: pieces until none is left or the copy is stopped."""
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                k = next(self._next)
+                if k >= len(self._pieces):
+                    return
+                try:
+                    self._pieces[k]()
+                except BaseException as exc:  # the loop's check() raises it
+                    self._error, self._stopped = exc, True
+                    return
+
+    def stop(self) -> None:
+        """No piece is copied once this returns."""
+        self._stopped = True  # the copier takes no piece after this...
+        with self._lock:  # ...and the one it may be copying has landed
+            pass
+
+    def check(self) -> None:
+        """Raise what a piece on the copier raised."""
+        if self._error is not None:
+            raise self._error
 
 
 def _copy_out(storage: KVStorage, ids: IdArray, rows: torch.Tensor) -> None:
