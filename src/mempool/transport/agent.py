@@ -144,7 +144,8 @@ class TransferAgent:
         # Block copies (gathers, scatters, CUDA pulls) run on one thread of their own: torch's
         # OpenMP keeps one worker team per calling thread, and teams of several threads take turns
         # spinning on 2 cores (a pull of 32 MiB copied ~15% faster on one thread than on many).
-        # A pull into a CPU tier copies on the loop itself (_pull_rows): no hop to pay.
+        # A pull into a CPU tier copies on the loop itself, and this thread takes pieces of that
+        # copy alongside whenever it is free (_pull_rows).
         self._copier = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"mempool-copy-{self.name}", initializer=_use_device, initargs=(device,)
         )
