@@ -1000,7 +1000,8 @@ class _SharedCopy:
 
     def __init__(self, pieces: Sequence[Callable[[], None]]) -> None:
         self._pieces = pieces
-        self._next = itertools.count()  # one next() at a time: the GIL
+        self._next = 0  # the next piece to take
+        self._taking = threading.Lock()  # guards _next
         self._lock = threading.Lock()  # held by the copier while it copies a piece
         self._stopped = False
         self._error: BaseException | None = None
@@ -1008,7 +1009,7 @@ class _SharedCopy:
     def run(self, most: int) -> bool:
         """Copy up to ``most`` pieces on this thread; False once none is left."""
         for _ in range(most):
-            k = next(self._next)
+            k = self._take()
             if k >= len(self._pieces) or self._error is not None:
                 return False
             self._pieces[k]()
@@ -1020,7 +1021,7 @@ class _SharedCopy:
             with self._lock:
                 if self._stopped:
                     return
-                k = next(self._next)
+                k = self._take()
                 if k >= len(self._pieces):
                     return
                 try:
@@ -1028,6 +1029,11 @@ class _SharedCopy:
                 except BaseException as exc:  # the loop's check() raises it
                     self._error, self._stopped = exc, True
                     return
+
+    def _take(self) -> int:
+        with self._taking:
+            k, self._next = self._next, self._next + 1
+        return k
 
     def stop(self) -> None:
         """No piece is copied once this returns."""
