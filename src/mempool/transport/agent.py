@@ -863,9 +863,10 @@ class TransferAgent:
         On a CPU tier the loop copies them itself, yielding to its other tasks after each
         ``chunk_bytes`` it copied, and the copier thread takes pieces (``PIECE_BYTES``) of the
         same copy meanwhile, whenever it runs. Neither waits for the other, so a thread that runs
-        late costs nothing. (torch splits a copy into fixed shares, one per OpenMP thread; on
-        this shared 2-core VM one of two threads often stops for milliseconds, and the copy then
-        waited for its share: a 32 MiB pull's copy took ~5 ms in such rounds, ~2.6 ms in others.)
+        late costs only what it has not copied. (torch splits a copy into fixed shares, one per
+        OpenMP thread; on this shared 2-core VM one of two threads often stops for milliseconds,
+        and the copy then waited for its share: 32 MiB pulls took ~5.5 ms in such rounds, ~3.6 ms
+        in others, and ~5.3 ms in every round with one OpenMP thread.)
         No copy runs once this returns or raises, a cancellation included.
         """
         if storage.flat.device.type != "cpu":  # queued on a stream: the worker waits for it to land
