@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -128,6 +129,8 @@ class _UcxLink:
 # 4 KiB in flight took 4.3 s with ucxx's 1 s timer, 0.2 s with 50 ms). 10 ms costs ~100 idle
 # wake-ups a second.
 PROGRESS_TIMEOUT_S = 0.01
+#: UCX TCP segment sizes the UCX backend asks for (UCX's defaults: 8K and 64K)
+TCP_SEGMENTS = {"TCP_TX_SEG_SIZE": "64K", "TCP_RX_SEG_SIZE": "256K"}
 
 
 def _rearm_blocking_progress() -> None:
@@ -175,6 +178,10 @@ class UcxBackend:
         # With peer error handling on, UCX uses shared memory only if MM_ERROR_HANDLING is set;
         # otherwise it falls back to TCP loopback (~0.6 GB/s here against ~6.6 GB/s).
         options = {"MM_ERROR_HANDLING": "y"} if shared_memory else {}
+        # UCX's own TCP segments (8 KiB sent, 64 KiB received per call) cap a message over
+        # loopback at ~2.1-2.4 GB/s here; these reach ~5.6-6 GB/s for 8 MiB (docs/transport.md).
+        # A UCX_TCP_* variable in the environment still wins.
+        options |= {k: v for k, v in TCP_SEGMENTS.items() if f"UCX_{k}" not in os.environ}
         if loopback_only:
             # UCX's TCP transport otherwise listens on every network device. (Its connection
             # listener binds all interfaces whatever we do: ucxx has no bind address. A client
