@@ -75,7 +75,6 @@ class KVStorage:
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, *, pin: bool = False) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
-        self.device = device
         shape = (num_blocks, *layout.block_shape)
         if device.type == "cpu":  # every page is written below: what does not fit gets us killed
             room = available_memory()
@@ -94,6 +93,9 @@ class KVStorage:
             weakref.finalize(self, os.close, self.share_info["fd"])  # peers find the memory by this fd
         else:
             self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=self.pinned)  # type: ignore[arg-type]
+        #: the tensor's device, with its index ("cuda" names whichever GPU was current; CUDA calls
+        #: such as ``torch.cuda.set_device`` need the index)
+        self.device = self.tensor.device
         # Write every page now: lazily zeroed memory would fault on first touch, inside a swap or
         # a transfer, at a fraction of memcpy speed.
         self.tensor.zero_()
