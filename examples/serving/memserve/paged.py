@@ -178,7 +178,8 @@ def paged_attention(
             # CPU, up to 15% faster a call for a few dozen new tokens over hundreds cached.
             packed = query.reshape(1, keys.shape[1], group * n, dim)
             mask = _cached_mask(step, i, group, n, ctx, q)
-            out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask).view(1, heads, n, dim)
+            # reshape, not view: CUDA's kernels may return the heads strided (a copy there)
+            out = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask).reshape(1, heads, n, dim)
         outs.append(out[0].transpose(0, 1).reshape(n, heads * dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
