@@ -89,7 +89,9 @@ class PoolConfig:
         device_blocks: capacity of the device tier in blocks (HBM, or a CPU tensor without CUDA).
         host_blocks: capacity of the host tier in blocks (DRAM); 0 disables the host tier.
         device: torch device of the device tier, ``"cpu"`` or ``"cuda[:i]"``.
-        pin_host: pin host-tier memory when CUDA is present (faster, asynchronous copies).
+        pin_host: pin host-tier memory when the device tier is on a GPU (faster, asynchronous
+            copies). A CPU device tier never pins: pinned memory cannot be shared with a
+            same-host peer, and no DMA reads it.
         eviction: name of the eviction policy in :data:`mempool.index.eviction.POLICIES`.
 
     Raises:

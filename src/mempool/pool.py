@@ -115,7 +115,8 @@ class MemPool:
             Tier.DEVICE: BlockAllocator(Tier.DEVICE, config.device_blocks, owner=self._owner)
         }
         if config.host_blocks:
-            self._storage[Tier.HOST] = KVStorage(layout, config.host_blocks, torch.device("cpu"), pin=config.pin_host)
+            pin = config.pin_host and config.torch_device.type == "cuda"
+            self._storage[Tier.HOST] = KVStorage(layout, config.host_blocks, torch.device("cpu"), pin=pin)
             self._alloc[Tier.HOST] = BlockAllocator(Tier.HOST, config.host_blocks, owner=self._owner)
         self._swap = SwapEngine(self._storage)
         self.index = RadixIndex(

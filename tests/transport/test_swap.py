@@ -212,6 +212,17 @@ def test_swap_without_host_tier_raises() -> None:
         pool.swap_out(blocks)
 
 
+def test_a_cpu_pool_on_a_cuda_machine_keeps_its_host_tier_shareable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinning serves only copies from a GPU: where CUDA exists, a CPU pool's host tier stays
+    unpinned shared memory, which a same-host peer can map (before 2026-11-24 it was pinned,
+    and pulls from it took the data link; seen on an H100 machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    pool = make_pool(device_blocks=8, host_blocks=8)
+    host = pool.storage(Tier.HOST)
+    assert not host.pinned and host.share_info is not None
+    pool.check_invariants()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_device_tier_round_trips_through_the_host_tier(device: str) -> None:
     """bfloat16 blocks to the host tier (pinned where the device tier is on a GPU) and back."""
