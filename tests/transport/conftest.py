@@ -43,7 +43,8 @@ class PeerProcess:
         conf = {"name": name, "secret": SECRET, "backend": "torch", "deadline_s": 10.0, "same_host_pull": False, **cfg}
         env = dict(
             os.environ,
-            PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+            # ahead of the caller's path (which may hold the dependencies), not instead of it
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")])),
             UCX_WARN_UNUSED_ENV_VARS="n",
             PYTHONUNBUFFERED="1",
         )
