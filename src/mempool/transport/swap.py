@@ -5,7 +5,8 @@ overlaps Python work and compute). On CUDA that thread issues them on a dedicate
 first waits for the work the caller's current stream had queued when the copy was asked for (so
 KV being written is complete), with pinned host memory, then waits for the stream: a copy whose
 host side must read what the device wrote (a scatter into host blocks in many runs) does so only
-once it has landed, and a :class:`CopyJob` is done only when every byte is in place.
+once it has landed, and a :class:`CopyJob` is done only when every byte is in place. A
+synchronous copy on CUDA is issued the same way by the calling thread itself (no hand-off).
 
 Runs adjacent in both tiers move as single slice copies; scattered blocks move through one
 vectorised gather and one scatter (``mempool.alloc.storage.copy_blocks``), never per layer.
@@ -58,6 +59,11 @@ class _FutureJob:
         self._future.result()
 
 
+def _cuda_side(src: KVStorage, dst: KVStorage) -> torch.device:
+    """The GPU a copy between ``src`` and ``dst`` involves."""
+    return src.device if src.device.type == "cuda" else dst.device
+
+
 class SwapEngine:
     """Moves KV blocks between tiers of one pool.
 
@@ -75,10 +81,13 @@ class SwapEngine:
 
     def copy(self, src_tier: Tier, src_ids: IdArray, dst_tier: Tier, dst_ids: IdArray) -> None:
         """Copy blocks pairwise and return when the data has landed."""
+        src, dst = self._storages[src_tier], self._storages[dst_tier]
         if self._stream is None:  # on CPU the calling thread copies: no hand-off to the worker
-            copy_blocks(self._storages[src_tier], src_ids, self._storages[dst_tier], dst_ids)
-        else:
-            self.copy_async(src_tier, src_ids, dst_tier, dst_ids).wait()
+            copy_blocks(src, src_ids, dst, dst_ids)
+        elif len(src_ids):  # pragma: no cover - needs a GPU
+            # The calling thread issues it on the copy stream: a hand-off to the worker and back
+            # cost ~0.3-0.4 ms a swap on an H100 (docs/transport.md), a 1-block swap's whole time.
+            self._issue(torch.cuda.current_stream(_cuda_side(src, dst)), src, src_ids, dst, dst_ids)
 
     def copy_async(self, src_tier: Tier, src_ids: IdArray, dst_tier: Tier, dst_ids: IdArray) -> CopyJob:
         """Start copying blocks pairwise; the returned job says when the data has landed.
@@ -91,18 +100,26 @@ class SwapEngine:
             return DoneJob()
         if self._stream is not None:  # pragma: no cover - needs a GPU
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record(torch.cuda.current_stream(src.device if src.device.type == "cuda" else dst.device))
-            return _FutureJob(self._pool().submit(self._on_stream, ready, src, src_ids, dst, dst_ids))
+            ready.record(torch.cuda.current_stream(_cuda_side(src, dst)))
+            return _FutureJob(self._pool().submit(self._issue, ready, src, src_ids, dst, dst_ids))
         return _FutureJob(self._pool().submit(copy_blocks, src, src_ids, dst, dst_ids))
 
-    def _on_stream(
-        self, ready: torch.cuda.Event, src: KVStorage, src_ids: IdArray, dst: KVStorage, dst_ids: IdArray
+    def _issue(
+        self,
+        after: torch.cuda.Event | torch.cuda.Stream,
+        src: KVStorage,
+        src_ids: IdArray,
+        dst: KVStorage,
+        dst_ids: IdArray,
     ) -> None:  # pragma: no cover - needs a GPU
-        """The worker's part of a CUDA copy: issue it on the copy stream after ``ready``, then
-        return once it has landed."""
+        """Issue a CUDA copy on the copy stream once ``after`` (the caller's stream, or an event
+        recorded on it) has done its queued work; return once the copy has landed."""
         stream = self._stream
         assert stream is not None
-        stream.wait_event(ready)
+        if isinstance(after, torch.cuda.Stream):
+            stream.wait_stream(after)
+        else:
+            stream.wait_event(after)
         with torch.cuda.stream(stream):
             copy_blocks(src, src_ids, dst, dst_ids, non_blocking=True)
         stream.synchronize()  # type: ignore[no-untyped-call]
