@@ -9,6 +9,7 @@ GPU memory over UCX. Run with ``make bench``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import statistics
 import time
 from typing import Any
@@ -23,7 +24,7 @@ NBYTES = BLOCKS * 32 * 1024
 ROUNDS = 7
 REPS = 4  # timed back to back per round and regime; the first is dropped
 IDLE_S = 0.02  # both peers idle this long before each timed message in the idle regime
-CHUNK = None
+CHUNK = int(os.environ.get("MEMPOOL_BENCH_CHUNK", "0")) or None  # bytes per data message; default: the config's
 CONFIGS = [
     ("ucx", {"backend": "ucx", "ucx_shared_memory": True}),
     # the receiver copies out of the sender's mapped tier; raw is still UCX's one message
