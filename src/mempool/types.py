@@ -20,7 +20,7 @@ class Tier(enum.Enum):
     """A storage tier of the pool."""
 
     DEVICE = "device"  # HBM on CUDA machines; a CPU tensor otherwise
-    HOST = "host"  # DRAM, pinned when CUDA is present
+    HOST = "host"  # DRAM, pinned when the device tier is on a GPU
 
     def __repr__(self) -> str:
         return f"Tier.{self.name}"
