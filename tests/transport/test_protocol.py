@@ -8,9 +8,10 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from mempool import Blocks, Tier
-from mempool.config import TransportConfig
+from mempool.config import CHUNK_BYTES, TransportConfig
 from mempool.errors import (
     BlockNotAllocatedError,
     InvalidArgumentError,
@@ -21,7 +22,8 @@ from mempool.errors import (
 from mempool.transport import auth
 from mempool.transport.plan import plan_segments, segment_tag
 from mempool.transport.wire import MAX_FRAME, Channel, ChannelClosed
-from tests.conftest import make_pool
+from tests.conftest import fill_random, make_pool
+from tests.transport.inproc import connected
 
 SECRET = b"0123456789abcdef0123"
 
@@ -133,6 +135,33 @@ def test_transport_config_validation(field: str, value: object) -> None:
     fields[field] = value
     with pytest.raises(ValueError, match=field):
         TransportConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_messages_are_sized_by_where_the_blocks_are_unless_chunk_bytes_says() -> None:
+    """Host tiers pipeline 8 MiB pieces; GPU tiers send up to 64 MiB in one message (each more
+    message there is one more rendezvous); a chunk_bytes given holds for both."""
+    auto = TransportConfig(name="a", secret=SECRET)
+    assert auto.chunk_for(torch.device("cpu")) == CHUNK_BYTES["cpu"] == 8 << 20
+    assert auto.chunk_for(torch.device("cuda")) == auto.chunk_for(torch.device("cuda", 1)) == CHUNK_BYTES["cuda"]
+    assert CHUNK_BYTES["cuda"] == 64 << 20
+    fixed = TransportConfig(name="a", secret=SECRET, chunk_bytes=4096)
+    assert fixed.chunk_for(torch.device("cpu")) == fixed.chunk_for(torch.device("cuda")) == 4096
+
+
+def test_a_transfer_cuts_its_messages_at_its_tiers_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent asks where the blocks are: a host tier's default here is 2 blocks, so 6 take 3."""
+    with connected(pull=False) as (a, b):
+        monkeypatch.setitem(CHUNK_BYTES, "cpu", 2 * a.config.layout.block_bytes)
+        blocks = a.alloc(6)
+        assert blocks is not None
+        fill_random(a, blocks, seed=5)
+        result = a.transfer("b", blocks, key="k")
+        assert result is not None and result.messages == 3
+        got = b.claim("k")
+        assert got is not None
+        assert torch.equal(b.storage().tensor[got.ids.tolist()], a.storage().tensor[blocks.ids.tolist()])
+        a.free(blocks)
+        b.free(got)
 
 
 def test_transport_config_never_prints_the_secret() -> None:

@@ -292,8 +292,9 @@ class TransferAgent:
         if len(self._staging) < 4:
             self._staging.append(buf)
 
-    def _chunk_blocks(self) -> int:
-        return max(1, self.config.chunk_bytes // self._block_bytes)
+    def _chunk_blocks(self, storage: KVStorage) -> int:
+        """The most blocks of ``storage`` one data message carries."""
+        return max(1, self.config.chunk_for(storage.device) // self._block_bytes)
 
     # -- start / stop (agent thread) ---------------------------------------------------------
     async def _start(self) -> tuple[str, int]:
@@ -564,7 +565,7 @@ class TransferAgent:
                 "xid": xid,
                 "n": len(ids),
                 "key": key,
-                "chunk": self._chunk_blocks(),
+                "chunk": self._chunk_blocks(storage),
             }
             if tokens is not None:
                 begin["tokens"] = pack_bytes(tokens)
@@ -593,7 +594,7 @@ class TransferAgent:
                 return self._pulled(peer, ready, len(ids), started)
             streaming = True
             data_started = time.perf_counter()
-            chunk = self._chunk_blocks()
+            chunk = self._chunk_blocks(storage)
             skip, segments = _plan_of(peer.name, ready, len(ids), chunk)
             # Runs go straight from KV storage, up to WINDOW messages in flight; scattered parts are
             # gathered (on a worker thread, so the loop keeps driving the link) into two staging
@@ -872,7 +873,7 @@ class TransferAgent:
         if storage.flat.device.type != "cpu":  # queued on a stream: the worker waits for it to land
             await _in_thread(self._copier, _copy_in, rows, rows_ids, storage, ids)
             return
-        step = self._chunk_blocks()
+        step = self._chunk_blocks(storage)
         piece = min(step, max(1, PIECE_BYTES // self._block_bytes))
         pieces = copy_rows_pieces(rows, rows_ids, storage, ids, piece) if len(ids) > piece else None
         if pieces is None:  # one piece, or a destination in many short runs: chunks, on the loop alone
@@ -908,7 +909,7 @@ class TransferAgent:
         ``staging`` and ``inflight`` collect the buffers and receives used, for the caller to
         settle and give back whatever happens.
         """
-        chunk = self._chunk_blocks()
+        chunk = self._chunk_blocks(storage)
         if _is_int(msg.get("chunk")) and msg["chunk"] > 0:
             chunk = min(chunk, msg["chunk"])  # both sides' message limits hold
         segments = plan_segments(ids, chunk, peer.link.receive_via_staging)
@@ -936,7 +937,7 @@ class TransferAgent:
                 if slot in landing:
                     await self._land(*landing.pop(slot), storage)
                 if len(staging) <= slot:
-                    staging.append(self._take_staging(self._chunk_blocks(), storage))
+                    staging.append(self._take_staging(chunk, storage))
                 buf = staging[slot][:length]
                 task = asyncio.ensure_future(self._timed(peer, peer.link.recv(buf, segment_tag(xid, i))))
                 inflight.append(task)
