@@ -679,7 +679,7 @@ def test_misused_request_arguments_change_nothing(make_engine: Callable[..., Eng
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_second_model_on_each_device_gives_the_cpu_engines_tokens_in_every_mode(tiny_model, device: str) -> None:
     """The same weights in a second model (on a GPU where the case says cuda): greedy with cached
-    prefixes, preemption by swap through the host tier (pinned on CUDA machines), and seeded
+    prefixes, preemption by swap through the host tier (pinned beside a GPU device tier), and seeded
     sampling with a penalty, a bias and log-probabilities all give the CPU engine's tokens
     (sampled rows are drawn on the CPU, from the GPU's logits)."""
     second = LlamaModel(tiny_model.config, device=device)  # (a deepcopy fails once an engine packed it)
