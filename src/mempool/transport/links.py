@@ -262,12 +262,22 @@ class _TorchLink:
         self._ops: set[Future[None]] = set()  # posted operations whose thread has not returned yet
         self._ops_lock = threading.Lock()
 
-    async def _run(self, what: str, post: Callable[[Any], Any]) -> None:
+    async def _run(self, what: str, post: Callable[[Any], Any], buf: torch.Tensor) -> None:
         pg = self._pg
         if pg is None:
             raise PeerLostError(f"torch.distributed {what}: the link was aborted")
+
+        def post_and_wait() -> None:
+            post(pg).wait(self._timeout)
+            if buf.is_cuda:  # pragma: no cover - needs two GPUs (NCCL)
+                # NCCL's wait only orders the current stream after the operation (and for
+                # point-to-point operations not always: pytorch/pytorch#68866), returning before
+                # the bytes have moved. The agent confirms and frees on the CPU's word, so wait for
+                # the device itself, as the UCX path waits for its copies.
+                torch.cuda.synchronize(buf.device)
+
         try:
-            op = self._executor.submit(lambda: post(pg).wait(self._timeout))
+            op = self._executor.submit(post_and_wait)
         except RuntimeError as exc:  # the backend is closed
             raise PeerLostError(f"torch.distributed {what}: the backend is closed") from exc
         with self._ops_lock:
@@ -284,10 +294,10 @@ class _TorchLink:
 
     async def send(self, buf: torch.Tensor, tag: int) -> None:
         self.calls += 1
-        await self._run("send", lambda pg: pg.send([buf], self._peer, tag % _ABORT_TAG))
+        await self._run("send", lambda pg: pg.send([buf], self._peer, tag % _ABORT_TAG), buf)
 
     async def recv(self, buf: torch.Tensor, tag: int) -> None:
-        await self._run("recv", lambda pg: pg.recv([buf], self._peer, tag % _ABORT_TAG))
+        await self._run("recv", lambda pg: pg.recv([buf], self._peer, tag % _ABORT_TAG), buf)
 
     async def abort(self) -> None:
         """End the group and every operation posted on it; returns once none can move a byte."""
