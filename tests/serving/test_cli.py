@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from memserve import (
     Engine,
@@ -24,7 +25,7 @@ from memserve import (
 )
 from memserve import __main__ as demo
 from memserve.instance import InstanceConfig
-from memserve.launch import Cluster
+from memserve.launch import Cluster, instance_command, instance_devices
 from memserve.replay import replay_chats
 from memserve.scheduler import Scheduler
 from memserve.stages import STAGES
@@ -45,10 +46,14 @@ CASES: list[tuple[Callable[[list[str]], int], list[str], str]] = [
     (launch.main, ["--heartbeat", "0"], "--heartbeat: must be a positive finite number, got 0.0"),
     (launch.main, ["--control-timeout", "inf"], "--control-timeout: must be a positive finite number, got inf"),
     (launch.main, ["--stall-timeout", "-1"], "--stall-timeout: must be a positive finite number, got -1.0"),
+    (launch.main, ["--device", "tpu"], "--device: must be 'cpu', 'cuda' or 'cuda:k', got 'tpu'"),
+    (launch.main, ["--device", "cuda:99"], "--device: is 'cuda:99' but this machine has"),  # no 100 GPUs here
+    (engine_demo.main, ["--device", "cpu:1"], "--device: must be 'cpu', 'cuda' or 'cuda:k', got 'cpu:1'"),
     (instance.main, ["--name", "x", "--max-waiting", "0"], "--max-waiting: must be an int >= 1, got 0"),
     (instance.main, ["--name", "x", "--threads", "-1"], "--threads: must be an int >= 0, got -1"),
     (instance.main, ["--name", "x", "--port", "-1"], "--port: must be an int in [0, 65535], got -1"),
     (instance.main, ["--name", "x", "--transfer-deadline", "nan"], "--transfer-deadline: must be a positive finite"),
+    (instance.main, ["--name", "x", "--device", "gpu"], "--device: must be 'cpu', 'cuda' or 'cuda:k', got 'gpu'"),
 ]
 
 
@@ -61,6 +66,21 @@ def test_bad_command_line_numbers_are_usage_errors(
         main(argv + out)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_instances_are_spread_over_the_gpus_where_the_device_says_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda``: instance i on GPU i modulo the GPUs there are; ``cuda:k``: all on k; and each
+    instance's command line says its own."""
+    assert instance_devices("cpu", 3) == ["cpu"] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert instance_devices("cuda", 5) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert instance_devices("cuda:1", 2) == ["cuda:1", "cuda:1"]
+    with pytest.raises(ValueError, match="has 2 CUDA GPUs"):
+        instance_devices("cuda:2", 1)
+    cmd = instance_command("decode-1", "decode", device="cuda:1")
+    assert cmd[cmd.index("--device") + 1] == "cuda:1"
+    assert Cluster("pd-caching-2", prefill=2, decode=1, device="cuda").devices == ["cuda:0", "cuda:1", "cuda:0"]
 
 
 def test_the_results_folder_is_made_when_the_command_line_is_read(tmp_path: Path) -> None:
@@ -88,6 +108,8 @@ def test_the_results_folder_is_made_when_the_command_line_is_read(tmp_path: Path
         ({"control_timeout_s": float("inf")}, ValueError, "control_timeout_s"),  # OverflowError in the scheduler
         ({"startup_timeout": -1}, ValueError, "startup_timeout"),
         ({"warm_up_tokens": -1}, ValueError, "warm_up_tokens must be an int >= 0"),
+        ({"device": "mps"}, ValueError, "device must be 'cpu', 'cuda' or 'cuda:k'"),
+        ({"device": "cuda:64"}, ValueError, "device is 'cuda:64' but this machine has"),
     ],
 )
 def test_bad_cluster_settings_are_refused_before_any_process_starts(
@@ -104,6 +126,7 @@ def test_bad_cluster_settings_are_refused_before_any_process_starts(
         ({"threads": -1}, "threads must be an int >= 0"),
         ({"max_waiting": 0}, "max_waiting must be an int >= 1"),
         ({"transfer_deadline_s": 0}, "transfer_deadline_s must be a positive"),
+        ({"device": "cuda:64"}, "device is 'cuda:64' but this machine has"),
     ],
 )
 def test_bad_instance_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:

@@ -31,6 +31,23 @@ def check_port(name: str, value: Any) -> int:
     return check_int(name, value, 0, 65535)
 
 
+def check_device(name: str, value: Any) -> str:
+    """``value`` if it names a device of this machine: ``cpu``, ``cuda`` (some GPU) or ``cuda:k``
+    (GPU k), else ``ValueError``."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:k', got {value!r}") from exc
+    if not isinstance(value, str) or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:k', got {value!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (gpus == 0 or (dev.index or 0) >= gpus):
+        raise ValueError(f"{name} is {value!r} but this machine has {gpus} CUDA GPUs")
+    return value
+
+
 def arg(
     check: Callable[..., Any], *args: Any, parse: Callable[[str], Any] = int, **kwargs: Any
 ) -> Callable[[str], Any]:

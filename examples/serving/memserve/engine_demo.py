@@ -12,7 +12,7 @@ import statistics
 import time
 
 from . import Engine, EngineConfig, LlamaModel, Tokenizer, preset
-from .checks import arg, check_int, preset_arg
+from .checks import arg, check_device, check_int, preset_arg
 from .replay import TurnResult, replay_chats
 from .sharegpt import load_conversations
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=arg(check_int, 1), default=3)
     ap.add_argument("--reply-tokens", type=arg(check_int, 1), default=24, help="cap on each reply's length")
     ap.add_argument("--concurrency", type=arg(check_int, 1), default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=arg(check_device, parse=str), default="cpu", help="cpu, cuda or cuda:k")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ from mempool import Blocks, TransferResult, TransportConfig
 from mempool.errors import MemPoolError
 
 from .auth import control_token, holds_token, token_guard
-from .checks import arg, check_int, check_port, check_positive, preset_arg
+from .checks import arg, check_device, check_int, check_port, check_positive, preset_arg
 from .config import preset
 from .engine import Engine, EngineConfig, RequestOutput
 from .faults import Faults
@@ -112,6 +112,7 @@ class InstanceConfig:
         check_int("threads", self.threads)
         check_int("max_waiting", self.max_waiting, 1)  # 0: every request refused
         check_positive("transfer_deadline_s", self.transfer_deadline_s)
+        check_device("device", self.device)
 
 
 def params_from(body: dict[str, Any]) -> SamplingParams:
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
     ap.add_argument("--threads", type=arg(check_int, 0), default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=arg(check_device, parse=str), default="cpu", help="cpu, cuda or cuda:k")
     ap.add_argument(
         "--max-waiting", type=arg(check_int, 1), default=256, help="queued requests before new ones get 503"
     )

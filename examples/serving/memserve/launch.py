@@ -28,7 +28,7 @@ from aiohttp import web
 
 from .api import make_app
 from .auth import control_token
-from .checks import arg, check_int, check_port, check_positive, preset_arg
+from .checks import arg, check_device, check_int, check_port, check_positive, preset_arg
 from .config import preset
 from .faults import FAULTS_ENV
 from .instance import SECRET_ENV
@@ -58,10 +58,11 @@ def instance_command(
     ucx_shared_memory: bool = True,
     transfer_deadline_s: float = 30.0,
     warm_up_tokens: int | None = None,
+    device: str = "cpu",
 ) -> list[str]:
     """The command line of one instance process that exits with its parent (``scheduler``: register
     there by itself, as an instance started by hand does)."""
-    cmd = [sys.executable, "-m", "memserve.instance", "--name", name, "--role", role]
+    cmd = [sys.executable, "-m", "memserve.instance", "--name", name, "--role", role, "--device", device]
     cmd += ["--caching", "on" if caching else "off", "--model", model, "--host", host]
     cmd += ["--device-blocks", str(device_blocks), "--host-blocks", str(host_blocks), "--backend", backend]
     cmd += ["--threads", str(threads), "--max-waiting", str(max_waiting), "--exit-with-parent"]
@@ -70,6 +71,22 @@ def instance_command(
     if warm_up_tokens is not None:  # else the instance's default
         cmd += ["--warm-up-tokens", str(warm_up_tokens)]
     return cmd + (["--scheduler", scheduler] if scheduler else [])
+
+
+def instance_devices(device: str, n: int) -> list[str]:
+    """Where each of ``n`` instances runs: ``"cpu"``; ``"cuda"``, one GPU after another (instance
+    i on GPU i modulo the GPUs there are); or ``"cuda:k"``, all on GPU k.
+
+    Raises:
+        ValueError: not ``cpu`` or ``cuda[:k]``, or a GPU that this machine does not have.
+    """
+    check_device("device", device)
+    if device == "cuda":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        return [f"cuda:{i % gpus}" for i in range(n)]
+    return [device] * n
 
 
 def roles_for(stage: Stage, prefill: int, decode: int, colocated: int | None) -> list[str]:
@@ -171,15 +188,18 @@ class Cluster(Managed):
         link_aware: bool = True,
         faults: dict[str, dict[str, Any]] | None = None,
         warm_up_tokens: int | None = None,
+        device: str = "cpu",
     ) -> None:
         """``faults``: instance name -> what :mod:`memserve.faults` injects there (tests);
         ``prefill=decode=0`` (or ``colocated=0``): the scheduler alone, instances join it;
-        ``warm_up_tokens``: as ``EngineConfig``'s, ``None`` leaves the instances' default."""
+        ``warm_up_tokens``: as ``EngineConfig``'s, ``None`` leaves the instances' default;
+        ``device``: where the instances' models and device tiers are (:func:`instance_devices`)."""
         self.stage: Stage = stage(stage_name)
         for name, count in (("prefill", prefill), ("decode", decode), ("colocated", colocated)):
             if count is not None:
                 check_int(name, count)
         self.roles = roles_for(self.stage, prefill, decode, colocated)
+        self.devices = instance_devices(device, len(self.roles))
         preset(model)  # ModelConfigError now, not an instance that exits during startup
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -246,6 +266,7 @@ class Cluster(Managed):
             threads=self.threads,
             max_waiting=self.max_waiting,
             warm_up_tokens=self.warm_up_tokens,
+            device=self.devices[index],
         )
         env = {**os.environ, SECRET_ENV: self.secret}
         if name in self.faults:
@@ -346,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=arg(check_port), default=8000)
     ap.add_argument("--backend", choices=("ucx", "torch"), default="ucx")
+    ap.add_argument(
+        "--device", type=arg(check_device, parse=str), default="cpu", help="cpu; cuda (over all GPUs); or cuda:k"
+    )
     seconds = arg(check_positive, parse=float)
     ap.add_argument("--heartbeat", type=seconds, default=1.0, help="seconds between health probes of instances")
     ap.add_argument("--stall-timeout", type=seconds, default=15.0, help="seconds of silence that mean a stall")
@@ -364,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         backend=args.backend,
+        device=args.device,
         api_key=api_key,
         heartbeat_s=args.heartbeat,
         stall_timeout_s=args.stall_timeout,
