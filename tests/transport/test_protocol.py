@@ -162,6 +162,9 @@ def test_a_transfer_cuts_its_messages_at_its_tiers_default(monkeypatch: pytest.M
         assert torch.equal(b.storage().tensor[got.ids.tolist()], a.storage().tensor[blocks.ids.tolist()])
         a.free(blocks)
         b.free(got)
+        for pool in (a, b):
+            pool.check_invariants()
+            assert pool.stats()["device"]["used"] == 0
 
 
 def test_transport_config_never_prints_the_secret() -> None:
