@@ -119,13 +119,16 @@ class IndexMachine(RuleBasedStateMachine):
         tokens = seq + tail
         nb = len(seq) // B
         before = self.tiers()
+        promoted: set[Prefix] = set()
         with self.pool.match(tokens, ns) as m:
-            if promote and len(m.host_blocks):
-                self.pool.promote(m)
+            if promote and len(m.host_blocks) and self.pool.promote(m):
+                promoted = {(ns, tuple(tokens[: k * B])) for k in range(1, m.total_tokens // B + 1)}
             need = nb - len(m.blocks)
             own = self.pool.alloc(need)
-            if own is None:
-                self.after_eviction(before, set())
+            if own is None:  # the promotion stands, the rest is not served
+                self.after_eviction(before, promoted)
+                for p in promoted:
+                    assert Tier.DEVICE in self.model[p], f"{p} not on the device after promotion"
                 return
             for i, b in enumerate(own.tolist()):
                 k = len(m.blocks) + i + 1
