@@ -287,3 +287,27 @@ class IndexMachine(RuleBasedStateMachine):
 
 
 TestIndexMachine = IndexMachine.TestCase
+
+
+def test_a_promotion_stands_when_the_rest_of_the_request_finds_no_room() -> None:
+    """Found by the deep profile: ``serve`` promotes a host-only prefix, then cannot allocate the
+    rest of its blocks. The promoted prefix stays on the device (still correct KV), nothing else
+    is inserted, and the model checks agree."""
+    words = lambda *ws: [t for w in ws for t in block_tokens(w)]  # noqa: E731
+    state = IndexMachine()
+    steps = [
+        lambda: state.serve(ns=None, promote=False, seq=words(1, 1, 0, 0), tail=[]),
+        lambda: state.hold(ns=None, seq=words(1, 1, 0, 0)),
+        lambda: state.serve(ns=None, promote=False, seq=words(0), tail=[]),
+        lambda: state.serve(ns="t1", promote=False, seq=words(0, 0, 0, 0), tail=[]),
+        lambda: state.hold(ns="t1", seq=words(0)),
+    ]
+    for step in steps:
+        step()
+        state.consistent()
+    assert state.model[(None, tuple(words(0)))] == {Tier.HOST}  # the case: host only, device full
+    state.serve(ns=None, promote=True, seq=words(0, 0, 0, 0), tail=[])
+    state.consistent()
+    assert Tier.DEVICE in state.model[(None, tuple(words(0)))]  # promoted ...
+    assert (None, tuple(words(0, 0))) not in state.model  # ... and the rest not served
+    state.teardown()
