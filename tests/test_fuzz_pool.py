@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import mempool.transport.swap as swap_module
 from mempool import Blocks, MemPool, PoolConfig, Tier
 from mempool.errors import MemPoolError
+from tests.conftest import examples
 
 TOKENS = st.one_of(
     st.lists(st.integers(0, 5), max_size=12),  # small alphabet: prefixes collide often
@@ -189,5 +190,5 @@ class PoolFuzz(RuleBasedStateMachine):
         self.pool.close()
 
 
-PoolFuzz.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+PoolFuzz.TestCase.settings = settings(max_examples=examples(150), stateful_step_count=30, deadline=None)
 TestPoolFuzz = PoolFuzz.TestCase

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from memserve import Engine, EngineConfig, LlamaModel, SamplingParams, preset
 from memserve.launch import Cluster
 from memserve.tokenizer import Tokenizer
+from tests.conftest import examples
 
 from .conftest import run
 from .helpers import drained, get, wait_for
@@ -711,7 +712,7 @@ FUZZ = st.one_of(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(120), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(FUZZ)
 def test_fuzzed_bodies_get_an_answer_or_a_4xx_never_a_500(cluster: Cluster, case: tuple[str, bytes]) -> None:
     path, body = case

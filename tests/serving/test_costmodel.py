@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memserve.costmodel import CostModel, nonnegative_lstsq
+from tests.conftest import examples
 
 
 def test_it_recovers_exact_costs_and_keeps_the_prior_until_enough_samples() -> None:
@@ -45,7 +46,7 @@ def test_a_term_the_data_contradicts_is_zero_and_the_rest_refit() -> None:
 value = st.one_of(st.just(0.0), st.floats(1e-3, 1e3), st.floats(-1e3, -1e-3))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(rows=st.lists(st.tuples(value, value, value, value), min_size=3, max_size=12))
 def test_nonnegative_lstsq_meets_the_optimality_conditions(rows: list[tuple[float, float, float, float]]) -> None:
     """Karush-Kuhn-Tucker: c >= 0; the gradient x^T (x c - y) is 0 where c > 0 and >= 0 where c = 0."""

@@ -14,6 +14,7 @@ from mempool.errors import InvalidArgumentError
 from memserve import SamplingParams, paged
 from memserve.cpu_attention import available, decode_attention
 from memserve.paged import Chunk, StepInput, Workspace, paged_attention
+from tests.conftest import examples
 
 from .conftest import assert_no_leaks, make_prompts, run
 
@@ -62,7 +63,7 @@ def test_kernel_equals_gather_and_sdpa(heads: int, kv_heads: int, dim: int, bloc
     torch.testing.assert_close(paged_attention(q, k, v, pool, 1, step, Workspace()), got, rtol=0, atol=0)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     kv_heads=st.integers(1, 4),
     group=st.sampled_from([1, 2, 3, 4]),

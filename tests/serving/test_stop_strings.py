@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from memserve.api import AnswerText
 from memserve.sampling import stop_at, stop_prefix
+from tests.conftest import examples
 
 
 def test_stop_at_finds_the_earliest_start_among_stops_not_searched_before() -> None:
@@ -48,7 +49,7 @@ BYTES = st.lists(st.sampled_from([b"a", b"b", b"ab", b"\n", "é".encode(), "€"
 STOPS = st.lists(st.text(alphabet="ab\né€", min_size=1, max_size=4), max_size=4)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.lists(BYTES.map(b"".join), min_size=1, max_size=12), STOPS)
 def test_a_streamed_answer_stops_where_a_plain_search_says_and_shows_the_same_text(
     tokens: list[bytes], stops: list[str]
