@@ -73,8 +73,11 @@ def test_bounded_soak_leaves_pools_and_memory_at_baseline(stage: str) -> None:
         warm = [threading.Thread(target=client, args=(k,)) for k in range(CLIENTS)]
         for t in warm:
             t.start()
-        time.sleep(min(5.0, SOAK_SECONDS / 4))
-        baseline = {pid: rss_mb(pid) for pid in pids}  # after warm-up: code paths and buffers exist
+        # the baseline comes a quarter of the way in: code paths, buffers and oneDNN's primitive
+        # cache (one per step size, bounded) fill early, and a long run's early growth is that,
+        # not a leak (docs/reliability.md, the 90 s run); a leak still shows over the other 3/4
+        time.sleep(SOAK_SECONDS / 4)
+        baseline = {pid: rss_mb(pid) for pid in pids}
         for t in warm:
             t.join(timeout=SOAK_SECONDS + 120)
         assert not errors, errors[:3]
